@@ -1,0 +1,361 @@
+"""Finding the CLIP text towers in a weights file or folder, whatever layout wrote it.
+
+Two naming schemes cover every layout users hold: the Hugging Face one (``text_model.*``: SD1
+single files, SDXL encoder 1, diffusers folders, SD3 and ComfyUI files) and the OpenCLIP one
+(``transformer.resblocks.*``: SD2 and SDXL encoder 2 single files, OpenAI and open_clip
+checkpoints).  A tower is found by its token embedding; the key prefix in front of it says
+where it sits and so which Stable Diffusion family the file belongs to.  ``NAMES`` below is the
+one place that maps foreign tensor names to sdclip's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import BadInput
+from .model import TextConfig, TextTransformer
+from .tensorfile import TensorFile, open_tensor_file
+
+# sdclip name -> name in each layout, relative to the tower's prefix; a tuple is concatenated
+# on dim 0 (transformers keeps q, k and v apart, sdclip fuses them)
+NAMES: dict[str, dict[str, str | tuple[str, ...]]] = {
+    "hf": {
+        "token_embedding.weight": "embeddings.token_embedding.weight",
+        "position_embedding": "embeddings.position_embedding.weight",
+        "blocks.{i}.ln_1.{p}": "encoder.layers.{i}.layer_norm1.{p}",
+        "blocks.{i}.attn.qkv.{p}": tuple(f"encoder.layers.{{i}}.self_attn.{x}_proj.{{p}}" for x in "qkv"),
+        "blocks.{i}.attn.out.{p}": "encoder.layers.{i}.self_attn.out_proj.{p}",
+        "blocks.{i}.ln_2.{p}": "encoder.layers.{i}.layer_norm2.{p}",
+        "blocks.{i}.mlp.fc.{p}": "encoder.layers.{i}.mlp.fc1.{p}",
+        "blocks.{i}.mlp.proj.{p}": "encoder.layers.{i}.mlp.fc2.{p}",
+        "final_norm.{p}": "final_layer_norm.{p}",
+    },
+    "openclip": {
+        "token_embedding.weight": "token_embedding.weight",
+        "position_embedding": "positional_embedding",
+        "blocks.{i}.ln_1.{p}": "transformer.resblocks.{i}.ln_1.{p}",
+        "blocks.{i}.attn.qkv.{p}": "transformer.resblocks.{i}.attn.in_proj_{p}",
+        "blocks.{i}.attn.out.{p}": "transformer.resblocks.{i}.attn.out_proj.{p}",
+        "blocks.{i}.ln_2.{p}": "transformer.resblocks.{i}.ln_2.{p}",
+        "blocks.{i}.mlp.fc.{p}": "transformer.resblocks.{i}.mlp.c_fc.{p}",
+        "blocks.{i}.mlp.proj.{p}": "transformer.resblocks.{i}.mlp.c_proj.{p}",
+        "final_norm.{p}": "ln_final.{p}",
+    },
+}
+_BLOCK = {"hf": re.compile(r"encoder\.layers\.(\d+)\."), "openclip": re.compile(r"transformer\.resblocks\.(\d+)\.")}
+
+# name by width; OpenAI / HF towers (L, B) use quick_gelu and pad with EOS, OpenCLIP (H, bigG) gelu and 0
+ROLES = {512: "clip_b", 768: "clip_l", 1024: "clip_h", 1280: "clip_g"}
+FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "clip")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Which hidden state a family feeds its U-Net: a Python-style layer index, final LN or not."""
+
+    layer: int = -1
+    final_norm: bool = True
+
+
+@dataclass
+class Tower:
+    """Where one text tower sits in a file, and what was read from it."""
+
+    style: str  # "hf" or "openclip"
+    prefix: str
+    file: TensorFile
+    role: str = ""
+    config: TextConfig | None = None
+    usage: Usage = field(default_factory=Usage)
+    notes: list[str] = field(default_factory=list)
+    used: set[str] = field(default_factory=set)
+
+    def projection(self) -> tuple[str, bool] | None:
+        """The projection's key and whether it is stored as a Linear weight [out, in].
+
+        OpenCLIP keeps ``text_projection`` [width, out] used as x @ P; transformers a Linear
+        ``text_projection.weight``.  kohya and Playground write OpenCLIP files with the Linear
+        form, named ``text_projection.weight`` or (when not square) recognisable by shape.
+        """
+        keys = self.file.keys()
+        if self.style == "hf":
+            base = self.prefix[: -len("text_model.")] if self.prefix.endswith("text_model.") else self.prefix
+            key = base + "text_projection.weight"
+            return (key, True) if key in keys else None
+        if self.prefix + "text_projection.weight" in keys:
+            return self.prefix + "text_projection.weight", True
+        key = self.prefix + "text_projection"
+        if key not in keys:
+            return None
+        shape = self.file.shape(key)
+        width = self.file.shape(self.prefix + "token_embedding.weight")[1]
+        return key, len(shape) == 2 and shape[0] != width and shape[1] == width
+
+
+@dataclass
+class CheckpointInfo:
+    """What ``sdclip info`` reports about a file or folder."""
+
+    source: str
+    layout: str
+    family: str
+    towers: list[Tower]
+    ignored: Counter = field(default_factory=Counter)  # prefix -> number of tensors
+    files: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "layout": self.layout, "family": self.family, "files": self.files,
+            "encoders": [{
+                "role": t.role, "architecture": t.config.architecture if t.config else None,
+                "key_prefix": t.prefix, "naming": t.style,
+                "layers": t.config.layers if t.config else None, "width": t.config.width if t.config else None,
+                "heads": t.config.heads if t.config else None, "mlp_width": t.config.mlp_width if t.config else None,
+                "activation": t.config.activation if t.config else None,
+                "projection_dim": t.config.projection_dim if t.config else None,
+                "pad_id": t.config.pad_id if t.config else None,
+                "default_layer": t.usage.layer, "default_final_norm": t.usage.final_norm,
+                "dtype": str(_tower_dtype(t)).removeprefix("torch."),
+                "parameters": _tower_parameters(t), "notes": t.notes,
+            } for t in self.towers],
+            "ignored": dict(self.ignored),
+        }
+
+
+def _tower_dtype(t: Tower) -> torch.dtype:
+    key = t.prefix + NAMES[t.style]["token_embedding.weight"]
+    return t.file.dtype(key)  # type: ignore[arg-type]
+
+
+def _tower_parameters(t: Tower) -> int:
+    return sum(_numel(t.file.shape(k)) for k in t.used)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# --- finding towers --------------------------------------------------------------------------
+
+def find_towers(file: TensorFile) -> list[Tower]:
+    """Every text tower in ``file``, ordered by width (SDXL: CLIP-L first, then bigG)."""
+    keys = file.keys()
+    keyset = set(keys)
+    towers = []
+    for key in keys:
+        if key.endswith("embeddings.token_embedding.weight"):
+            towers.append(Tower("hf", key[: -len("embeddings.token_embedding.weight")], file))
+        elif key.endswith("token_embedding.weight"):
+            prefix = key[: -len("token_embedding.weight")]
+            if prefix + "transformer.resblocks.0.attn.in_proj_weight" in keyset:
+                towers.append(Tower("openclip", prefix, file))
+    for t in towers:
+        shape = file.shape(t.prefix + NAMES[t.style]["token_embedding.weight"])  # type: ignore[operator]
+        if len(shape) != 2:
+            raise BadInput(f"{file.path}: {t.prefix}token embedding has shape {shape}, expected [vocab, width]")
+        t.role = ROLES.get(shape[1], f"clip_{shape[1]}")
+    return sorted(towers, key=lambda t: file.shape(t.prefix + NAMES[t.style]["token_embedding.weight"])[1])  # type: ignore[operator]
+
+
+def family_of(towers: list[Tower]) -> str:
+    """The Stable Diffusion family a single file belongs to, from where its towers sit."""
+    prefixes = [t.prefix for t in towers]
+    roles = [t.role for t in towers]
+    if all(p.startswith("cond_stage_model.") for p in prefixes) and len(towers) == 1:
+        return {"clip_l": "sd1", "clip_h": "sd2"}.get(roles[0], "clip")
+    if all(p.startswith("conditioner.embedders.") for p in prefixes):
+        if roles == ["clip_l", "clip_g"]:
+            return "sdxl"
+        if roles == ["clip_g"]:
+            return "sdxl-refiner"
+    if all(p.startswith("text_encoders.") for p in prefixes):
+        return "sd3"
+    return "clip"
+
+
+def usage_for(family: str, tower: Tower) -> Usage:
+    """Each family's Stable Diffusion default (../shared/reference/clip-text-encoders.md §4)."""
+    if family in ("sdxl", "sdxl-refiner", "sd3"):
+        return Usage(-2, False)  # penultimate layer, no final LN, for both encoders
+    if family == "sd2" and tower.style == "openclip":
+        return Usage(-2, True)  # SD2 skips the last of OpenCLIP-H's 24 blocks; diffusers ships 23
+    return Usage(-1, True)
+
+
+# --- reading one tower -----------------------------------------------------------------------
+
+def _expected_shapes(c: TextConfig) -> dict[str, tuple[int, ...]]:
+    w, m = c.width, c.mlp_width
+    shapes = {"token_embedding.weight": (c.vocab_size, w), "position_embedding": (c.context_length, w),
+              "final_norm.weight": (w,), "final_norm.bias": (w,)}
+    for i in range(c.layers):
+        b = f"blocks.{i}."
+        shapes.update({b + "ln_1.weight": (w,), b + "ln_1.bias": (w,), b + "ln_2.weight": (w,), b + "ln_2.bias": (w,),
+                       b + "attn.qkv.weight": (3 * w, w), b + "attn.qkv.bias": (3 * w,),
+                       b + "attn.out.weight": (w, w), b + "attn.out.bias": (w,),
+                       b + "mlp.fc.weight": (m, w), b + "mlp.fc.bias": (m,),
+                       b + "mlp.proj.weight": (w, m), b + "mlp.proj.bias": (w,)})
+    return shapes
+
+
+def _foreign_names(style: str, name: str) -> tuple[str, ...]:
+    """The foreign tensor name(s) behind one sdclip parameter name."""
+    for ours, theirs in NAMES[style].items():
+        pattern = "^" + re.escape(ours).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)") + "$"
+        m = re.match(pattern, name)
+        if m:
+            parts = theirs if isinstance(theirs, tuple) else (theirs,)
+            return tuple(p.format(**m.groupdict()) for p in parts)
+    raise KeyError(name)
+
+
+def infer_config(tower: Tower, hf_config: dict | None = None, **overrides: Any) -> TextConfig:
+    """The architecture from tensor shapes and naming (activation: config.json, else by layout and
+    width); ``overrides`` replace any inferred field."""
+    f, p, style = tower.file, tower.prefix, tower.style
+    need = [f"{p}{n}" for n in (NAMES[style]["token_embedding.weight"], NAMES[style]["position_embedding"])]
+    for k in need:
+        if k not in f.keys():
+            raise BadInput(f"{f.path}: missing tensor {k}")
+    vocab, width = f.shape(need[0])
+    context = f.shape(need[1])[0]
+    blocks = {int(m.group(1)) for k in f.keys() if k.startswith(p) and (m := _BLOCK[style].match(k[len(p):]))}
+    layers = len(blocks)
+    if blocks != set(range(layers)):
+        raise BadInput(f"{f.path}: the text encoder at '{p}' has blocks {sorted(blocks)}; some are missing")
+    if layers == 0:
+        raise BadInput(f"{f.path}: the text encoder at '{p}' has no transformer blocks")
+    fc = f"{p}{_foreign_names(style, 'blocks.0.mlp.fc.weight')[0]}"
+    if fc not in f.keys():
+        raise BadInput(f"{f.path}: missing tensor {fc}")
+    mlp = f.shape(fc)[0]
+    found = tower.projection()
+    projection = 0
+    if found is not None:
+        shape = f.shape(found[0])
+        if len(shape) != 2:
+            raise BadInput(f"{f.path}: tensor {found[0]} has shape {list(shape)}, expected a 2-d projection")
+        projection = shape[0] if found[1] else shape[1]
+    if hf_config and hf_config.get("hidden_act"):
+        activation = hf_config["hidden_act"]
+    elif tower.role in ("clip_h", "clip_g"):
+        activation = "gelu"
+    else:
+        activation = "quick_gelu"
+    pad = 0 if tower.role in ("clip_h", "clip_g") else 49407
+    heads = (hf_config or {}).get("num_attention_heads") or max(width // 64, 1)
+    config = TextConfig(width=width, layers=layers, heads=heads, mlp_width=mlp, vocab_size=vocab,
+                        context_length=context, activation=activation, projection_dim=projection, pad_id=pad)
+    try:
+        return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    except TypeError as e:
+        raise BadInput(f"bad configuration override: {e}") from None
+
+
+def read_tower(tower: Tower, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> TextTransformer:
+    """Build the tower's ``TextTransformer`` from its tensors, checking every name, shape and value."""
+    f, p, c = tower.file, tower.prefix, tower.config
+    assert c is not None
+    state: dict[str, torch.Tensor] = {}
+    for name, shape in _expected_shapes(c).items():
+        parts = [p + n for n in _foreign_names(tower.style, name)]
+        tensors = [_read_checked(f, k) for k in parts]
+        t = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+        if tuple(t.shape) != shape:
+            raise BadInput(f"{f.path}: tensor {' + '.join(parts)} has shape {list(t.shape)}, expected {list(shape)} "
+                           f"for a {c.layers}-layer width-{c.width} text encoder")
+        state[name] = t.to(device=device, dtype=dtype).contiguous()
+        tower.used.update(parts)
+    found = tower.projection()
+    if c.projection_dim and found is not None:
+        key, linear = found
+        w = _read_checked(f, key)
+        if not linear:  # OpenCLIP keeps x @ P; a Linear weight is P transposed
+            w = w.t()
+        if tuple(w.shape) != (c.projection_dim, c.width):
+            raise BadInput(f"{f.path}: tensor {key} has shape {list(f.shape(key))}, expected a "
+                           f"{c.width} x {c.projection_dim} projection")
+        state["projection.weight"] = w.to(device=device, dtype=dtype).contiguous()
+        tower.used.add(key)
+    with torch.device("meta"):
+        model = TextTransformer(c)
+    model.load_state_dict(state, assign=True)
+    if hasattr(f, "release"):
+        f.release()  # type: ignore[attr-defined]
+    return model
+
+
+def _read_checked(f: TensorFile, key: str) -> torch.Tensor:
+    if key not in f.keys():
+        raise BadInput(f"{f.path}: missing tensor {key}")
+    dtype = f.dtype(key)
+    if not dtype.is_floating_point:
+        raise BadInput(f"{f.path}: tensor {key} has dtype {str(dtype).removeprefix('torch.')}; "
+                       f"a text encoder's weights are floating point")
+    t = f.get(key)
+    if not torch.isfinite(t).all():
+        raise BadInput(f"{f.path}: tensor {key} holds NaN or infinite values")
+    return t
+
+
+def inspect_tower(tower: Tower, hf_config: dict | None = None, **overrides: Any) -> None:
+    """Fill in a tower's configuration and notes on placeholder tensors some tools write."""
+    tower.config = infer_config(tower, hf_config, **overrides)
+    f, found = tower.file, tower.projection()
+    if found is not None and tower.config.projection_dim:
+        key, linear = found
+        if linear and tower.style == "openclip":
+            tower.notes.append(f"{key} is stored as a Linear weight [out, in] (kohya / Playground style); "
+                               f"read as such")
+        if bool((f.get(key) == 1).all()):
+            tower.notes.append(f"{key} is all ones (a placeholder kohya writes for SD2); ignored")
+            tower.config = replace(tower.config, projection_dim=0)
+    if tower.style == "openclip" and tower.config.layers >= 2:
+        last, prev = tower.config.layers - 1, tower.config.layers - 2
+        a = tower.prefix + f"transformer.resblocks.{last}.mlp.c_fc.weight"
+        b = tower.prefix + f"transformer.resblocks.{prev}.mlp.c_fc.weight"
+        if a in f.keys() and b in f.keys() and torch.equal(f.get(a), f.get(b)):
+            tower.notes.append(f"block {last} is a copy of block {prev} (a placeholder kohya writes for SD2); "
+                               f"the SD2 default layer never reaches it")
+
+
+def ignored_tensors(files: list[TensorFile], towers: list[Tower]) -> Counter:
+    """Tensors no tower uses, counted by their first two name components."""
+    used = set().union(*(t.used for t in towers)) if towers else set()
+    counts: Counter = Counter()
+    for f in files:
+        for k in f.keys():
+            if k not in used:
+                counts[".".join(k.split(".")[:2]) + (".*" if k.count(".") >= 2 else "")] += 1
+    return counts
+
+
+def layout_name(family: str, towers: list[Tower], file: TensorFile) -> str:
+    """A short human description of the file's layout."""
+    if getattr(file, "is_torchscript", False):
+        return "OpenAI CLIP TorchScript archive"
+    styles = {t.style for t in towers}
+    prefixes = [t.prefix for t in towers]
+    if family in ("sd1", "sd2", "sdxl", "sdxl-refiner"):
+        old = " (old layout without text_model.)" if family == "sd1" and "text_model." not in prefixes[0] else ""
+        return f"{family.upper().replace('-REFINER', ' refiner')} single file{old}"
+    if family == "sd3":
+        return "SD3-style text_encoders.* file"
+    if styles == {"openclip"}:
+        return "open_clip / OpenAI state dict" if prefixes in ([""], ["text."], ["module."]) else "OpenCLIP layout"
+    if prefixes == ["text_model."]:
+        extra = " (ComfyUI CLIPSave)" if "logit_scale" in file.keys() else ""
+        return "Hugging Face CLIP" + extra
+    if prefixes == [""]:
+        return "Hugging Face CLIP, flat keys (transformers >= 5.6)"
+    return "Hugging Face layout at " + ", ".join(repr(p) for p in prefixes)

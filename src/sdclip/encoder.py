@@ -1,0 +1,220 @@
+"""``sdclip.load``: a file, folder or hub id in, a ready text encoder out.
+
+A ``TextEncoder`` holds the one or two towers of a checkpoint, their tokenizers and the layer
+each Stable Diffusion family feeds its U-Net, and turns prompts into hidden states and pooled
+outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from . import hub
+from .checkpoint import (CheckpointInfo, Tower, Usage, family_of, find_towers, ignored_tensors, inspect_tower,
+                         layout_name, read_tower, usage_for)
+from .errors import BadInput
+from .model import TextOutput, TextTransformer
+from .tensorfile import TensorFile, open_tensor_file
+from .tokenizer import CONTEXT_LENGTH, Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# in a folder, the first of these that exists holds the weights (full precision first)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json", "model.fp16.safetensors", "pytorch_model.fp16.bin",
+                "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+class TextEncoder:
+    """The text encoder(s) of one checkpoint: towers, tokenizers, family defaults.
+
+    ``encoder`` arguments count from 1 (SDXL: 1 = CLIP-L, 2 = OpenCLIP-bigG).
+    """
+
+    def __init__(self, towers: Sequence[TextTransformer], usages: Sequence[Usage], tokenizers: Sequence[Tokenizer],
+                 family: str = "clip", info: CheckpointInfo | None = None):
+        self.towers = list(towers)
+        self.usages = list(usages)
+        self.tokenizers = list(tokenizers)
+        self.family = family
+        self.info = info
+
+    def __repr__(self) -> str:
+        names = ", ".join(t.config.architecture for t in self.towers)
+        return f"TextEncoder(family={self.family!r}, towers=[{names}], dtype={self.dtype}, device={self.device})"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.towers[0].token_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.towers[0].token_embedding.weight.device
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "TextEncoder":
+        for t in self.towers:
+            t.to(device=device, dtype=_dtype(dtype) if dtype is not None else None)
+        return self
+
+    def _index(self, encoder: int) -> int:
+        if not 1 <= encoder <= len(self.towers):
+            raise BadInput(f"encoder {encoder} does not exist: this {self.family} checkpoint has "
+                           f"{len(self.towers)} text encoder{'s' if len(self.towers) > 1 else ''}")
+        return encoder - 1
+
+    def tower(self, encoder: int = 1) -> TextTransformer:
+        return self.towers[self._index(encoder)]
+
+    def tokenize(self, prompts: str | Sequence[str], encoder: int = 1) -> torch.Tensor:
+        """[B, 77] ids as this encoder reads them: truncated to BOS + 75 + EOS, padded with its pad id."""
+        i = self._index(encoder)
+        config = self.towers[i].config
+        return self.tokenizers[i](prompts, length=min(config.context_length, CONTEXT_LENGTH), pad_id=config.pad_id)
+
+    @torch.inference_mode()
+    def encode(self, prompts: str | Sequence[str], *, encoder: int = 1, layer: int | None = None,
+               final_norm: bool | None = None, pooled: bool = True, pooling: str = "first_eos",
+               batch_size: int = 32) -> TextOutput:
+        """Hidden states [B, 77, C] of the chosen layer (default: what this family feeds its U-Net),
+        pooled [B, C] and, with a projection, pooled_projected [B, P]."""
+        i = self._index(encoder)
+        tower, usage = self.towers[i], self.usages[i]
+        layer = usage.layer if layer is None else layer
+        final_norm = usage.final_norm if final_norm is None else final_norm
+        tower.resolve_layer(layer)  # a bad layer fails before any work
+        ids = self.tokenize(prompts, encoder).to(self.device)
+        outs = [tower(ids[s:s + batch_size], layer=layer, final_norm=final_norm, pooled=pooled, pooling=pooling)
+                for s in range(0, max(len(ids), 1), batch_size)]
+        cat = (lambda xs: torch.cat(xs) if xs[0] is not None else None)
+        return TextOutput(cat([o.hidden for o in outs]), cat([o.pooled for o in outs]),
+                          cat([o.pooled_projected for o in outs]))
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise BadInput(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+        return dtype
+    if dtype not in DTYPES:
+        raise BadInput(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+    return DTYPES[dtype]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{path}: expected a JSON object")
+    return data
+
+
+def _weights_in(folder: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise BadInput(f"{folder}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def _text_config(folder: Path) -> dict | None:
+    """The text part of a transformers config.json (CLIPConfig nests it; CLIPTextConfig is it)."""
+    if not (folder / "config.json").is_file():
+        return None
+    config = _read_json(folder / "config.json")
+    return config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+
+
+def _tokenizer_for(folder: Path | None, mode: str, bundled: dict[str, Tokenizer]) -> tuple[Tokenizer, int | None]:
+    """A folder's own tokenizer and pad id when it has one, else the bundled vocabulary."""
+    if folder is not None and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        tok = Tokenizer.from_folder(folder, mode=mode)
+        pad = None
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            if (folder / name).is_file():
+                value = _read_json(folder / name).get("pad_token")
+                value = value.get("content") if isinstance(value, dict) else value
+                if isinstance(value, str) and value in tok.encoder:
+                    pad = tok.encoder[value]
+                    break
+        return tok, pad
+    if mode not in bundled:
+        bundled[mode] = Tokenizer(mode=mode)
+    return bundled[mode], None
+
+
+def _open(source: str | Path) -> tuple[list[tuple[TensorFile, dict | None, Path | None]], str | None, str]:
+    """(file, transformers text config, tokenizer folder) per weights file, the pipeline class, the
+    name to report."""
+    path = Path(source)
+    if not path.exists():
+        if hub.looks_like_repo_id(str(source)):
+            path = hub.resolve(str(source))
+        else:
+            raise BadInput(f"{source}: no such file or folder (nor a Hugging Face repo id like org/name)")
+    if path.is_file():
+        return [(open_tensor_file(path), None, None)], None, str(source)
+    index = path / "model_index.json"
+    if index.is_file() or (path / "text_encoder").is_dir():
+        pipeline = _read_json(index).get("_class_name") if index.is_file() else None
+        parts = []
+        for sub, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+            if (path / sub).is_dir():
+                parts.append((open_tensor_file(_weights_in(path / sub)), _text_config(path / sub), path / tok))
+        if not parts:
+            raise BadInput(f"{path}: a diffusers pipeline folder without text_encoder/ or text_encoder_2/")
+        return parts, pipeline or "", str(source)
+    return [(open_tensor_file(_weights_in(path)), _text_config(path), path)], None, str(source)
+
+
+def _pipeline_family(pipeline: str, towers: list[Tower]) -> str:
+    roles = [t.role for t in towers]
+    if "StableDiffusion3" in pipeline:
+        return "sd3"
+    if "XL" in pipeline:
+        return "sdxl" if len(towers) == 2 else "sdxl-refiner"
+    return {"clip_l": "sd1", "clip_h": "sd2"}.get(roles[0], "clip") if len(towers) == 1 else "clip"
+
+
+def load(source: str | Path, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+         tokenizer_mode: str = "hf", **overrides: Any) -> TextEncoder:
+    """Load the text encoder(s) of a checkpoint file, a diffusers / Hugging Face folder or a hub id.
+
+    Only text-encoder tensors are read.  ``overrides`` replace inferred ``TextConfig`` fields
+    (``activation="gelu"``, ``pad_id=0``, ...).  Bad files raise ``BadInput`` naming the file.
+    """
+    torch_dtype = _dtype(dtype)
+    parts, pipeline, name = _open(source)
+    files = [f for f, _, _ in parts]
+    try:
+        towers: list[Tower] = []
+        configs, tok_dirs = [], []
+        for f, hf_config, tok_dir in parts:
+            found = find_towers(f)
+            towers += found
+            configs += [hf_config] * len(found)
+            tok_dirs += [tok_dir] * len(found)
+        if not towers:
+            raise BadInput(f"{source}: no CLIP text encoder found (looked for '*embeddings.token_embedding.weight' "
+                           f"and OpenCLIP '*token_embedding.weight' + 'transformer.resblocks.*' tensors)")
+        family = _pipeline_family(pipeline, towers) if pipeline is not None else family_of(towers)
+        bundled: dict[str, Tokenizer] = {}
+        modules, tokenizers = [], []
+        for tower, hf_config, tok_dir in zip(towers, configs, tok_dirs):
+            tokenizer, pad = _tokenizer_for(tok_dir, tokenizer_mode, bundled)
+            tower_overrides = {"pad_id": pad, **overrides} if pad is not None else overrides
+            inspect_tower(tower, hf_config, **tower_overrides)
+            tower.usage = usage_for(family, tower)
+            modules.append(read_tower(tower, dtype=torch_dtype, device=device))
+            tokenizers.append(tokenizer)
+        info = CheckpointInfo(name, layout_name(family, towers, files[0]) if pipeline is None
+                              else f"diffusers pipeline folder ({pipeline or 'no model_index.json'})",
+                              family, towers, ignored_tensors(files, towers), [str(f.path) for f in files])
+    finally:
+        for f in files:
+            f.close()
+    return TextEncoder(modules, [t.usage for t in towers], tokenizers, family, info)

@@ -1,0 +1,194 @@
+"""The CLIP text transformer: one implementation for CLIP-L, OpenCLIP-H, OpenCLIP-bigG and B/32, B/16.
+
+x = token_embedding[ids] + position_embedding; pre-LN blocks with causal attention; a final
+LayerNorm; pooled output = the final-LN'd last layer at the first EOS; an optional projection.
+Every tower Stable Diffusion uses differs only in the numbers of ``TextConfig``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import BadInput
+
+ACTIVATIONS = ("quick_gelu", "gelu")
+POOLING = ("first_eos", "argmax")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Architecture of one text tower; ``checkpoint`` infers it from tensor shapes."""
+
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_width: int = 3072
+    vocab_size: int = 49408
+    context_length: int = 77
+    activation: str = "quick_gelu"
+    projection_dim: int = 0  # 0: the tower has no text projection
+    eos_id: int = 49407
+    pad_id: int = 49407  # CLIP-L and B pad with EOS; OpenCLIP H and bigG with 0 ("!")
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise BadInput(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+        if self.width % self.heads:
+            raise BadInput(f"width {self.width} is not divisible by {self.heads} heads")
+
+    @property
+    def architecture(self) -> str:
+        """The common name of this tower."""
+        names = {(768, 12): "CLIP ViT-L/14", (1024, 24): "OpenCLIP ViT-H/14", (1024, 23): "OpenCLIP ViT-H/14",
+                 (1280, 32): "OpenCLIP ViT-bigG/14", (512, 12): "CLIP ViT-B"}
+        return names.get((self.width, self.layers), f"CLIP text tower (width {self.width}, {self.layers} layers)")
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with one fused q|k|v projection."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, w = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, n, w))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, activation: str):
+        super().__init__()
+        self.fc = nn.Linear(width, hidden)
+        self.proj = nn.Linear(hidden, width)
+        self.quick = activation == "quick_gelu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        h = h * torch.sigmoid(1.702 * h) if self.quick else F.gelu(h)  # exact erf gelu, not tanh
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    """Pre-LN residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.width, eps=1e-5)
+        self.attn = Attention(config.width, config.heads)
+        self.ln_2 = nn.LayerNorm(config.width, eps=1e-5)
+        self.mlp = MLP(config.width, config.mlp_width, config.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+@dataclass
+class TextOutput:
+    """What one forward pass returns.
+
+    ``hidden`` is the requested layer [B, L, C]; ``pooled`` [B, C] the final-LN'd last layer at the
+    pooling position; ``pooled_projected`` [B, P] when the tower has a projection;
+    ``hidden_states`` (on request) every layer before the final LN, index 0 = embeddings.
+    """
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+    pooled_projected: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+
+
+class TextTransformer(nn.Module):
+    """One CLIP text tower.  Frozen: its parameters never require grad."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        self.position_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
+        self.final_norm = nn.LayerNorm(config.width, eps=1e-5)
+        self.projection = nn.Linear(config.width, config.projection_dim, bias=False) if config.projection_dim else None
+        self.requires_grad_(False)
+
+    def resolve_layer(self, layer: int) -> int:
+        """A Python-style index into the hidden states (0 = embeddings, -1 = last layer) -> 0..layers."""
+        n = self.config.layers + 1
+        if not -n <= layer < n:
+            raise BadInput(f"layer {layer} is out of range for a {self.config.layers}-layer model "
+                           f"(hidden states are indexed {-n}..{n - 1}; 0 = embeddings, -1 = last layer)")
+        return layer % n
+
+    def forward(self, ids: torch.Tensor, *, layer: int = -1, final_norm: bool = True, pooled: bool = True,
+                pooling: str = "first_eos", token_embeds: torch.Tensor | None = None,
+                output_hidden_states: bool = False) -> TextOutput:
+        """Encode [B, L] ids.
+
+        ``layer`` picks the hidden state returned as ``hidden`` (Python-style index, 0 = embeddings);
+        ``final_norm`` applies the final LayerNorm to it.  Blocks past ``layer`` run only when the
+        pooled output or all hidden states are wanted.  ``token_embeds`` [B, L, C] replaces the
+        token-embedding lookup (textual inversion injects its vectors there).  ``pooling`` is
+        ``first_eos`` (the first EOS id) or ``argmax`` (transformers' legacy rule: the largest id).
+        """
+        if ids.dim() != 2:
+            raise BadInput(f"ids must be [batch, length], got shape {tuple(ids.shape)}")
+        length = ids.shape[1]
+        if length > self.config.context_length:
+            raise BadInput(f"{length} tokens exceed the model's context of {self.config.context_length}")
+        if pooling not in POOLING:
+            raise BadInput(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLING)}")
+        stop = self.resolve_layer(layer)
+        x = self.token_embedding(ids) if token_embeds is None else token_embeds
+        x = x + self.position_embedding[:length].to(x.dtype)
+        states = [x] if output_hidden_states else None
+        hidden = x
+        run = self.config.layers if (pooled or output_hidden_states) else stop
+        for i in range(run):
+            x = self.blocks[i](x)
+            if states is not None:
+                states.append(x)
+            if i + 1 == stop:
+                hidden = x
+        out = TextOutput(self.final_norm(hidden) if final_norm else hidden,
+                         hidden_states=tuple(states) if states is not None else None)
+        if pooled:
+            where = ids.argmax(-1) if pooling == "argmax" else (ids == self.config.eos_id).int().argmax(-1)
+            out.pooled = self.final_norm(x[torch.arange(x.shape[0], device=x.device), where])
+            if self.projection is not None:
+                out.pooled_projected = self.projection(out.pooled)
+        return out
+
+    def init_weights(self, generator: torch.Generator | None = None) -> "TextTransformer":
+        """Random weights in CLIP's initialisation scheme (for tests and training from scratch)."""
+        w, layers = self.config.width, self.config.layers
+        attn_std = w ** -0.5
+        proj_std = attn_std * (2 * layers) ** -0.5
+        with torch.no_grad():
+            nn.init.normal_(self.token_embedding.weight, std=0.02, generator=generator)
+            nn.init.normal_(self.position_embedding, std=0.01, generator=generator)
+            for block in self.blocks:
+                for ln in (block.ln_1, block.ln_2):
+                    ln.weight.fill_(1.0), ln.bias.zero_()
+                nn.init.normal_(block.attn.qkv.weight, std=attn_std, generator=generator)
+                nn.init.normal_(block.attn.out.weight, std=proj_std, generator=generator)
+                nn.init.normal_(block.mlp.fc.weight, std=(2 * w) ** -0.5, generator=generator)
+                nn.init.normal_(block.mlp.proj.weight, std=proj_std, generator=generator)
+                for lin in (block.attn.qkv, block.attn.out, block.mlp.fc, block.mlp.proj):
+                    lin.bias.zero_()
+            self.final_norm.weight.fill_(1.0), self.final_norm.bias.zero_()
+            if self.projection is not None:
+                nn.init.normal_(self.projection.weight, std=attn_std, generator=generator)
+        return self
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
