@@ -10,18 +10,16 @@ one place that maps foreign tensor names to sdclip's.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import BadInput
 from .model import TextConfig, TextTransformer
-from .tensorfile import TensorFile, open_tensor_file
+from .tensorfile import TensorFile
 
 # sdclip name -> name in each layout, relative to the tower's prefix; a tuple is concatenated
 # on dim 0 (transformers keeps q, k and v apart, sdclip fuses them)
@@ -76,13 +74,16 @@ class Tower:
     usage: Usage = field(default_factory=Usage)
     notes: list[str] = field(default_factory=list)
     used: set[str] = field(default_factory=set)
+    dropped_block: bool = False  # the file's last block was a placeholder copy (kohya SD2) and is left out
 
     def projection(self) -> tuple[str, bool] | None:
         """The projection's key and whether it is stored as a Linear weight [out, in].
 
         OpenCLIP keeps ``text_projection`` [width, out] used as x @ P; transformers a Linear
         ``text_projection.weight``.  kohya and Playground write OpenCLIP files with the Linear
-        form, named ``text_projection.weight`` or (when not square) recognisable by shape.
+        form, named ``text_projection.weight`` or (when not square) recognisable by shape.  A square
+        ``text_projection`` is read as x @ P, as SGM, A1111 and ComfyUI read it: kohya's SDXL saves
+        of a diffusers bigG store its Linear weight there, indistinguishably.
         """
         keys = self.file.keys()
         if self.style == "hf":
@@ -187,8 +188,10 @@ def usage_for(family: str, tower: Tower) -> Usage:
     """Each family's Stable Diffusion default (../shared/reference/clip-text-encoders.md §4)."""
     if family in ("sdxl", "sdxl-refiner", "sd3"):
         return Usage(-2, False)  # penultimate layer, no final LN, for both encoders
-    if family == "sd2" and tower.style == "openclip":
-        return Usage(-2, True)  # SD2 skips the last of OpenCLIP-H's 24 blocks; diffusers ships 23
+    if family == "sd2" and tower.style == "openclip" and not tower.dropped_block:
+        # SD2 reads the 23rd of OpenCLIP-H's 24 blocks: the penultimate of a full tower, the last of
+        # diffusers' 23-layer one and of a kohya file once its placeholder 24th block is left out
+        return Usage(-2, True)
     return Usage(-1, True)
 
 
@@ -208,9 +211,10 @@ def _expected_shapes(c: TextConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _foreign_names(style: str, name: str) -> tuple[str, ...]:
-    """The foreign tensor name(s) behind one sdclip parameter name."""
-    for ours, theirs in NAMES[style].items():
+def _foreign_names(style: str, name: str, names: dict = NAMES) -> tuple[str, ...]:
+    """The foreign tensor name(s) behind one sdclip parameter name (``names``: ``NAMES`` or the
+    image tower's ``vision.VISION_NAMES``)."""
+    for ours, theirs in names[style].items():
         pattern = "^" + re.escape(ours).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)") + "$"
         m = re.match(pattern, name)
         if m:
@@ -241,6 +245,9 @@ def infer_config(tower: Tower, hf_config: dict | None = None, **overrides: Any) 
     mlp = f.shape(fc)[0]
     found = tower.projection()
     projection = 0
+    bias = (found[0].removesuffix(".weight") + ".bias") if found is not None else ""
+    if bias in f.keys():  # open_clip's proj_bias towers: not a CLIP text encoder Stable Diffusion uses
+        raise BadInput(f"{f.path}: {bias}: a text projection with a bias is not supported")
     if found is not None:
         shape = f.shape(found[0])
         if len(shape) != 2:
@@ -253,6 +260,11 @@ def infer_config(tower: Tower, hf_config: dict | None = None, **overrides: Any) 
     else:
         activation = "quick_gelu"
     pad = 0 if tower.role in ("clip_h", "clip_g") else 49407
+    for name, found_value in (("hidden_size", width), ("num_hidden_layers", layers), ("intermediate_size", mlp)):
+        stated = (hf_config or {}).get(name)
+        if stated is not None and stated != found_value:  # e.g. a file that lost its last layers
+            raise BadInput(f"{f.path}: its config.json says {name} {stated}, but the tensors at '{p}' give "
+                           f"{found_value}; weights and configuration do not belong together")
     heads = (hf_config or {}).get("num_attention_heads") or max(width // 64, 1)
     config = TextConfig(width=width, layers=layers, heads=heads, mlp_width=mlp, vocab_size=vocab,
                         context_length=context, activation=activation, projection_dim=projection, pad_id=pad)
@@ -269,75 +281,105 @@ def read_tower(tower: Tower, dtype: torch.dtype = torch.float32, device: str | t
     state: dict[str, torch.Tensor] = {}
     for name, shape in _expected_shapes(c).items():
         parts = [p + n for n in _foreign_names(tower.style, name)]
-        tensors = [_read_checked(f, k) for k in parts]
-        t = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-        if tuple(t.shape) != shape:
-            raise BadInput(f"{f.path}: tensor {' + '.join(parts)} has shape {list(t.shape)}, expected {list(shape)} "
-                           f"for a {c.layers}-layer width-{c.width} text encoder")
-        state[name] = t.to(device=device, dtype=dtype).contiguous()
+        state[name] = _read_checked(f, parts, shape, dtype, f"a {c.layers}-layer width-{c.width} text encoder")
         tower.used.update(parts)
     found = tower.projection()
     if c.projection_dim and found is not None:
         key, linear = found
-        w = _read_checked(f, key)
-        if not linear:  # OpenCLIP keeps x @ P; a Linear weight is P transposed
-            w = w.t()
-        if tuple(w.shape) != (c.projection_dim, c.width):
-            raise BadInput(f"{f.path}: tensor {key} has shape {list(f.shape(key))}, expected a "
-                           f"{c.width} x {c.projection_dim} projection")
-        state["projection.weight"] = w.to(device=device, dtype=dtype).contiguous()
+        # OpenCLIP keeps x @ P [width, out]; sdclip's Linear weight is P transposed
+        shape = (c.projection_dim, c.width) if linear else (c.width, c.projection_dim)
+        w = _read_checked(f, [key], shape, dtype, f"a width-{c.width} projection")
+        state["projection.weight"] = w if linear else w.t().contiguous()
         tower.used.add(key)
     with torch.device("meta"):
         model = TextTransformer(c)
     model.load_state_dict(state, assign=True)
+    model.to(device)
     if hasattr(f, "release"):
         f.release()  # type: ignore[attr-defined]
     return model
 
 
-def _read_checked(f: TensorFile, key: str) -> torch.Tensor:
-    if key not in f.keys():
-        raise BadInput(f"{f.path}: missing tensor {key}")
-    dtype = f.dtype(key)
-    if not dtype.is_floating_point:
-        raise BadInput(f"{f.path}: tensor {key} has dtype {str(dtype).removeprefix('torch.')}; "
-                       f"a text encoder's weights are floating point")
-    t = f.get(key)
-    if not torch.isfinite(t).all():
-        raise BadInput(f"{f.path}: tensor {key} holds NaN or infinite values")
-    return t
+# fp8 and integer files need scales or dequantisation sdclip does not do: refused, not misread
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _read_checked(f: TensorFile, keys: list[str], shape: tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:
+    """The tensors ``keys`` stacked on dim 0 into one ``dtype`` tensor of ``shape``: names, dtypes
+    and shapes are checked before reading, values (NaN / inf, also from a lossy down-cast) after."""
+    for key in keys:
+        if key not in f.keys():
+            raise BadInput(f"{f.path}: missing tensor {key}")
+        if f.dtype(key) not in WEIGHT_DTYPES:
+            raise BadInput(f"{f.path}: tensor {key} has dtype {str(f.dtype(key)).removeprefix('torch.')}; "
+                           f"a text encoder's weights are float32, float16 or bfloat16")
+    # each of q, k, v alone: wrong sizes that add up right would still make a wrong model
+    part = (shape[0] // len(keys), *shape[1:])
+    if any(tuple(f.shape(k)) != part for k in keys):
+        found = " + ".join(str(list(f.shape(k))) for k in keys)
+        raise BadInput(f"{f.path}: tensor {' + '.join(keys)} has shape {found}, expected {list(shape)} for {what}")
+    out = torch.empty(shape, dtype=dtype)
+    row = 0
+    for key in keys:  # convert straight into the (fused) destination: one pass, no concatenation copy
+        t = f.get(key)
+        out[row:row + t.shape[0]].copy_(t)
+        row += t.shape[0]
+    if out.numel() and not all(torch.isfinite(v) for v in torch.aminmax(out)):  # NaN propagates to min/max
+        cast = "" if all(f.dtype(k) == dtype for k in keys) else f" (in {str(dtype).removeprefix('torch.')})"
+        raise BadInput(f"{f.path}: tensor {' + '.join(keys)} holds NaN or infinite values{cast}")
+    return out
 
 
 def inspect_tower(tower: Tower, hf_config: dict | None = None, **overrides: Any) -> None:
-    """Fill in a tower's configuration and notes on placeholder tensors some tools write."""
-    tower.config = infer_config(tower, hf_config, **overrides)
+    """Fill in a tower's configuration and notes, leaving out the placeholders kohya writes into SD2
+    files saved from diffusers' 23-layer encoder: an all-ones projection and a last block copied
+    from the one before (a trained model never has two equal blocks)."""
+    config = infer_config(tower, hf_config, **overrides)
     f, found = tower.file, tower.projection()
-    if found is not None and tower.config.projection_dim:
+    if found is not None and config.projection_dim:
         key, linear = found
-        if linear and tower.style == "openclip":
-            tower.notes.append(f"{key} is stored as a Linear weight [out, in] (kohya / Playground style); "
-                               f"read as such")
         if bool((f.get(key) == 1).all()):
             tower.notes.append(f"{key} is all ones (a placeholder kohya writes for SD2); ignored")
-            tower.config = replace(tower.config, projection_dim=0)
-    if tower.style == "openclip" and tower.config.layers >= 2:
-        last, prev = tower.config.layers - 1, tower.config.layers - 2
-        a = tower.prefix + f"transformer.resblocks.{last}.mlp.c_fc.weight"
-        b = tower.prefix + f"transformer.resblocks.{prev}.mlp.c_fc.weight"
+            config = replace(config, projection_dim=0)
+        elif linear and tower.style == "openclip":
+            tower.notes.append(f"{key} is stored as a Linear weight [out, in] (kohya / Playground style); "
+                               f"read as such")
+    last = config.layers - 1
+    if tower.style == "openclip" and last >= 1 and overrides.get("layers") is None:
+        a, b = (f"{tower.prefix}transformer.resblocks.{i}.mlp.c_fc.weight" for i in (last, last - 1))
         if a in f.keys() and b in f.keys() and torch.equal(f.get(a), f.get(b)):
-            tower.notes.append(f"block {last} is a copy of block {prev} (a placeholder kohya writes for SD2); "
-                               f"the SD2 default layer never reaches it")
+            tower.notes.append(f"block {last} is a copy of block {last - 1} (a placeholder kohya writes for SD2); "
+                               f"left out: the encoder has {last} layers")
+            config = replace(config, layers=last)
+            tower.dropped_block = True
+    tower.config = config
 
 
 def ignored_tensors(files: list[TensorFile], towers: list[Tower]) -> Counter:
-    """Tensors no tower uses, counted by their first two name components."""
+    """Tensors no tower uses, grouped so the report stays short yet names what was skipped: inside a
+    tower's own namespace by full name (``...position_ids``, ``logit_scale``, a placeholder block as
+    ``...resblocks.23.*``), elsewhere by their first two name components (``model.diffusion_model.*``)."""
     used = set().union(*(t.used for t in towers)) if towers else set()
     counts: Counter = Counter()
     for f in files:
+        own = [(t.prefix, {k[len(t.prefix):].split(".")[0] for k in t.used}) for t in towers if t.file is f]
         for k in f.keys():
             if k not in used:
-                counts[".".join(k.split(".")[:2]) + (".*" if k.count(".") >= 2 else "")] += 1
+                counts[_ignored_group(k, own)] += 1
     return counts
+
+
+_ANY_BLOCK = re.compile(r"(?:encoder\.layers|transformer\.resblocks)\.\d+\.")
+
+
+def _ignored_group(key: str, own: list[tuple[str, set[str]]]) -> str:
+    for prefix, heads in own:
+        rest = key[len(prefix):]
+        if key.startswith(prefix) and ("." not in rest or rest.split(".")[0] in heads):
+            block = _ANY_BLOCK.match(rest)
+            return prefix + block.group(0) + "*" if block else key
+    parts = key.split(".")
+    return ".".join(parts[:2]) + (".*" if len(parts) > 2 else "")
 
 
 def layout_name(family: str, towers: list[Tower], file: TensorFile) -> str:
@@ -354,8 +396,10 @@ def layout_name(family: str, towers: list[Tower], file: TensorFile) -> str:
     if styles == {"openclip"}:
         return "open_clip / OpenAI state dict" if prefixes in ([""], ["text."], ["module."]) else "OpenCLIP layout"
     if prefixes == ["text_model."]:
-        extra = " (ComfyUI CLIPSave)" if "logit_scale" in file.keys() else ""
-        return "Hugging Face CLIP" + extra
+        keys = file.keys()
+        if any(k.startswith("vision_model.") for k in keys):
+            return "Hugging Face CLIPModel (its text tower)"
+        return "Hugging Face CLIP" + (" (ComfyUI CLIPSave)" if "logit_scale" in keys else "")
     if prefixes == [""]:
         return "Hugging Face CLIP, flat keys (transformers >= 5.6)"
     return "Hugging Face layout at " + ", ".join(repr(p) for p in prefixes)

@@ -7,10 +7,11 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import sdclip
 
+from . import bundled
 from .errors import BadInput, SdclipError
 
 
@@ -20,7 +21,7 @@ def read_prompts(prompts: Sequence[str], file: str | None) -> list[str]:
     if file is not None:
         path = Path(file)
         try:
-            text = sys.stdin.read() if file == "-" else path.read_text(encoding="utf-8")
+            text = sys.stdin.read() if file == "-" else path.read_text(encoding="utf-8-sig")  # Notepad writes a BOM
         except (OSError, UnicodeDecodeError) as e:
             raise BadInput(f"{file}: cannot read prompts ({e})") from None
         if path.suffix == ".jsonl":
@@ -43,10 +44,13 @@ def read_prompts(prompts: Sequence[str], file: str | None) -> list[str]:
 
 def _add_prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (or use --file)")
-    p.add_argument("--file", "-f", help="prompts from a file: .txt one per line, .jsonl one JSON string per line; - = stdin")
+    p.add_argument("--file", "-f", help="prompts from a file: .txt one per line, .jsonl one JSON string per line "
+                   "(a prompt may then hold newlines); - = stdin, one per line")
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
+    if args.chunks or args.dialect is not None:
+        return _print_chunks(args)
     if args.model:
         tokenizer = sdclip.load(args.model, tokenizer_mode=args.mode).tokenizers[0]
     else:
@@ -55,22 +59,42 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
         print(json.dumps(tokenizer.encode(prompt)))
 
 
+def _check_device(name: str) -> None:
+    """A misspelt device is bad input; a real one this machine lacks is a failure."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BadInput(f"unknown device {name!r}; use cpu, cuda, cuda:1, mps, ...") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SdclipError(f"device {name!r} asked for, but torch sees no CUDA GPU here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SdclipError(f"device {name!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+
+
 def cmd_encode(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
 
     prompts = read_prompts(args.prompts, args.file)
+    if Path(args.out).is_dir():
+        raise BadInput(f"{args.out}: --out is a folder; give a file name such as out.safetensors")
+    _check_device(args.device)
     te = sdclip.load(args.model, dtype=args.dtype, device=args.device, tokenizer_mode=args.mode)
     out = te.encode(prompts, encoder=args.encoder, layer=args.layer, final_norm=args.final_norm)
     usage = te.usages[args.encoder - 1]
     tensors = {"hidden": out.hidden, "pooled": out.pooled}
     if out.pooled_projected is not None:
         tensors["pooled_projected"] = out.pooled_projected
-    metadata = {"model": str(args.model), "family": te.family, "encoder": str(args.encoder),
+    metadata = {"model": str(args.model or bundled.DEFAULT), "family": te.family, "encoder": str(args.encoder),
                 "layer": str(usage.layer if args.layer is None else args.layer),
                 "final_norm": str(usage.final_norm if args.final_norm is None else args.final_norm),
                 "prompts": json.dumps(prompts), "sdclip": sdclip.__version__}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, args.out, metadata=metadata)
+    try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, args.out, metadata=metadata)
+    except OSError as e:
+        raise SdclipError(f"{args.out}: cannot write ({e.strerror or e})") from None
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items())
     print(f"wrote {args.out}: {shapes}", file=sys.stderr)
 
@@ -100,6 +124,248 @@ def cmd_info(args: argparse.Namespace) -> None:
             print(f"  {count:6d}  {prefix}")
         if len(ignored) > args.max_ignored:
             print(f"  ... and {len(ignored) - args.max_ignored} more groups (--json lists all)")
+    else:
+        print("ignored: none")
+
+
+# --- prompt dialects: parse, tokenize --chunks, tokens ---------------------------------------------
+
+def _dialect_tokenizer(args: argparse.Namespace):
+    """The tokenizer and pad id to chunk with: --model's first encoder, or the bundled vocabulary."""
+    if args.model:
+        te = sdclip.load(args.model, tokenizer_mode=args.mode)
+        return te.tokenizers[0], te.towers[0].config.pad_id if args.pad_id is None else args.pad_id
+    return sdclip.Tokenizer(mode=args.mode), args.pad_id
+
+
+def _chunk_all(args: argparse.Namespace):
+    """(prompt tree of chunks, tokenizer) for every prompt, with the dialect's options."""
+    from .prompts import chunk
+
+    tokenizer, pad_id = _dialect_tokenizer(args)
+    dialect = args.dialect or "diffusers"
+    options = {"pad_id": pad_id}
+    if dialect == "a1111":
+        options.update(steps=args.steps, comma_backtrack=args.comma_backtrack)
+    elif dialect == "compel":
+        options.update(truncate=not args.no_truncate)
+    for prompt in read_prompts(args.prompts, args.file):
+        yield chunk(prompt, dialect, tokenizer, **options), tokenizer
+
+
+def _print_chunks(args: argparse.Namespace) -> None:
+    from .prompts.render import to_json
+
+    for node, _ in _chunk_all(args):
+        print(json.dumps(to_json(node)))
+
+
+def cmd_tokens(args: argparse.Namespace) -> None:
+    from .prompts.render import describe
+
+    for n, (node, tokenizer) in enumerate(_chunk_all(args)):
+        print(("\n" if n else "") + describe(node, tokenizer))
+
+
+def cmd_parse(args: argparse.Namespace) -> None:
+    from .prompts import parse
+    from .prompts.render import describe_segments, to_json
+
+    options = {"steps": args.steps} if args.dialect == "a1111" else {}
+    for n, prompt in enumerate(read_prompts(args.prompts, args.file)):
+        node = parse(prompt, args.dialect, **options)
+        print(json.dumps(to_json(node)) if args.json else ("\n" if n else "") + describe_segments(node))
+
+
+def _add_dialect_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    from .prompts import DIALECTS
+
+    p.add_argument("--dialect", "-d", choices=[*DIALECTS, "plain"], default=default,
+                   help="whose prompt syntax and chunking: a1111, comfy, compel or diffusers (= plain)"
+                        + (f" (default {default})" if default else ""))
+    p.add_argument("--steps", type=int, default=20, help="a1111: sampling steps for AND / prompt editing (default 20)")
+
+
+def _add_chunk_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pad-id", type=int, help="pad id after EOS: 0 for SD2 and SDXL's bigG (default: EOS, as CLIP-L; "
+                   "with --model, that model's)")
+    p.add_argument("--comma-backtrack", type=int, default=20,
+                   help="a1111: comma padding backtrack (default 20, 0 = off)")
+    p.add_argument("--no-truncate", action="store_true", help="compel: truncate_long_prompts=False (split long prompts "
+                   "into chunks at sentence, phrase or word ends)")
+
+
+def _add_prompt_commands(sub) -> None:
+    p = sub.add_parser("parse", help="prompt -> weighted segments, as a front end reads it",
+                       description="Print each prompt's weighted segments as DIALECT parses it (a readable list, or "
+                                   "with --json one JSON value per prompt: [[text, weight], ...]; A1111's BREAK is "
+                                   '["BREAK", -1]; compel blends and ANDs are {"blend"|"and": [...], '
+                                   '"weights": [...]}; '
+                                   'A1111 AND / prompt editing is {"steps": n, "schedule": [{"until_step": t, '
+                                   '"prompt": {"and": ...}}]}).')
+    _add_prompt_args(p)
+    _add_dialect_args(p, "diffusers")
+    p.add_argument("--json", action="store_true", help="one JSON value per prompt per line")
+    p.set_defaults(run=cmd_parse)
+
+    p = sub.add_parser("tokens", help="show a prompt's tokens, weights and chunks as a front end builds them",
+                       description="For each prompt: every token with its weight (when not 1), the 77-token chunk "
+                                   "boundaries, tokens lost to truncation and the token count; AND parts, blends "
+                                   "and prompt-editing steps in sections.  Plain text.")
+    _add_prompt_args(p)
+    _add_dialect_args(p, "diffusers")
+    _add_chunk_args(p)
+    p.add_argument("--model", "-m", help="use this checkpoint's tokenizer and pad id (default: the bundled vocabulary)")
+    p.add_argument("--mode", choices=sdclip.tokenizer.MODES, default="hf",
+                   help="tokenizer text cleaning (see tokenize)")
+    p.set_defaults(run=cmd_tokens)
+
+
+# --- contrastive CLIP: zero-shot, similarity, training ------------------------------------------
+
+def _clip_model(name: str | None):
+    """--model, or the bundled sdclip-mini when it is not given."""
+    from .clip import CLIPModel
+
+    return CLIPModel.load(name)
+
+
+def _table(rows: list[str], columns: list[str], values, digits: int) -> None:
+    """Rows x columns of numbers, aligned, on stdout."""
+    first = max(len(r) for r in rows)
+    widths = [max(len(c), digits + 3) for c in columns]
+    print(" " * first + "".join(f"  {c:>{w}}" for c, w in zip(columns, widths)))
+    for r, line in zip(rows, values):
+        print(f"{r:<{first}}" + "".join(f"  {v:>{w}.{digits}f}" for v, w in zip(line, widths)))
+
+
+def cmd_zeroshot(args: argparse.Namespace) -> None:
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    if len(labels) < 2:
+        raise BadInput("--labels needs at least two comma-separated labels, e.g. --labels cat,dog")
+    model = _clip_model(args.model)
+    probs = model.zero_shot(args.images, labels, args.template or ("a photo of a {}.",)).tolist()
+    if args.json:
+        for image, row in zip(args.images, probs):
+            print(json.dumps({"image": image, "probs": dict(zip(labels, row))}))
+    else:
+        _table(args.images, labels, probs, 3)
+
+
+def cmd_similarity(args: argparse.Namespace) -> None:
+    model = _clip_model(args.model)
+    sims = model.similarity(args.image, args.text).tolist()
+    if args.json:
+        for image, row in zip(args.image, sims):
+            print(json.dumps({"image": image, "similarity": dict(zip(args.text, row))}))
+    else:
+        _table(args.image, args.text, sims, 4)
+
+
+def cmd_train_clip(args: argparse.Namespace) -> None:
+    import torch
+
+    from .train import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = TrainConfig(**{f: getattr(args, f) for f in TrainConfig.__dataclass_fields__})
+    if args.resume:
+        print(f"resuming {args.out} with the settings it was started with", file=sys.stderr)
+    train(config, args.out, resume=args.resume, until=args.until)
+    if args.until is None or args.until >= config.steps:
+        print(f"wrote {args.out}: model.safetensors (+ config and tokenizer), metrics.jsonl, training.png",
+              file=sys.stderr)
+
+
+def cmd_shapes(args: argparse.Namespace) -> None:
+    from .shapes import HELD_OUT, TRAIN_SHAPES, Shapes, labels
+
+    if not 1 <= args.n <= 100_000 or not 0 <= args.pairs <= 1:
+        raise BadInput("--n must be 1 to 100000 and --pairs 0 to 1")
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()] if args.shapes else list(TRAIN_SHAPES)
+    exclude = frozenset(labels(shapes)) - HELD_OUT if args.held_out else HELD_OUT
+    data = Shapes(size=args.size, seed=args.seed, length=args.n, shapes=shapes, exclude=exclude, pair_p=args.pairs)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for i in range(args.n):
+            image, caption = data[i]
+            image.save(out / f"{i:05d}.png")
+            (out / f"{i:05d}.txt").write_text(caption + "\n", encoding="utf-8")
+            print(f"{out / f'{i:05d}.png'}\t{caption}")
+    except OSError as e:
+        raise SdclipError(f"{out}: cannot write ({e.strerror or e})") from None
+
+
+_TRAIN_HELP = {
+    "data": "'shapes' (built-in generator), a folder of image + .txt pairs, or a webdataset .tar",
+    "eval_every": "zero-shot accuracy on seen / held-out shapes every N steps (0: never; shapes data only)",
+    "embed_dim": "width of the shared embedding space", "save_dtype": "dtype of the saved model (float16 halves it)",
+    "colours_per_batch": "shapes data: draw each batch's objects in only N of the 8 colours, so that batches hold "
+                         "hard negatives (same colour, other shape) and shape must be learned (0: all colours)",
+}
+
+
+def _add_clip_commands(sub) -> None:
+    p = sub.add_parser("zeroshot", help="images -> probability of each label (a contrastive CLIP model)",
+                       description="Zero-shot classification: each label is written into the templates, the "
+                                   "normalized text embeddings are averaged per label, and each image's "
+                                   "probabilities over the labels are printed (a table, or JSON lines).")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--labels", required=True, help="comma-separated labels, e.g. 'red circle,blue square'")
+    p.add_argument("--model", "-m", help="CLIP folder, file or hub id (default: the bundled model)")
+    p.add_argument("--template", action="append", help="prompt template with {} for the label; repeat to average "
+                   "several (default 'a photo of a {}.')")
+    p.add_argument("--json", action="store_true", help='one {"image": path, "probs": {label: p}} per line')
+    p.set_defaults(run=cmd_zeroshot)
+
+    p = sub.add_parser("similarity", help="cosine similarity of images and texts (a contrastive CLIP model)",
+                       description="Print the cosine similarity of every image with every text.")
+    p.add_argument("--model", "-m", help="CLIP folder, file or hub id (default: the bundled model)")
+    p.add_argument("--text", "-t", nargs="+", required=True)
+    p.add_argument("--image", "-i", nargs="+", required=True)
+    p.add_argument("--json", action="store_true", help='one {"image": path, "similarity": {text: s}} per line')
+    p.set_defaults(run=cmd_similarity)
+
+    from .train import TrainConfig
+
+    p = sub.add_parser("train-clip", help="train a small contrastive CLIP (CPU-sized) on shapes, a folder or a tar",
+                       description="Train text and image towers from scratch with the contrastive loss (AdamW, "
+                                   "warmup + cosine, gradient clipping).  --out receives a Hugging Face CLIPModel "
+                                   "folder (loadable by sdclip and transformers), checkpoint.pt, metrics.jsonl "
+                                   "and training.png.")
+    p.add_argument("--out", "-o", required=True, help="run folder")
+    for field in TrainConfig.__dataclass_fields__.values():
+        default = field.default
+        p.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=type(default), default=default,
+                       help=f"{_TRAIN_HELP.get(field.name, '')} (default {default})".strip())
+    p.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
+    p.add_argument("--until", type=int, help="stop after this step (with a checkpoint); --resume continues")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(run=cmd_train_clip)
+
+    p = sub.add_parser("shapes", help="write pictures of coloured shapes with captions (the built-in training data)",
+                       description="Write N seeded pictures from the generator train-clip's 'shapes' data uses, as "
+                                   "NNNNN.png + NNNNN.txt (a folder train-clip also reads), and print 'path<TAB>"
+                                   "caption' per picture.  By default single objects in the training colour x shape "
+                                   "pairs; --held-out draws only the pairs training never shows.")
+    p.add_argument("--out", "-o", required=True, help="folder to write into")
+    p.add_argument("--n", type=int, default=8, help="how many pictures (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="picture i of a seed is always the same (default 0)")
+    p.add_argument("--size", type=int, default=64, help="pixels per side (default 64)")
+    p.add_argument("--pairs", type=float, default=0.0, help="share of two-object pictures (default 0; training: 0.3)")
+    p.add_argument("--shapes", help="comma-separated shapes (default: the six training shapes; heart and crescent "
+                   "are never trained on)")
+    p.add_argument("--held-out", action="store_true", help="only the held-out colour x shape pairs")
+    p.set_defaults(run=cmd_shapes)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with sdclip's error style: one line on stderr, exit 2 (its usage block is in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -107,26 +373,39 @@ def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdclip", description="The CLIP text encoder Stable Diffusion uses: "
-                                     "tokenize prompts, encode them to conditioning, inspect checkpoints.")
+    parser = _Parser(prog="sdclip", description="The CLIP text encoder Stable Diffusion uses: "
+                                     "tokenize prompts, encode them to conditioning, inspect checkpoints.",
+                     epilog="Data goes to stdout, messages to stderr.  Exit status: 0 ok, 1 failure, 2 bad input "
+                            "(a missing or broken file, a bad option or prompt file).  `sdclip COMMAND --help` "
+                            "describes each command.")
     parser.add_argument("--version", action="version", version=f"sdclip {sdclip.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("tokenize", help="prompt -> token ids (one JSON list per prompt per line)",
                        description="Print one JSON list of token ids per prompt per line: BOS and EOS included, "
-                                   "no padding, no truncation.")
+                                   "no padding, no truncation.  With --chunks (or --dialect): one JSON object per "
+                                   "prompt with the 77-token chunks and per-token weights that front end builds.")
     _add_prompt_args(p)
     p.add_argument("--model", "-m", help="use this checkpoint's tokenizer (default: the bundled CLIP vocabulary)")
     p.add_argument("--mode", choices=sdclip.tokenizer.MODES, default="hf",
                    help="text cleaning: hf = transformers 4.x CLIPTokenizer (default), openai = open_clip / OpenAI, "
                         "nfc = CLIPTokenizerFast / transformers 5")
+    _add_dialect_args(p, None)
+    p.add_argument("--chunks", action="store_true", help='print {"tokens": [[77 ids], ...], "weights": [[77 floats], '
+                   '...], "token_count": n} per prompt as --dialect builds them (default dialect diffusers; '
+                   "--dialect implies --chunks)")
+    p.add_argument("--json", action="store_true", help="(the output is JSON in any case)")
+    _add_chunk_args(p)
     p.set_defaults(run=cmd_tokenize)
 
     p = sub.add_parser("encode", help="prompts -> hidden states and pooled output (.safetensors)",
                        description="Encode prompts and write `hidden` [B, 77, C] (the selected layer), `pooled` "
-                                   "[B, C] and, when the model has a projection, `pooled_projected` [B, P].")
+                                   "[B, C] and, when the model has a projection, `pooled_projected` [B, P] to a "
+                                   ".safetensors file whose metadata records model, family, encoder, layer, "
+                                   "final_norm and the prompts (as JSON).")
     _add_prompt_args(p)
-    p.add_argument("--model", "-m", required=True, help="checkpoint file, diffusers / HF folder, or HF repo id")
+    p.add_argument("--model", "-m", help="checkpoint file, diffusers / HF folder, or HF repo id (default: the "
+                   "bundled sdclip-mini)")
     p.add_argument("--out", "-o", required=True, help="output .safetensors file")
     p.add_argument("--layer", type=int, help="Python-style index into the hidden states: 0 = embeddings, -1 = last "
                    "layer (default: the family's SD choice: SD1 -1 + final LN, SD2 23rd layer + final LN, "
@@ -134,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(p, "final-norm", "apply the final LayerNorm to the selected layer (default: the family's SD choice)")
     p.add_argument("--encoder", type=int, default=1, help="which encoder of a two-encoder file (SDXL: 1 = CLIP-L, "
                    "2 = bigG; default 1)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="weights and outputs (default float32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--mode", choices=sdclip.tokenizer.MODES, default="hf", help="tokenizer text cleaning (see tokenize)")
     p.set_defaults(run=cmd_encode)
@@ -146,29 +426,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--max-ignored", type=int, default=12, help="groups of ignored tensors to list (default 12)")
     p.set_defaults(run=cmd_info)
+    _add_prompt_commands(sub)
+    _add_clip_commands(sub)
     return parser
 
 
+def _fail(message: str, code: int) -> int:
+    # one line: a message quoting a file or an exception may hold newlines
+    print("sdclip: error: " + message.replace("\n", " "), file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run the command line; returns the exit status (0 ok, 1 failure, 2 bad input)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version and usage errors
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:
         args.run(args)
     except BadInput as e:
-        print(f"sdclip: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e), 2)
     except SdclipError as e:
-        print(f"sdclip: error: {e}", file=sys.stderr)
-        return 1
+        return _fail(str(e), 1)
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # `sdclip tokenize ... | head`: the reader has all it wanted
         return 0
     except Exception as e:  # an sdclip bug: say so briefly; SDCLIP_DEBUG=1 shows the traceback
         if os.environ.get("SDCLIP_DEBUG"):
             raise
-        print(f"sdclip: internal error: {type(e).__name__}: {e} (set SDCLIP_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return 1
+        return _fail(f"internal error: {type(e).__name__}: {e} (set SDCLIP_DEBUG=1 for the traceback)", 1)
     return 0
 
 

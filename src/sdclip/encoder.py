@@ -13,11 +13,12 @@ from typing import Any, Sequence
 
 import torch
 
-from . import hub
+from . import bundled, hub
 from .checkpoint import (CheckpointInfo, Tower, Usage, family_of, find_towers, ignored_tensors, inspect_tower,
                          layout_name, read_tower, usage_for)
 from .errors import BadInput
 from .model import TextOutput, TextTransformer
+from .reuse import ReusingEncoder
 from .tensorfile import TensorFile, open_tensor_file
 from .tokenizer import CONTEXT_LENGTH, Tokenizer
 
@@ -25,7 +26,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 # in a folder, the first of these that exists holds the weights (full precision first)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json", "model.fp16.safetensors", "pytorch_model.fp16.bin",
+                "pytorch_model.bin.index.json", "model.fp16.safetensors", "model.safetensors.index.fp16.json", "pytorch_model.fp16.bin",
                 "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
@@ -42,6 +43,7 @@ class TextEncoder:
         self.tokenizers = list(tokenizers)
         self.family = family
         self.info = info
+        self.reuse = ReusingEncoder()
 
     def __repr__(self) -> str:
         names = ", ".join(t.config.architecture for t in self.towers)
@@ -58,6 +60,7 @@ class TextEncoder:
     def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "TextEncoder":
         for t in self.towers:
             t.to(device=device, dtype=_dtype(dtype) if dtype is not None else None)
+        self.reuse.cache.clear()  # cached prefixes hold the old device / dtype
         return self
 
     def _index(self, encoder: int) -> int:
@@ -77,21 +80,41 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode(self, prompts: str | Sequence[str], *, encoder: int = 1, layer: int | None = None,
-               final_norm: bool | None = None, pooled: bool = True, pooling: str = "first_eos",
-               batch_size: int = 32) -> TextOutput:
+               final_norm: bool | None = None, hidden: bool = True, pooled: bool = True,
+               pooling: str = "first_eos") -> TextOutput:
         """Hidden states [B, 77, C] of the chosen layer (default: what this family feeds its U-Net),
-        pooled [B, C] and, with a projection, pooled_projected [B, P]."""
+        pooled [B, C] and, with a projection, pooled_projected [B, P].  ``hidden=False`` asks for
+        the pooled outputs only, which stops each prompt at its EOS."""
+        return self.encode_ids(self.tokenize(prompts, encoder), encoder=encoder, layer=layer, final_norm=final_norm,
+                               hidden=hidden, pooled=pooled, pooling=pooling)
+
+    @torch.inference_mode()
+    def encode_ids(self, ids: torch.Tensor, *, encoder: int = 1, layer: int | None = None,
+                   final_norm: bool | None = None, hidden: bool = True, pooled: bool = True,
+                   pooling: str = "first_eos", token_embeds: torch.Tensor | None = None,
+                   attention_mask: torch.Tensor | None = None) -> TextOutput:
+        """``encode`` for token ids [B, L] already built (prompt dialects build their own chunks).
+
+        Identical rows, shared prefixes and pooled-only requests are computed once (``reuse``);
+        ``token_embeds`` [B, L, C] replaces the token-embedding lookup (textual inversion) and
+        ``attention_mask`` [B, L] hides positions (0) from attention (compel); such rows are computed
+        as they are.
+        """
         i = self._index(encoder)
         tower, usage = self.towers[i], self.usages[i]
         layer = usage.layer if layer is None else layer
         final_norm = usage.final_norm if final_norm is None else final_norm
         tower.resolve_layer(layer)  # a bad layer fails before any work
-        ids = self.tokenize(prompts, encoder).to(self.device)
-        outs = [tower(ids[s:s + batch_size], layer=layer, final_norm=final_norm, pooled=pooled, pooling=pooling)
-                for s in range(0, max(len(ids), 1), batch_size)]
-        cat = (lambda xs: torch.cat(xs) if xs[0] is not None else None)
-        return TextOutput(cat([o.hidden for o in outs]), cat([o.pooled for o in outs]),
-                          cat([o.pooled_projected for o in outs]))
+        if not hidden and not pooled:
+            raise BadInput("nothing to compute: hidden=False and pooled=False")
+        ids = ids.to(self.device)
+        if token_embeds is not None or attention_mask is not None:
+            out = tower(ids, layer=layer, final_norm=final_norm, pooled=pooled, pooling=pooling,
+                        token_embeds=None if token_embeds is None else token_embeds.to(self.device, self.dtype),
+                        attention_mask=attention_mask)
+            return out if hidden else TextOutput(None, out.pooled, out.pooled_projected)  # type: ignore[arg-type]
+        return self.reuse(tower, ids, layer=layer, final_norm=final_norm, hidden=hidden, pooled=pooled,
+                          pooling=pooling)
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -129,7 +152,7 @@ def _text_config(folder: Path) -> dict | None:
     return config.get("text_config") if isinstance(config.get("text_config"), dict) else config
 
 
-def _tokenizer_for(folder: Path | None, mode: str, bundled: dict[str, Tokenizer]) -> tuple[Tokenizer, int | None]:
+def _tokenizer_for(folder: Path | None, mode: str, shared: dict[str, Tokenizer]) -> tuple[Tokenizer, int | None]:
     """A folder's own tokenizer and pad id when it has one, else the bundled vocabulary."""
     if folder is not None and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         tok = Tokenizer.from_folder(folder, mode=mode)
@@ -142,9 +165,9 @@ def _tokenizer_for(folder: Path | None, mode: str, bundled: dict[str, Tokenizer]
                     pad = tok.encoder[value]
                     break
         return tok, pad
-    if mode not in bundled:
-        bundled[mode] = Tokenizer(mode=mode)
-    return bundled[mode], None
+    if mode not in shared:
+        shared[mode] = Tokenizer(mode=mode)
+    return shared[mode], None
 
 
 def _open(source: str | Path) -> tuple[list[tuple[TensorFile, dict | None, Path | None]], str | None, str]:
@@ -180,13 +203,15 @@ def _pipeline_family(pipeline: str, towers: list[Tower]) -> str:
     return {"clip_l": "sd1", "clip_h": "sd2"}.get(roles[0], "clip") if len(towers) == 1 else "clip"
 
 
-def load(source: str | Path, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
+def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
          tokenizer_mode: str = "hf", **overrides: Any) -> TextEncoder:
-    """Load the text encoder(s) of a checkpoint file, a diffusers / Hugging Face folder or a hub id.
+    """Load the text encoder(s) of a checkpoint file, a diffusers / Hugging Face folder or a hub id
+    (no source, or ``"sdclip-mini"``: the model bundled with sdclip).
 
     Only text-encoder tensors are read.  ``overrides`` replace inferred ``TextConfig`` fields
     (``activation="gelu"``, ``pad_id=0``, ...).  Bad files raise ``BadInput`` naming the file.
     """
+    source = bundled.resolve(source)
     torch_dtype = _dtype(dtype)
     parts, pipeline, name = _open(source)
     files = [f for f, _, _ in parts]
@@ -202,10 +227,10 @@ def load(source: str | Path, *, dtype: str | torch.dtype = "float32", device: st
             raise BadInput(f"{source}: no CLIP text encoder found (looked for '*embeddings.token_embedding.weight' "
                            f"and OpenCLIP '*token_embedding.weight' + 'transformer.resblocks.*' tensors)")
         family = _pipeline_family(pipeline, towers) if pipeline is not None else family_of(towers)
-        bundled: dict[str, Tokenizer] = {}
+        shared: dict[str, Tokenizer] = {}  # the bundled vocabulary, built once per mode
         modules, tokenizers = [], []
         for tower, hf_config, tok_dir in zip(towers, configs, tok_dirs):
-            tokenizer, pad = _tokenizer_for(tok_dir, tokenizer_mode, bundled)
+            tokenizer, pad = _tokenizer_for(tok_dir, tokenizer_mode, shared)
             tower_overrides = {"pad_id": pad, **overrides} if pad is not None else overrides
             inspect_tower(tower, hf_config, **tower_overrides)
             tower.usage = usage_for(family, tower)

@@ -16,6 +16,7 @@ from torch import nn
 from .errors import BadInput
 
 ACTIVATIONS = ("quick_gelu", "gelu")
+KeyValues = tuple[torch.Tensor, torch.Tensor]  # one block's attention keys and values [B, heads, L, head_dim]
 POOLING = ("first_eos", "argmax")
 
 
@@ -49,18 +50,34 @@ class TextConfig:
 
 
 class Attention(nn.Module):
-    """Causal multi-head self-attention with one fused q|k|v projection."""
+    """Multi-head self-attention with one fused q|k|v projection; causal for text, not for images."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, causal: bool = True):
         super().__init__()
         self.heads = heads
+        self.causal = causal
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, past: KeyValues | None = None, keep: list[KeyValues] | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``past``: keys/values of earlier positions (a shared prefix) that ``x`` follows; ``keep``
+        collects this call's keys/values so that ``x`` can serve as such a prefix; ``mask`` [B, 1, n, n]
+        (True = may attend) replaces the causal rule."""
         b, n, w = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if keep is not None:
+            keep.append((k, v))
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif past is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:  # query i sits at position p + i: it sees the whole prefix and itself causally
+            p = past[0].shape[2]
+            k = torch.cat([past[0].expand(b, -1, -1, -1), k], dim=2)
+            v = torch.cat([past[1].expand(b, -1, -1, -1), v], dim=2)
+            mask = torch.ones(n, p + n, dtype=torch.bool, device=x.device).tril(p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(b, n, w))
 
 
@@ -78,17 +95,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-LN residual block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
 
-    def __init__(self, config: TextConfig):
+    ``config`` is a ``TextConfig`` or a ``VisionConfig``: both towers use the same block.
+    """
+
+    def __init__(self, config: TextConfig, causal: bool = True):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.width, eps=1e-5)
-        self.attn = Attention(config.width, config.heads)
+        self.attn = Attention(config.width, config.heads, causal)
         self.ln_2 = nn.LayerNorm(config.width, eps=1e-5)
         self.mlp = MLP(config.width, config.mlp_width, config.activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, past: KeyValues | None = None, keep: list[KeyValues] | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), past, keep, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -101,10 +122,28 @@ class TextOutput:
     ``hidden_states`` (on request) every layer before the final LN, index 0 = embeddings.
     """
 
-    hidden: torch.Tensor
+    hidden: torch.Tensor | None
     pooled: torch.Tensor | None = None
     pooled_projected: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+
+
+@dataclass
+class Prefix:
+    """Keys/values and hidden states of a prompt prefix.  Attention is causal, so positions
+    before p depend only on tokens before p: rows sharing a prefix can skip recomputing it."""
+
+    ids: torch.Tensor  # [p]
+    kv: list[KeyValues]  # per block, batch 1
+    states: list[torch.Tensor]  # hidden states 0..layers at the prefix positions, [1, p, C]
+
+    @property
+    def length(self) -> int:
+        return self.ids.numel()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.states, *(x for kv in self.kv for x in kv)))
 
 
 class TextTransformer(nn.Module):
@@ -113,7 +152,9 @@ class TextTransformer(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
         self.config = config
-        self.token_embedding = nn.Embedding(config.vocab_size, config.width)
+        # an explicit weight skips nn.Embedding's random init (slow, and pointless before loading)
+        self.token_embedding = nn.Embedding(config.vocab_size, config.width,
+                                            _weight=torch.empty(config.vocab_size, config.width))
         self.position_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
         self.final_norm = nn.LayerNorm(config.width, eps=1e-5)
@@ -130,7 +171,8 @@ class TextTransformer(nn.Module):
 
     def forward(self, ids: torch.Tensor, *, layer: int = -1, final_norm: bool = True, pooled: bool = True,
                 pooling: str = "first_eos", token_embeds: torch.Tensor | None = None,
-                output_hidden_states: bool = False) -> TextOutput:
+                output_hidden_states: bool = False, prefix: Prefix | None = None,
+                attention_mask: torch.Tensor | None = None) -> TextOutput:
         """Encode [B, L] ids.
 
         ``layer`` picks the hidden state returned as ``hidden`` (Python-style index, 0 = embeddings);
@@ -138,6 +180,9 @@ class TextTransformer(nn.Module):
         pooled output or all hidden states are wanted.  ``token_embeds`` [B, L, C] replaces the
         token-embedding lookup (textual inversion injects its vectors there).  ``pooling`` is
         ``first_eos`` (the first EOS id) or ``argmax`` (transformers' legacy rule: the largest id).
+        ``prefix``: a ``Prefix`` every row starts with; only the positions after it are computed.
+        ``attention_mask`` [B, L] (1 = attend, 0 = hide this position from every query; causal as ever):
+        compel's down-weighting encodes prompts with fragments masked out.
         """
         if ids.dim() != 2:
             raise BadInput(f"ids must be [batch, length], got shape {tuple(ids.shape)}")
@@ -147,25 +192,52 @@ class TextTransformer(nn.Module):
         if pooling not in POOLING:
             raise BadInput(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLING)}")
         stop = self.resolve_layer(layer)
-        x = self.token_embedding(ids) if token_embeds is None else token_embeds
-        x = x + self.position_embedding[:length].to(x.dtype)
-        states = [x] if output_hidden_states else None
-        hidden = x
+        p = 0 if prefix is None else prefix.length
+        if prefix is not None and not torch.equal(ids[:, :p], prefix.ids.expand(len(ids), -1)):
+            raise BadInput("the rows do not start with the given prefix")
+        x = self.token_embedding(ids[:, p:]) if token_embeds is None else token_embeds[:, p:]
+        x = x + self.position_embedding[p:length].to(x.dtype)
+
+        def whole(i: int, x: torch.Tensor) -> torch.Tensor:  # layer i's states at every position
+            return x if prefix is None else torch.cat([prefix.states[i].expand(len(x), -1, -1), x], dim=1)
+
+        mask = None
+        if attention_mask is not None:
+            if prefix is not None:
+                raise BadInput("attention_mask and prefix cannot be combined")
+            causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+            mask = causal & attention_mask.to(device=ids.device, dtype=torch.bool)[:, None, None, :]
+        states = [whole(0, x)] if output_hidden_states else None
+        hidden = whole(0, x) if stop == 0 else None
         run = self.config.layers if (pooled or output_hidden_states) else stop
         for i in range(run):
-            x = self.blocks[i](x)
+            x = self.blocks[i](x, None if prefix is None else prefix.kv[i], mask=mask)
             if states is not None:
-                states.append(x)
+                states.append(whole(i + 1, x))
             if i + 1 == stop:
-                hidden = x
+                hidden = whole(i + 1, x)
+        assert hidden is not None
         out = TextOutput(self.final_norm(hidden) if final_norm else hidden,
                          hidden_states=tuple(states) if states is not None else None)
         if pooled:
             where = ids.argmax(-1) if pooling == "argmax" else (ids == self.config.eos_id).int().argmax(-1)
-            out.pooled = self.final_norm(x[torch.arange(x.shape[0], device=x.device), where])
+            last = whole(self.config.layers, x)
+            out.pooled = self.final_norm(last[torch.arange(last.shape[0], device=last.device), where])
             if self.projection is not None:
                 out.pooled_projected = self.projection(out.pooled)
         return out
+
+    def compute_prefix(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> Prefix:
+        """Run a prompt prefix (1-d ids) once, keeping what rows that start with it need."""
+        p = ids.numel()
+        x = self.token_embedding(ids[None]) if token_embeds is None else token_embeds[None, :p]
+        x = x + self.position_embedding[:p].to(x.dtype)
+        kv: list[KeyValues] = []
+        states = [x]
+        for block in self.blocks:
+            x = block(x, keep=kv)
+            states.append(x)
+        return Prefix(ids.clone(), kv, states)
 
     def init_weights(self, generator: torch.Generator | None = None) -> "TextTransformer":
         """Random weights in CLIP's initialisation scheme (for tests and training from scratch)."""

@@ -1,0 +1,88 @@
+"""Contrastive-CLIP speed on this CPU: training pairs/s and encode_image images/s for a few
+model sizes (random weights, a fixed shapes batch; steady state after two warm-up steps).
+
+    python bench/bench_clip.py [--threads 1] [--batch 128] [--steps 4] [--configs small base]
+
+``cpu/wall`` below 0.9 x threads means other processes share the cores: the figures are then
+lower bounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
+
+from sdclip.clip import CLIPModel  # noqa: E402
+from sdclip.images import pixel_values  # noqa: E402
+from sdclip.loss import clamp_logit_scale_, contrastive_loss  # noqa: E402
+from sdclip.shapes import Shapes  # noqa: E402
+from sdclip.train import TrainConfig, _optimizer  # noqa: E402
+
+CONFIGS = {
+    "tiny": dict(text_width=128, text_layers=2, vision_width=128, vision_layers=3, image_size=48, patch_size=8,
+                 embed_dim=128),
+    "small": dict(text_width=128, text_layers=2, vision_width=192, vision_layers=3, image_size=48, patch_size=8,
+                  embed_dim=128),
+    "small64": dict(text_width=128, text_layers=2, vision_width=128, vision_layers=4, image_size=64, patch_size=8,
+                    embed_dim=128),
+    "base": dict(text_width=256, text_layers=4, vision_width=256, vision_layers=4, image_size=64, patch_size=8),
+}
+
+
+def measure(name: str, batch: int, steps: int) -> str:
+    config = TrainConfig(batch_size=batch, **CONFIGS[name])
+    model = CLIPModel.create(*config.towers()).requires_grad_(True)
+    optimizer = _optimizer(model, config)
+    items = [Shapes(size=config.image_size)[i] for i in range(batch)]
+    t0 = time.perf_counter()
+    pixels = pixel_values([im for im, _ in items], config.image_size)
+    ids = model.tokenize([caption for _, caption in items])
+    prep = time.perf_counter() - t0
+
+    def step() -> None:
+        loss = contrastive_loss(model(pixels, ids))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        clamp_logit_scale_(model.logit_scale)
+
+    step(), step()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        step()
+    wall, cpu = (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
+    model.requires_grad_(False)
+    model.encode_image(pixels[:16])
+    t0 = time.perf_counter()
+    model.encode_image(pixels)
+    encode = batch / (time.perf_counter() - t0)
+    size = sum(p.numel() for p in model.parameters()) * 2 / 1e6
+    return (f"{name:8s} {batch / wall:8.1f} {wall:7.2f} {cpu / wall:8.2f} {encode:10.1f} {prep * 1000:9.0f} "
+            f"{size:8.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(machine())
+    print(f"{'config':8s} {'pairs/s':>8s} {'s/step':>7s} {'cpu/wall':>8s} {'encode/s':>10s} {'prep ms':>9s} "
+          f"{'fp16 MB':>8s}")
+    for name in args.configs:
+        print(measure(name, args.batch, args.steps), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Loading SD1's text encoder from a 2 GB single file: peak memory and `sdclip encode` wall time.
+
+Builds (once) a synthetic SD1-layout fp16 .safetensors of ~2 GB: a random CLIP-L text encoder at
+`cond_stage_model.transformer.text_model.*` plus U-Net- and VAE-sized filler, as
+v1-5-pruned-emaonly-fp16 holds them.  Each measurement runs in a fresh process.
+
+    python bench/bench_load.py [--file bench/out/sd1-synthetic-2gb.safetensors] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median, write_results  # noqa: E402
+
+MEASURE = r"""
+import json, sys, time
+def status(field):
+    return int(next(l for l in open('/proc/self/status') if l.startswith(field)).split()[1]) * 1024
+import torch, sdclip
+base = status('VmRSS')
+t0 = time.perf_counter()
+te = sdclip.load(sys.argv[1], dtype=sys.argv[2])
+seconds = time.perf_counter() - t0
+weights = sum(p.numel() * p.element_size() for p in te.towers[0].parameters())
+print(json.dumps({"seconds": seconds, "base": base, "peak": status('VmHWM'), "after": status('VmRSS'),
+                  "weights": weights}))
+"""
+
+
+def build(path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                      num_attention_heads=12)).half()
+    tensors = {f"cond_stage_model.transformer.{k}": v for k, v in te.state_dict().items()}
+    unet_params = 859_520_964  # SD1 U-Net
+    for i in range(unet_params // (1280 * 1280)):
+        tensors[f"model.diffusion_model.filler.{i}.weight"] = torch.empty(1280, 1280, dtype=torch.float16)
+    for i in range(83_653_863 // (512 * 512)):  # VAE
+        tensors[f"first_stage_model.filler.{i}.weight"] = torch.empty(512, 512, dtype=torch.float16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--file", default=str(Path(__file__).parent / "out" / "sd1-synthetic-2gb.safetensors"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "out"))
+    args = ap.parse_args()
+    path = Path(args.file)
+    if not path.exists():
+        print(f"building {path} ...", file=sys.stderr)
+        build(path)
+    size = path.stat().st_size
+    rows = []
+    for dtype in ("float32", "float16"):
+        runs = [json.loads(subprocess.run([sys.executable, "-c", MEASURE, str(path), dtype], check=True,
+                                          capture_output=True, text=True).stdout) for _ in range(args.repeats)]
+        peak = median([r["peak"] - r["base"] for r in runs])
+        weights = runs[0]["weights"]
+        rows.append({"measure": f"load text encoder as {dtype}", "file": f"{size / 2**30:.2f} GiB",
+                     "seconds": f"{median([r['seconds'] for r in runs]):.2f}",
+                     "peak RSS over baseline": f"{peak / 2**20:.0f} MiB",
+                     "text-encoder weight bytes": f"{weights / 2**20:.0f} MiB",
+                     "peak / weights": f"{peak / weights:.2f}x"})
+    walls = []
+    out = Path(args.out) / "bench-load-encode.safetensors"
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        subprocess.run(["sdclip", "encode", "a photo of a cat", "--model", str(path), "--out", str(out)],
+                       check=True, capture_output=True)
+        walls.append(time.perf_counter() - t0)
+    rows.append({"measure": "`sdclip encode` one prompt, process start to output (warm page cache)",
+                 "file": f"{size / 2**30:.2f} GiB", "seconds": f"{median(walls):.2f}"})
+    print(write_results("load", rows, ["measure", "file", "seconds", "peak RSS over baseline",
+                                       "text-encoder weight bytes", "peak / weights"], args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Prompt dialects: text -> weighted segments -> 77-token chunks, exactly as each front end builds them.
+
+    >>> from sdclip import Tokenizer
+    >>> from sdclip.prompts import parse, chunk
+    >>> parse("a (red:1.2) cat", "a1111")
+    [Segment(text='a ', weight=1.0), Segment(text='red', weight=1.2), Segment(text=' cat', weight=1.0)]
+    >>> c = chunk("a (red:1.2) cat", "a1111", Tokenizer())
+    >>> c.ids[0][:5], c.weights[0][:5]
+    ((49406, 320, 736, 2368, 49407), (1.0, 1.0, 1.2, 1.0, 1.0))
+
+``parse`` and ``chunk`` return a tree (see ``types``): a leaf for simple prompts, ``Blend`` /
+``Conjunction`` for compel's ``.blend()`` / ``.and()``, ``Schedule`` for A1111's ``AND`` and prompt
+editing.  Per dialect options: a1111 ``steps``, ``hires_steps``, ``old_scheduling``, and for ``chunk``
+``comma_backtrack``, ``emphasis``; compel ``truncate``, ``split``.  Every ``chunk`` takes ``pad_id``
+(default EOS as CLIP-L; 0 for SD2 and SDXL's bigG) and ``embeddings`` (name -> tensor [n, C] or n).
+"""
+
+from __future__ import annotations
+
+from ..errors import BadInput
+from ..tokenizer import Tokenizer
+from . import a1111, comfy, compel, plain
+from .types import (BREAK, Blend, Chunked, Conjunction, EmbeddingSlot, Node, Schedule, Segment, map_leaves)
+
+DIALECTS = ("a1111", "comfy", "compel", "diffusers")
+_ALIASES = {"plain": "diffusers"}
+_PARSE = {"a1111": a1111.parse_prompt, "comfy": comfy.parse, "compel": compel.parse, "diffusers": plain.parse}
+_CHUNK = {"a1111": a1111.chunk_prompt, "comfy": comfy.chunk, "compel": compel.chunk, "diffusers": plain.chunk}
+
+
+def _dialect(name: str) -> str:
+    name = _ALIASES.get(name, name)
+    if name not in DIALECTS:
+        raise BadInput(f"unknown prompt dialect {name!r}; choose one of {', '.join(DIALECTS)}")
+    return name
+
+
+def _text(prompt: object) -> str:
+    if not isinstance(prompt, str):
+        raise BadInput(f"a prompt must be a string, got {type(prompt).__name__}")
+    return prompt
+
+
+def parse(prompt: str, dialect: str, **options) -> Node[list[Segment]]:
+    """The prompt's weighted segments as ``dialect`` reads it (a tree for blends, AND, schedules)."""
+    return _PARSE[_dialect(dialect)](_text(prompt), **options)
+
+
+def chunk(prompt: str, dialect: str, tokenizer: Tokenizer, **options) -> Node[Chunked]:
+    """The token ids, per-token weights and embedding slots ``dialect`` feeds the text encoder."""
+    return _CHUNK[_dialect(dialect)](_text(prompt), tokenizer, **options)
+
+
+__all__ = ["DIALECTS", "parse", "chunk", "Segment", "BREAK", "Chunked", "EmbeddingSlot", "Blend", "Conjunction",
+           "Schedule", "Node", "map_leaves"]

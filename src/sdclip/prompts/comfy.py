@@ -1,0 +1,196 @@
+"""ComfyUI prompts (CLIPTextEncode): ``(x)`` x1.1, ``(x:w)`` sets the weight to w, ``\\(`` ``\\)`` escapes,
+``embedding:name`` textual inversion, and its 77-token chunks that keep short token groups whole.
+
+Written from ComfyUI's behaviour (comfy/sd1_clip.py: token_weights, parse_parentheses, escape_important,
+SDTokenizer.tokenize_with_weights as of 2025); the structure here is our own.  ComfyUI re-scans the text
+once per nesting level and recurses; this parser reads it in linear time without recursion, with the
+same results.  Note that current ComfyUI tokenizes each weighted piece whole (it split at spaces and
+looked each word up in the vocabulary in older versions), so its 8-token rule applies to pieces.
+
+How ComfyUI reads brackets, which this reproduces: a ``(`` at nesting level 0 starts a group that ends
+at the ``)`` bringing the level back to 0; inside, the text after the last ``:`` sets the weight when
+Python's ``float`` reads it, otherwise the group multiplies by 1.1.  A stray ``)`` makes the level
+negative, so brackets after it are text until the level is back at 0.  A group left open is text, unless
+it ends with ``)``: then its first and last characters are dropped as if they matched, repeatedly.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from ..errors import BadInput
+from ..tokenizer import Tokenizer
+from .plain import expand
+from .types import CHUNK_LENGTH, MAX_NESTING, ChunkBuilder, Chunked, Embeddings, Entry, Segment
+
+_CLOSE, _OPEN = "\0\1", "\0\2"  # ComfyUI's stand-ins for \) and \( while brackets are read
+EMBEDDING = "embedding:"
+_EMBEDDING_SPLIT = re.compile(r"(?<=\s)" + re.escape(EMBEDDING))
+_EXTENSIONS = (".safetensors", ".pt", ".bin")
+MAX_WORD = 8  # token groups shorter than this move whole to the next chunk
+
+
+def parse(text: str) -> list[Segment]:
+    """ComfyUI's weighted pieces, with its boundaries (each piece is tokenized on its own).
+
+    >>> [(s.text, s.weight) for s in parse("a (b:1.5) (c)")]
+    [('a ', 1.0), ('b', 1.5), (' ', 1.0), ('c', 1.1)]
+    """
+    s = text.replace("\\)", _CLOSE).replace("\\(", _OPEN)
+    n = len(s)
+    level = [0] * (n + 1)  # level[i]: nesting before character i, counted as ComfyUI counts
+    match = [-1] * n  # the ")" closing each "(" (stack matching agrees with ComfyUI's counting)
+    last_colon = [-1] * (n + 1)  # last ":" before i
+    last_paren = [-1] * (n + 1)  # last "(" or ")" before i
+    stack: list[int] = []
+    for i, c in enumerate(s):
+        level[i + 1] = level[i] + (c == "(") - (c == ")")
+        last_colon[i + 1] = i if c == ":" else last_colon[i]
+        last_paren[i + 1] = i if c in "()" else last_paren[i]
+        if c == "(":
+            stack.append(i)
+            if level[i + 1] > MAX_NESTING:
+                raise BadInput(f"prompt brackets are nested more than {MAX_NESTING} deep")
+        elif c == ")" and stack:
+            match[stack.pop()] = i
+    out: list[Segment] = []
+
+    def emit(a: int, b: int, weight: float) -> None:
+        if a < b:
+            out.append(Segment(s[a:b].replace(_CLOSE, ")").replace(_OPEN, "("), weight))
+
+    def group_weight(inner: int, end: int, weight: float) -> tuple[float, int]:
+        """The weight of a group whose text is s[inner:end], and where its text ends."""
+        colon = last_colon[end]
+        if colon > inner and last_paren[end] < colon:  # float() never reads brackets: skip those
+            try:
+                return float(s[colon + 1:end]), colon
+            except ValueError:
+                pass
+        return weight * 1.1, end
+
+    def groups(work: list) -> None:
+        """Emit balanced groups and everything in them, in text order, without recursion."""
+        while work:
+            kind, a, b, w = work.pop()
+            if kind == "text":
+                emit(a, b, w)
+                continue
+            w, stop = group_weight(a + 1, b, w)
+            pieces = []
+            pos = text_from = a + 1
+            while pos < stop:
+                if s[pos] == "(":
+                    pieces += [("text", text_from, pos, w), ("group", pos, match[pos], w)]
+                    pos = text_from = match[pos] + 1
+                else:
+                    pos += 1
+            pieces.append(("text", text_from, stop, w))
+            work.extend(reversed(pieces))
+
+    def span(a: int, b: int, weight: float) -> int:
+        """Emit s[a:b]; return where a group left open starts (b if none)."""
+        base = level[a]
+        pos = text_from = a
+        while pos < b:
+            if s[pos] == "(" and level[pos] == base:
+                emit(text_from, pos, weight)
+                if not pos < match[pos] < b:
+                    return pos
+                groups([("group", pos, match[pos], weight)])
+                pos = text_from = match[pos] + 1
+            else:
+                pos += 1
+        emit(text_from, b, weight)
+        return b
+
+    # a group left open is text unless it ends with ")": then it is read as a group of its inside
+    # (first and last characters dropped), which may leave a group open again, one level deeper
+    start, end, weight = span(0, n, 1.0), n, 1.0
+    while start < end:
+        if end - start < 2 or s[end - 1] != ")":
+            emit(start, end, weight)
+            break
+        weight, stop = group_weight(start + 1, end - 1, weight)
+        start, end = span(start + 1, stop, weight), stop
+    bad = next((seg for seg in out if not math.isfinite(seg.weight)), None)
+    if bad is not None:
+        raise BadInput(f"the weight of {bad.text!r} is {bad.weight}; ComfyUI would encode NaN")
+    return out
+
+
+def _lookup(embeddings: Embeddings, name: str) -> str | None:
+    """The embedding a ComfyUI name refers to: the name itself or the name without its file extension."""
+    if name in embeddings:
+        return name
+    for ext in _EXTENSIONS:
+        if name.endswith(ext) and name[: -len(ext)] in embeddings:
+            return name[: -len(ext)]
+    return None
+
+
+def _find_embedding(embeddings: Embeddings, text: str) -> tuple[str | None, str, str]:
+    """ComfyUI's reading of the text after ``embedding:``: (found name or None, name as written, text left)."""
+    words = text.split()
+    if not words:
+        raise BadInput("'embedding:' without a name (ComfyUI fails on this)")
+    name, rest = words[0], " ".join(words[1:])
+    cut = re.search(r"[<\[]", name)
+    if cut is not None:
+        rest = name[cut.start():] + (" " + rest if rest else "")
+        name = name[:cut.start()]
+    found = _lookup(embeddings, name)
+    if found is None:
+        stripped = name.strip(",")
+        if len(stripped) < len(name):
+            return _lookup(embeddings, stripped), name, f"{name[len(stripped):]} {rest}"
+    return found, name, rest
+
+
+def chunk(text: str, tokenizer: Tokenizer, *, pad_id: int | None = None,
+          embeddings: Embeddings | None = None) -> Chunked:
+    """Token ids and weights as ComfyUI's ``SDTokenizer.tokenize_with_weights`` builds them.
+
+    Each weighted piece is tokenized on its own (split before every ``embedding:`` that follows
+    whitespace); a group of tokens shorter than 8 that does not fit in the current chunk moves whole to
+    the next one, longer groups are cut.  Chunks are BOS + up to 75 tokens + EOS, padded with
+    ``pad_id`` (EOS by default as for CLIP-L; SD2 and SDXL bigG pad with 0).  With ``embeddings``,
+    ``embedding:name`` (extension optional) takes the embedding's vectors; an unknown name is dropped
+    with a warning, as ComfyUI does; without ``embeddings`` the text stays text.
+    """
+    segments = parse(text)
+    groups: list[list[Entry]] = []
+    warnings: list[str] = []
+    for si, seg in enumerate(segments):
+        pieces = _EMBEDDING_SPLIT.split(seg.text)
+        for word in [w for w in [pieces[0], *(EMBEDDING + p for p in pieces[1:])] if w]:
+            if word.startswith(EMBEDDING) and embeddings is not None:
+                found, name, rest = _find_embedding(embeddings, word[len(EMBEDDING):].strip("\n"))
+                if found is None:
+                    warnings.append(f"embedding:{name} does not exist, ignoring")
+                else:
+                    groups.append(expand([found], embeddings, seg.weight, si))
+                if not rest:
+                    continue
+                word = rest
+            groups.append(expand(tokenizer.tokenize(word), None, seg.weight, si))
+
+    out = ChunkBuilder(tokenizer.bos_id, tokenizer.eos_id, tokenizer.eos_id if pad_id is None else pad_id)
+    room = CHUNK_LENGTH - 2
+    body: list[Entry] = []
+    for group in groups:
+        large = len(group) >= MAX_WORD
+        i = 0
+        while i < len(group):
+            if len(body) + len(group) - i <= room:
+                body += group[i:]
+                break
+            if large:
+                cut = room - len(body)
+                body += group[i:i + cut]
+                i += cut
+            out.add(body)
+            body = []
+    out.add(body)
+    return out.result(segments, sum(map(len, groups)), warnings=warnings)

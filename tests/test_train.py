@@ -1,0 +1,118 @@
+"""Training: the loss falls, a resumed run repeats the uninterrupted one, the outputs load; the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sdclip
+from sdclip.cli import main
+from sdclip.clip import CLIPModel
+from sdclip.errors import BadInput
+from sdclip.shapes import Shapes
+from sdclip.train import TrainConfig, lr_at, train
+
+TINY = dict(batch_size=16, warmup=2, text_width=64, text_layers=1, vision_width=64, vision_layers=1, embed_dim=32,
+            image_size=32, patch_size=8, eval_images=16, save_dtype="float32")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models train several times faster on one thread, most of all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _losses(folder) -> list[float]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_loss_falls_on_a_small_folder(tmp_path):
+    """Eight image-caption pairs seen over and over: the model must learn to pair them."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shapes = Shapes(size=32, seed=5)
+    for i in range(8):
+        image, caption = shapes[i]
+        image.save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(caption)
+    config = TrainConfig(data=str(data), steps=25, lr=3e-3, eval_every=0, checkpoint_every=25,
+                         **{**TINY, "batch_size": 8})
+    train(config, tmp_path / "run", log=io.StringIO())
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 25 and losses[0] > math.log(8) - 0.5  # about chance at first
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+def test_resume_repeats_the_uninterrupted_run(tmp_path):
+    config = TrainConfig(steps=6, checkpoint_every=2, eval_every=3, **TINY)
+    log = io.StringIO()
+    straight = train(config, tmp_path / "a", log=log)
+    assert "step 6/6" in log.getvalue() and "pairs/s" in log.getvalue() and "ETA" in log.getvalue()
+    train(config, tmp_path / "b", until=3, log=io.StringIO())
+    assert not (tmp_path / "b" / "model.safetensors").exists() and len(_losses(tmp_path / "b")) == 3
+    resumed = train(TrainConfig(steps=999), tmp_path / "b", resume=True, log=io.StringIO())  # settings come from b
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "zero_shot_seen" in r] == [0, 3, 6]
+
+
+def test_outputs_load_as_clip_and_as_sd_conditioner(tmp_path):
+    config = TrainConfig(steps=2, checkpoint_every=2, eval_every=1, **TINY)
+    model = train(config, tmp_path, log=io.StringIO())
+    assert (tmp_path / "training.png").is_file() and Image.open(tmp_path / "training.png").size == (900, 360)
+    loaded = CLIPModel.load(tmp_path)
+    pixels = torch.randn(2, 3, 32, 32)
+    assert (loaded.logits(pixels, ["a red circle", "a blue star"]) - model.logits(pixels, ["a red circle", "a blue star"])
+            ).abs().max() < 1e-4
+    out = sdclip.load(tmp_path).encode(["a red circle"])
+    assert out.hidden.shape == (1, 77, 64) and out.pooled_projected.shape == (1, 32)
+
+
+def test_schedule_and_bad_settings():
+    config = TrainConfig(steps=100, warmup=10, lr=1.0)
+    assert lr_at(config, 0) == pytest.approx(0.1) and lr_at(config, 9) == pytest.approx(1.0)
+    assert lr_at(config, 55) == pytest.approx(0.5) and lr_at(config, 100) == pytest.approx(0.0)
+    with pytest.raises(BadInput):
+        TrainConfig(batch_size=1)
+    with pytest.raises(BadInput, match="no checkpoint"):
+        train(TrainConfig(), "/nonexistent/run", resume=True)
+
+
+def test_cli_train_zeroshot_similarity(tmp_path, capsys):
+    args = ["train-clip", "--out", str(tmp_path / "run"), "--steps", "2", "--eval-every", "0"]
+    for k, v in TINY.items():
+        args += ["--" + k.replace("_", "-"), str(v)]
+    assert main(args) == 0
+    images = []
+    for i, colour in enumerate(["red", "blue"]):
+        Image.new("RGB", (40, 40), colour).save(tmp_path / f"{i}.png")
+        images.append(str(tmp_path / f"{i}.png"))
+    capsys.readouterr()
+    assert main(["zeroshot", *images, "--labels", "red square,blue square,cat", "--model", str(tmp_path / "run"),
+                 "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["image"] for r in lines] == images and abs(sum(lines[0]["probs"].values()) - 1) < 1e-5
+    assert list(lines[1]["probs"]) == ["red square", "blue square", "cat"]
+    assert main(["zeroshot", *images, "--labels", "a,b", "--model", str(tmp_path / "run")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 3 and table[0].split() == ["a", "b"]
+    assert main(["similarity", "--model", str(tmp_path / "run"), "--text", "a red square", "a cat",
+                 "--image", *images]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 3 and all(-1 <= float(v) <= 1 for v in table[1].split()[-2:])
+    assert main(["zeroshot", images[0], "--labels", "one", "--model", str(tmp_path / "run")]) == 2
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    assert main(["zeroshot", str(tmp_path / "bad.png"), "--labels", "a,b", "--model", str(tmp_path / "run")]) == 2
+    assert "bad.png" in capsys.readouterr().err
