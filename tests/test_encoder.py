@@ -88,6 +88,11 @@ def test_pooling_first_eos_and_legacy_argmax(out: Path):
         first_eos, argmax = tower(ids), tower(ids, pooling="argmax")
     assert _close(first_eos.pooled, ref_new.pooler_output) and _close(first_eos.pooled_projected, ref_new.text_embeds)
     assert _close(argmax.pooled, ref_legacy.pooler_output) and _close(argmax.pooled_projected, ref_legacy.text_embeds)
+    # a folder whose config.json selects the legacy rule gets it by default, as transformers does
+    legacy_tower = sdclip.load(layouts.write_hf_folder(legacy, out / "legacy")).tower()
+    assert legacy_tower.config.pooling == "argmax" and tower.config.pooling == "first_eos"
+    with torch.inference_mode():
+        assert _close(legacy_tower(ids).pooled, ref_legacy.pooler_output)
 
 
 @pytest.mark.parametrize("pad_token, pad_id", [(None, 49407), ("!", 0), ("<|endoftext|>", 49407)])

@@ -122,6 +122,7 @@ class CheckpointInfo:
                 "activation": t.config.activation if t.config else None,
                 "projection_dim": t.config.projection_dim if t.config else None,
                 "pad_id": t.config.pad_id if t.config else None,
+                "pooling": t.config.pooling if t.config else None,
                 "default_layer": t.usage.layer, "default_final_norm": t.usage.final_norm,
                 "dtype": str(_tower_dtype(t)).removeprefix("torch."),
                 "parameters": _tower_parameters(t), "notes": t.notes,
@@ -266,8 +267,10 @@ def infer_config(tower: Tower, hf_config: dict | None = None, **overrides: Any) 
             raise BadInput(f"{f.path}: its config.json says {name} {stated}, but the tensors at '{p}' give "
                            f"{found_value}; weights and configuration do not belong together")
     heads = (hf_config or {}).get("num_attention_heads") or max(width // 64, 1)
+    legacy = (hf_config or {}).get("eos_token_id") == 2  # transformers then pools at argmax(ids)
     config = TextConfig(width=width, layers=layers, heads=heads, mlp_width=mlp, vocab_size=vocab,
-                        context_length=context, activation=activation, projection_dim=projection, pad_id=pad)
+                        context_length=context, activation=activation, projection_dim=projection, pad_id=pad,
+                        pooling="argmax" if legacy else "first_eos")
     try:
         return replace(config, **{k: v for k, v in overrides.items() if v is not None})
     except TypeError as e:

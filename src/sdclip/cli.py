@@ -80,6 +80,8 @@ def cmd_encode(args: argparse.Namespace) -> None:
     if Path(args.out).is_dir():
         raise BadInput(f"{args.out}: --out is a folder; give a file name such as out.safetensors")
     _check_device(args.device)
+    if args.dialect is not None or _conditioning_options(args):
+        return _encode_conditioning(args, prompts)
     te = sdclip.load(args.model, dtype=args.dtype, device=args.device, tokenizer_mode=args.mode)
     out = te.encode(prompts, encoder=args.encoder, layer=args.layer, final_norm=args.final_norm)
     usage = te.usages[args.encoder - 1]
@@ -97,6 +99,75 @@ def cmd_encode(args: argparse.Namespace) -> None:
         raise SdclipError(f"{args.out}: cannot write ({e.strerror or e})") from None
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items())
     print(f"wrote {args.out}: {shapes}", file=sys.stderr)
+
+
+# --- encode --dialect: conditioning as a front end computes it ------------------------------------
+
+def _conditioning_options(args: argparse.Namespace) -> list[str]:
+    """The conditioning options given (they need --dialect)."""
+    given = {"--negative": args.negative, "--negative-file": args.negative_file, "--embeddings": args.embeddings,
+             "--clip-skip": args.clip_skip, "--emphasis": args.emphasis}
+    return [name for name, value in given.items() if value is not None]
+
+
+def _encode_conditioning(args: argparse.Namespace, prompts: list[str]) -> None:
+    """``encode --dialect``: hidden / pooled and negative_hidden / negative_pooled as the front end builds them."""
+    import warnings
+
+    from safetensors.torch import save_file
+
+    if args.dialect is None:
+        raise BadInput(f"{', '.join(_conditioning_options(args))} need --dialect (diffusers for plain prompts)")
+    if args.layer is not None or args.final_norm is not None or args.encoder != 1:
+        raise BadInput("--layer, --final-norm and --encoder select raw hidden states; with --dialect the front end "
+                       "decides (use --clip-skip)")
+    if args.negative is not None and args.negative_file is not None:
+        raise BadInput("give --negative or --negative-file, not both")
+    negative = read_prompts([], args.negative_file) if args.negative_file is not None else args.negative
+    if isinstance(negative, list) and len(negative) != len(prompts):
+        raise BadInput(f"{args.negative_file}: {len(negative)} negative prompts for {len(prompts)} prompts "
+                       f"(one per line, one per prompt)")
+    te = sdclip.load(args.model, dtype=args.dtype, device=args.device, tokenizer_mode=args.mode)
+    options = dict(clip_skip=args.clip_skip, emphasis=args.emphasis or "original", embeddings=args.embeddings,
+                   steps=args.steps, comma_backtrack=args.comma_backtrack, truncate=not args.no_truncate)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cond = sdclip.encode_prompts(te, prompts, negative, dialect=args.dialect, step=args.step, **options)
+    for message in dict.fromkeys(str(w.message) for w in caught):
+        print(f"sdclip: warning: {message}", file=sys.stderr)
+    tensors = {"hidden": cond.hidden, "pooled": cond.pooled, "negative_hidden": cond.negative_hidden,
+               "negative_pooled": cond.negative_pooled}
+    tensors = {k: v for k, v in tensors.items() if v is not None}
+    metadata = {"model": str(args.model or bundled.DEFAULT), "family": te.family, "dialect": args.dialect,
+                "clip_skip": str(args.clip_skip), "emphasis": args.emphasis or "original",
+                "prompts": json.dumps(prompts), "negative": json.dumps(negative), "sdclip": sdclip.__version__}
+    try:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, args.out, metadata=metadata)
+    except OSError as e:
+        raise SdclipError(f"{args.out}: cannot write ({e.strerror or e})") from None
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items())
+    print(f"wrote {args.out}: {shapes}", file=sys.stderr)
+
+
+def _add_conditioning_args(p: argparse.ArgumentParser) -> None:
+    from .conditioning import EMPHASIS
+
+    _add_dialect_args(p, None)
+    p.add_argument("--negative", "-n", help="--dialect: one negative prompt for every prompt (default: none, which "
+                   "is the empty prompt, or zeros where the front end uses zeros: A1111 and diffusers SDXL)")
+    p.add_argument("--negative-file", help="--dialect: negative prompts, one per line (.jsonl: one JSON string per "
+                   "line), one per prompt")
+    p.add_argument("--embeddings", help="--dialect: textual-inversion file or folder (.pt .bin .safetensors "
+                   ".png .webp); A1111 / ComfyUI prompts name them by file name, diffusers / compel by token")
+    p.add_argument("--clip-skip", type=int, help="--dialect: the front end's clip skip (a1111 N, 1 = last layer; "
+                   "comfy CLIPSetLastLayer -N; diffusers / compel clip_skip k, 0 = default)")
+    p.add_argument("--emphasis", choices=EMPHASIS, help="--dialect a1111: emphasis mode (default original)")
+    p.add_argument("--step", type=int, default=0, help="--dialect a1111: the sampler step whose prompt editing "
+                   "to encode (default 0)")
+    p.add_argument("--comma-backtrack", type=int, default=20,
+                   help="--dialect a1111: comma padding backtrack (default 20, 0 = off)")
+    p.add_argument("--no-truncate", action="store_true", help="--dialect compel: truncate_long_prompts=False")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -302,6 +373,10 @@ _TRAIN_HELP = {
     "data": "'shapes' (built-in generator), a folder of image + .txt pairs, or a webdataset .tar",
     "eval_every": "zero-shot accuracy on seen / held-out shapes every N steps (0: never; shapes data only)",
     "embed_dim": "width of the shared embedding space", "save_dtype": "dtype of the saved model (float16 halves it)",
+    "patch_init": "'whiten': start the patch embedding as a PCA whitening of the data's patches (learns shape "
+                  "far sooner); 'clip': CLIP's random init",
+    "partial_captions": "shapes data: share of one-object captions that name only the shape ('a circle') or only "
+                        "the colour ('a red shape'), so that each is learned on its own",
     "colours_per_batch": "shapes data: draw each batch's objects in only N of the 8 colours, so that batches hold "
                          "hard negatives (same colour, other shape) and shape must be learned (0: all colours)",
 }
@@ -402,7 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Encode prompts and write `hidden` [B, 77, C] (the selected layer), `pooled` "
                                    "[B, C] and, when the model has a projection, `pooled_projected` [B, P] to a "
                                    ".safetensors file whose metadata records model, family, encoder, layer, "
-                                   "final_norm and the prompts (as JSON).")
+                                   "final_norm and the prompts (as JSON).  With --dialect: the conditioning that "
+                                   "front end feeds the U-Net (weights, long prompts, clip skip, embeddings; SDXL: "
+                                   "both encoders, 2048 channels) as `hidden` [B, 77k, C], `pooled` [B, P] (SDXL), "
+                                   "`negative_hidden` and `negative_pooled`.")
     _add_prompt_args(p)
     p.add_argument("--model", "-m", help="checkpoint file, diffusers / HF folder, or HF repo id (default: the "
                    "bundled sdclip-mini)")
@@ -417,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights and outputs (default float32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--mode", choices=sdclip.tokenizer.MODES, default="hf", help="tokenizer text cleaning (see tokenize)")
+    _add_conditioning_args(p)
     p.set_defaults(run=cmd_encode)
 
     p = sub.add_parser("info", help="what a checkpoint holds: layout, family, architecture, ignored tensors",

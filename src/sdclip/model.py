@@ -34,10 +34,16 @@ class TextConfig:
     projection_dim: int = 0  # 0: the tower has no text projection
     eos_id: int = 49407
     pad_id: int = 49407  # CLIP-L and B pad with EOS; OpenCLIP H and bigG with 0 ("!")
+    # where the pooled output is read: the first EOS, or transformers' legacy argmax(ids), which
+    # configs with eos_token_id == 2 (many SD repos) select and which differs once textual
+    # inversion adds ids above EOS
+    pooling: str = "first_eos"
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise BadInput(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+        if self.pooling not in POOLING:
+            raise BadInput(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLING)}")
         if self.width % self.heads:
             raise BadInput(f"width {self.width} is not divisible by {self.heads} heads")
 
@@ -170,7 +176,7 @@ class TextTransformer(nn.Module):
         return layer % n
 
     def forward(self, ids: torch.Tensor, *, layer: int = -1, final_norm: bool = True, pooled: bool = True,
-                pooling: str = "first_eos", token_embeds: torch.Tensor | None = None,
+                pooling: str | None = None, token_embeds: torch.Tensor | None = None,
                 output_hidden_states: bool = False, prefix: Prefix | None = None,
                 attention_mask: torch.Tensor | None = None) -> TextOutput:
         """Encode [B, L] ids.
@@ -179,7 +185,8 @@ class TextTransformer(nn.Module):
         ``final_norm`` applies the final LayerNorm to it.  Blocks past ``layer`` run only when the
         pooled output or all hidden states are wanted.  ``token_embeds`` [B, L, C] replaces the
         token-embedding lookup (textual inversion injects its vectors there).  ``pooling`` is
-        ``first_eos`` (the first EOS id) or ``argmax`` (transformers' legacy rule: the largest id).
+        ``first_eos`` (the first EOS id) or ``argmax`` (transformers' legacy rule: the largest id);
+        by default the tower's ``config.pooling``.
         ``prefix``: a ``Prefix`` every row starts with; only the positions after it are computed.
         ``attention_mask`` [B, L] (1 = attend, 0 = hide this position from every query; causal as ever):
         compel's down-weighting encodes prompts with fragments masked out.
@@ -189,6 +196,7 @@ class TextTransformer(nn.Module):
         length = ids.shape[1]
         if length > self.config.context_length:
             raise BadInput(f"{length} tokens exceed the model's context of {self.config.context_length}")
+        pooling = pooling or self.config.pooling
         if pooling not in POOLING:
             raise BadInput(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLING)}")
         stop = self.resolve_layer(layer)

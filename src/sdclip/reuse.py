@@ -110,7 +110,8 @@ class ReusingEncoder:
         self.stats = ReuseStats()
 
     def __call__(self, tower: TextTransformer, ids: torch.Tensor, *, layer: int = -1, final_norm: bool = True,
-                 hidden: bool = True, pooled: bool = True, pooling: str = "first_eos") -> TextOutput:
+                 hidden: bool = True, pooled: bool = True, pooling: str | None = None) -> TextOutput:
+        pooling = pooling or tower.config.pooling
         unique, inverse = torch.unique(ids, dim=0, return_inverse=True)  # sorted: shared prefixes are adjacent
         self.stats.rows += len(ids)
         self.stats.unique_rows += len(unique)

@@ -82,6 +82,12 @@ class Shapes:
     ``shapes`` and ``exclude`` choose the colour x shape pairs drawn (by default the training
     shapes without ``HELD_OUT``); ``pair_p`` is the share of two-object pictures.
 
+    ``partial_p`` is the share of one-object captions that name one attribute only: half of
+    them the shape ("a small circle"), half the colour ("a red shape").  With every caption
+    naming colour and shape, colour (learned at once) explains most of each batch and shape is
+    learned very slowly; a caption without its colour can only be matched by shape, and one
+    without its shape teaches the colour word on its own, which held-out pairs need.
+
     ``colours_per_group`` > 0 makes hard negatives: items come in consecutive runs of
     ``group_size`` (a training batch) whose objects all take one of that many colours, drawn per
     run.  Colour alone then cannot tell a batch's captions apart, so contrastive training must
@@ -89,14 +95,16 @@ class Shapes:
     """
 
     def __init__(self, size: int = 64, seed: int = 0, length: int = 1_000_000, shapes: Sequence[str] = TRAIN_SHAPES,
-                 exclude: frozenset = HELD_OUT, pair_p: float = 0.3, colours_per_group: int = 0,
+                 exclude: frozenset = HELD_OUT, pair_p: float = 0.3, partial_p: float = 0.0, colours_per_group: int = 0,
                  group_size: int = 128):
         unknown = [s for s in shapes if s not in SHAPES]
         if unknown:
             raise BadInput(f"unknown shape {unknown[0]!r}; choose from {', '.join(SHAPES)}")
         if size < 16:
             raise BadInput(f"pictures of {size} pixels are too small to draw shapes in; use 16 or more")
-        self.size, self.seed, self.length, self.pair_p = size, seed, length, pair_p
+        if not (0 <= pair_p <= 1 and 0 <= partial_p <= 1):
+            raise BadInput("pair_p and partial_p are shares: 0 to 1")
+        self.size, self.seed, self.length, self.pair_p, self.partial_p = size, seed, length, pair_p, partial_p
         self.combos = [(c, s) for c, s in labels(shapes) if (c, s) not in exclude]
         if len(self.combos) < 2:
             raise BadInput("fewer than two colour x shape pairs are left to draw")
@@ -137,7 +145,10 @@ class Shapes:
             colour, shape = combos[rng.integers(len(combos))]
             thing = _place(rng, colour, shape, _SIZES, self.size, (0, 0, self.size, self.size))
             template = SINGLE_TEMPLATES[rng.integers(len(SINGLE_TEMPLATES))]
-            words = phrase(colour, shape, thing.size if rng.random() < 0.7 else "")
+            size = thing.size if rng.random() < 0.7 else ""
+            words = phrase(colour, shape, size)
+            if self.partial_p and rng.random() < self.partial_p:  # no draw when off: old seeds stay as they were
+                words = phrase("", shape, size) if rng.random() < 0.5 else phrase(colour, "shape", size)
             return Scene((thing,), background, template.format(words, bg=background))
         (c1, s1), (c2, s2) = (combos[i] for i in rng.choice(len(combos), size=2, replace=False))
         s, h = self.size, self.size / 2

@@ -22,6 +22,7 @@ from typing import Any, Iterator, TextIO
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from .clip import CLIPModel
@@ -31,7 +32,9 @@ from .images import pixel_values
 from .loss import clamp_logit_scale_, contrastive_loss
 from .model import TextConfig
 from .shapes import ZERO_SHOT_TEMPLATES, Shapes, eval_set, labels, phrase
-from .vision import VisionConfig
+from .vision import VisionConfig, VisionTransformer
+
+_WHITEN_SAMPLE = 512  # pictures whose patches set the whitening
 
 
 @dataclass(frozen=True)
@@ -46,9 +49,12 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
+    lock_text: int = 0  # steps at the start in which the text tower keeps its random init
+    partial_captions: float = 0.0  # shapes data: share of captions naming only the shape or only the colour
     colours_per_batch: int = 0  # shapes data: each batch's objects take only this many colours (0: all)
     image_size: int = 64
     patch_size: int = 8
+    patch_init: str = "whiten"  # "whiten": patch embedding PCA-whitens the data's patches; "clip": random
     vision_width: int = 256
     vision_layers: int = 4
     text_width: int = 256
@@ -71,6 +77,8 @@ class TrainConfig:
             raise BadInput("a contrastive batch needs at least 2 pairs")
         if self.lr <= 0 or self.warmup < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
             raise BadInput("lr and grad_clip must be positive, warmup and weight_decay non-negative")
+        if self.patch_init not in ("whiten", "clip"):
+            raise BadInput(f"patch_init must be 'whiten' or 'clip', got {self.patch_init!r}")
 
     def towers(self) -> tuple[TextConfig, VisionConfig]:
         """The architecture: heads of 64 channels (at least one), MLPs 4x wide, CLIP's vocabulary
@@ -82,6 +90,25 @@ class TrainConfig:
                               image_size=self.image_size, patch_size=self.patch_size, activation=self.activation,
                               projection_dim=self.embed_dim)
         return text, vision
+
+
+@torch.no_grad()
+def whiten_patches_(vision: VisionTransformer, pixels: torch.Tensor, eps: float = 1e-2) -> None:
+    """Make the patch embedding PCA-whiten image patches: row k projects onto the k-th strongest
+    direction of the patches' covariance, scaled to unit variance (rows past 3 x patch² keep
+    their random values).
+
+    Why: raw patches vary mostly in brightness and colour, and gradient descent learns the
+    directions of high variance first; from CLIP's random init a small ViT learns colour at once
+    and the edges that make shape very slowly.  On whitened input every direction starts equal
+    (supervised shape classification on the shapes data: 50 % instead of 25 % after 200 steps).
+    """
+    p = vision.config.patch_size
+    patches = F.unfold(pixels.double(), p, stride=p).transpose(1, 2).reshape(-1, 3 * p * p)
+    values, vectors = torch.linalg.eigh(torch.cov(patches.t()))  # ascending
+    rows = (vectors / (values + eps).sqrt()).t().flip(0)[: vision.config.width]
+    weight = vision.patch_embedding.weight
+    weight[: len(rows)] = rows.reshape(-1, 3, p, p).to(weight.dtype)
 
 
 def lr_at(config: TrainConfig, step: int) -> float:
@@ -222,11 +249,15 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, until: 
         state = load_checkpoint(out)
         known = {f.name for f in fields(TrainConfig)}
         config = TrainConfig(**{k: v for k, v in state["config"].items() if k in known})
-    data = open_dataset(config.data, config.image_size, config.seed, config.colours_per_batch, config.batch_size)
+    data = open_dataset(config.data, config.image_size, config.seed, config.partial_captions, config.colours_per_batch,
+                        config.batch_size)
     model = CLIPModel.create(*config.towers(), seed=config.seed).requires_grad_(True)
     optimizer = _optimizer(model, config)
     start = 0
     metrics_path = out / "metrics.jsonl"
+    if state is None and config.patch_init == "whiten":
+        sample = [data[i][0] for i in range(min(_WHITEN_SAMPLE, len(data)))]
+        whiten_patches_(model.vision, pixel_values(sample, config.image_size))
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -253,6 +284,7 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, until: 
             lr = lr_at(config, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            model.text.requires_grad_(step >= config.lock_text)
             loss = contrastive_loss(model(pixels, ids))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -488,7 +488,8 @@ def chunk_segments(segments: list[Segment], tokenizer: Tokenizer, *, pad_id: int
     out = ChunkBuilder(tokenizer.bos_id, tokenizer.eos_id, tokenizer.eos_id if pad_id is None else pad_id)
     start = 0
     while True:
-        cut = _split_point(body[start:start + room + 1], tokenizer, split, room)
+        # truncation cuts at 75 whatever the split mode, as compel does
+        cut = _split_point(body[start:start + room + 1], tokenizer, "brutal" if truncate else split, room)
         out.add(body[start:start + cut])
         start += cut
         if truncate or start >= len(body):

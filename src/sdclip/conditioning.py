@@ -1,0 +1,633 @@
+"""Prompts to conditioning: the tensors a U-Net reads, computed the way A1111, ComfyUI, compel and diffusers
+compute them from the same prompt text.
+
+    >>> te = sdclip.load("sd_xl_base_1.0.safetensors")
+    >>> cond = sdclip.encode_prompts(te, ["a (red:1.2) fox"], negative="blurry", dialect="a1111")
+    >>> cond.hidden.shape, cond.pooled.shape          # CLIP-L | bigG penultimate, bigG projected pooled
+    (torch.Size([1, 77, 2048]), torch.Size([1, 1280]))
+    >>> pipe(**cond.to_diffusers(), ...)               # or cond.to_comfy() for ComfyUI nodes
+
+One pipeline serves every dialect:
+
+1. each prompt is chunked by its dialect (``sdclip.prompts``), once per text encoder (own tokenizer, pad id,
+   textual-inversion vectors);
+2. every distinct row is encoded once per call (``TextEncoder.encode_ids``: identical rows and shared
+   prefixes are computed once); embedding vectors replace the token embeddings at their slots;
+3. weighting: A1111 multiplies each token by its weight and restores the mean of each chunk tensor
+   ("original"; "no-norm", "ignore", "none"); ComfyUI and compel move weighted tokens along the line from
+   the empty prompt's encoding (compel blends a masked encoding in for weights below 1); diffusers has none;
+4. the encoders are joined on the channel axis (SDXL: CLIP-L | bigG = 2048), chunks on the token axis;
+   pooled = bigG's projected pooled of the first chunk (A1111, ComfyUI), of the raw text (compel);
+5. prompts and negatives are brought to one length as each front end does it.
+
+Layers: one definition (``Usage``: a Python-style hidden-state index, final LayerNorm or not) onto which
+``layer_for`` maps each front end's clip-skip numbering.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+from .checkpoint import Usage
+from .embeddings import EmbeddingSource, by_name, load_embeddings
+from .encoder import TextEncoder
+from .errors import BadInput
+from .prompts import DIALECTS, a1111, comfy, compel, plain
+from .prompts.types import CHUNK_LENGTH, Blend, Chunked, Conjunction, Node, Schedule, map_leaves
+from .tokenizer import Tokenizer
+
+EMPHASIS = ("original", "no-norm", "ignore", "none")
+_T = TypeVar("_T")
+Deferred = Callable[[], _T]  # a result that exists once the encoding call has run
+
+
+# --- families and layers ---------------------------------------------------------------------------
+
+def _encoders(te: TextEncoder) -> tuple[int, ...]:
+    """The encoders whose hidden states a family's U-Net reads (joined on the channel axis)."""
+    return (1, 2) if te.family in ("sdxl", "sd3") and len(te.towers) == 2 else (1,)
+
+
+def _pooled_encoders(te: TextEncoder) -> tuple[int, ...]:
+    """The encoders whose projected pooled output the U-Net reads (SD1 and SD2 read none)."""
+    return {"sdxl": (2,), "sdxl-refiner": (1,), "sd3": (1, 2)}.get(te.family, ())
+
+
+def _dialect(name: str) -> str:
+    name = "diffusers" if name == "plain" else name
+    if name not in DIALECTS:
+        raise BadInput(f"unknown prompt dialect {name!r}; choose one of {', '.join(DIALECTS)}")
+    return name
+
+
+def layer_for(te: TextEncoder, encoder: int, dialect: str, clip_skip: int | None) -> Usage:
+    """The hidden state a front end feeds the U-Net from ``encoder`` with its clip-skip setting, as sdclip's one
+    definition: a Python-style index into this tower's hidden states, and whether the final LayerNorm follows.
+
+    Numbering: A1111 ``clip_skip=N`` and ComfyUI ``CLIPSetLastLayer -N`` count from the end of the full tower
+    (1 = last layer); SD1's default is 1, SD2's and SDXL's 2 (A1111 applies the setting to SD1 only; SD2 and
+    SDXL ignore it).  diffusers' and compel's ``clip_skip=k`` skip k layers back from the family default of the
+    tower as loaded (SD1/2: final LN of hidden_states[-(k+1)]; SDXL: hidden_states[-(k+2)], no LN) -- so SD2's
+    23-layer diffusers folders and 24-block single files agree.
+    """
+    usage = te.usages[encoder - 1]
+    dialect = _dialect(dialect)
+    if clip_skip is None:
+        return usage
+    if dialect in ("diffusers", "compel"):
+        if clip_skip < 0:
+            raise BadInput(f"{dialect} clip_skip counts skipped layers from 0, got {clip_skip}")
+        skipped = clip_skip
+    else:
+        clip_skip = abs(clip_skip)  # ComfyUI writes CLIPSetLastLayer -2
+        if clip_skip < 1:
+            raise BadInput(f"{dialect} clip skip counts from 1 (the last layer), got {clip_skip}")
+        if dialect == "a1111" and te.family not in ("sd1", "clip"):
+            if clip_skip != 1:
+                warnings.warn(f"A1111 ignores clip skip for {te.family} models", stacklevel=3)
+            return usage
+        skipped = clip_skip - (1 if te.family in ("sd1", "clip") else 2)
+    layer = usage.layer - skipped
+    layers = te.tower(encoder).config.layers
+    if not -layers - 1 <= layer < 0:
+        raise BadInput(f"clip skip {clip_skip} ({dialect}) asks for hidden state {layer} of encoder {encoder}, "
+                       f"which this {layers}-layer tower does not have")
+    return Usage(layer, usage.final_norm)
+
+
+# --- results -----------------------------------------------------------------------------------------
+
+@dataclass
+class Encoded:
+    """One prompt's conditioning: ``hidden`` [77 k, C] and, where the family's U-Net reads one (SDXL, SD3),
+    ``pooled`` [P]."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+
+@dataclass
+class _Leaf:
+    """A prompt's conditioning before the pooled projection, which runs once per batch (as diffusers runs it: a
+    one-row and a many-row matrix product round differently)."""
+
+    hidden: torch.Tensor
+    pooled: list[torch.Tensor]  # per pooled encoder: final-LN'd at EOS, not yet projected
+    zeros: bool = False  # an all-zero negative (A1111 / diffusers SDXL)
+
+
+@dataclass
+class Conditioning:
+    """A batch of prompts and their negatives, one length: ``hidden`` / ``negative_hidden`` [B, 77 k, C],
+    ``pooled`` / ``negative_pooled`` [B, P] for SDXL and SD3 (None for SD1 and SD2).  SD3: the CLIP-L | CLIP-G
+    part only; the T5 encoder is not sdclip's."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None
+    negative_hidden: torch.Tensor
+    negative_pooled: torch.Tensor | None
+
+    def to_diffusers(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments for ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline.__call__``."""
+        out = {"prompt_embeds": self.hidden, "negative_prompt_embeds": self.negative_hidden}
+        if self.pooled is not None:
+            out.update(pooled_prompt_embeds=self.pooled, negative_pooled_prompt_embeds=self.negative_pooled)
+        return out
+
+    def to_comfy(self) -> tuple[list, list]:
+        """ComfyUI's (positive, negative) conditioning: ``[[tensor, {"pooled_output": pooled}]]`` each."""
+        def one(hidden: torch.Tensor, pooled: torch.Tensor | None) -> list:
+            return [[hidden, {} if pooled is None else {"pooled_output": pooled}]]
+        return one(self.hidden, self.pooled), one(self.negative_hidden, self.negative_pooled)
+
+
+# --- the shared arithmetic ----------------------------------------------------------------------------
+
+def lerp_from_empty(z: torch.Tensor, empty: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """ComfyUI and compel weighting: a token of weight w moves to e + (z - e) * w, e being the empty prompt's
+    encoding at the same position; tokens of weight 1 stay exactly as they are."""
+    w = weights[..., None].to(z.dtype)
+    return torch.where(w == 1, z, empty + (z - empty) * w)
+
+
+def emphasize(z: torch.Tensor, multipliers: torch.Tensor, mode: str = "original") -> torch.Tensor:
+    """A1111 emphasis of one chunk tensor [R, 77, C] (the rows encoded together): z * m per token; "original"
+    then rescales the whole tensor to its mean before weighting (where that mean is exactly 0, A1111's 0 / 0
+    would give NaN: the tensor is left as it is)."""
+    if mode in ("ignore", "none"):
+        return z
+    before = z.mean()
+    z = z * multipliers[..., None].to(z.dtype).expand(z.shape)
+    if mode != "original":
+        return z
+    after = z.mean()
+    return z * torch.where(after != 0, before / after, torch.ones_like(after))
+
+
+def _fill(tensors: list[torch.Tensor], how: str, empty: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Bring [L_i, C] tensors to one length: "empty" appends empty-prompt chunks (A1111 cond/uncond, compel),
+    "last" repeats the last vector (A1111's batch of prompts), "lcm" tiles each to the least common multiple
+    (ComfyUI's sampler)."""
+    lengths = {t.shape[0] for t in tensors}
+    if len(lengths) < 2:
+        return tensors
+    if how == "lcm":
+        target = math.lcm(*lengths)
+        return [t.repeat(target // t.shape[0], 1) for t in tensors]
+    target = max(lengths)
+    if how == "last":
+        return [torch.cat([t, t[-1:].expand(target - t.shape[0], -1)]) for t in tensors]
+    assert empty is not None
+    return [torch.cat([t, *[empty] * ((target - t.shape[0]) // CHUNK_LENGTH)]) for t in tensors]
+
+
+# --- rows to encode -----------------------------------------------------------------------------------
+
+@dataclass
+class _Encoder:
+    """One text encoder as a dialect uses it; ``table`` is the chunker's textual-inversion lookup: name ->
+    vectors [n, C], or a vector count where the file has none of this width (ComfyUI drops those)."""
+
+    number: int
+    tokenizer: Tokenizer
+    pad: int
+    table: dict[str, object]
+    pooled: bool
+
+
+Row = tuple[tuple[int, ...], tuple[tuple[int, str, int], ...], "tuple[int, ...] | None"]  # ids, slots, mask
+
+
+class _Rows:
+    """The distinct rows to encode on one encoder at one layer in one call, each computed once."""
+
+    def __init__(self, te: TextEncoder, encoder: _Encoder, usage: Usage):
+        self.te, self.encoder, self.usage = te, encoder, usage
+        self.index: dict[Row, int] = {}
+        self.hidden = self.pooled = torch.empty(0)
+
+    def add(self, ids: Sequence[int], slots: Sequence[tuple[int, str, int]] = (),
+            mask: Sequence[int] | None = None) -> int:
+        """Row number of [77] ids with (position, embedding, vector) slots and an attention mask (1 = attend)."""
+        key = (tuple(ids), tuple(slots), None if mask is None or all(mask) else tuple(mask))
+        return self.index.setdefault(key, len(self.index))
+
+    def run(self) -> None:
+        rows = list(self.index)
+        ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
+        kw = dict(encoder=self.encoder.number, layer=self.usage.layer, final_norm=self.usage.final_norm,
+                  pooled=self.encoder.pooled)
+        simple = [i for i, r in enumerate(rows) if not r[1] and r[2] is None]
+        special = [i for i, r in enumerate(rows) if r[1] or r[2] is not None]
+        parts = []
+        if simple:
+            parts.append((simple, self.te.encode_ids(ids[simple], **kw)))
+        if special:
+            embeds = self.te.tower(self.encoder.number).token_embedding(ids[special].to(self.te.device))
+            for n, i in enumerate(special):
+                for position, name, vector in rows[i][1]:
+                    embeds[n, position] = self.encoder.table[name][vector]  # type: ignore[index]
+            masks = [rows[i][2] for i in special]
+            mask = None if all(m is None for m in masks) else torch.tensor(
+                [m if m is not None else [1] * CHUNK_LENGTH for m in masks])
+            parts.append((special, self.te.encode_ids(ids[special], token_embeds=embeds, attention_mask=mask, **kw)))
+        width = parts[0][1].hidden.shape[-1]
+        self.hidden = parts[0][1].hidden.new_empty(len(rows), CHUNK_LENGTH, width)
+        for members, out in parts:
+            self.hidden[members] = out.hidden
+        if self.encoder.pooled:
+            self.pooled = parts[0][1].pooled.new_empty(len(rows), width)
+            for members, out in parts:
+                self.pooled[members] = out.pooled
+
+
+class _Call:
+    """Everything one ``encode`` call needs encoded, gathered first so that each encoder runs once per layer."""
+
+    def __init__(self, te: TextEncoder):
+        self.te = te
+        self.rows: dict[tuple[int, int, bool], _Rows] = {}
+
+    def rows_for(self, encoder: _Encoder, usage: Usage) -> _Rows:
+        key = (encoder.number, usage.layer, usage.final_norm)
+        if key not in self.rows:
+            self.rows[key] = _Rows(self.te, encoder, usage)
+        return self.rows[key]
+
+    def run(self) -> None:
+        for rows in self.rows.values():
+            rows.run()
+
+
+def _chunk_rows(rows: _Rows, chunked: Chunked, masks: Sequence[Sequence[int] | None] | None = None) -> list[int]:
+    """Row numbers of a chunked prompt's chunks.  A slot whose embedding has no vectors of this encoder's width
+    is dropped and the row closes up, padded at the end, the weights staying where they were (ComfyUI)."""
+    encoder = rows.encoder
+    out = []
+    for c, ids in enumerate(chunked.ids):
+        slots = [(s.position, s.name, s.vector) for s in chunked.slots if s.chunk == c]
+        drop = {p for p, name, _ in slots if not isinstance(encoder.table.get(name), torch.Tensor)}
+        if drop:
+            warnings.warn(f"{len(drop)} embedding vector(s) do not fit encoder {encoder.number}'s width and are "
+                          f"left out, as ComfyUI does", stacklevel=5)
+            keep = [p for p in range(len(ids)) if p not in drop]
+            moved = {p: n for n, p in enumerate(keep)}
+            ids = tuple(ids[p] for p in keep) + (encoder.pad,) * len(drop)
+            slots = [(moved[p], name, v) for p, name, v in slots if p not in drop]
+        out.append(rows.add(ids, slots, None if masks is None else masks[c]))
+    return out
+
+
+# --- compel's down-weighting ----------------------------------------------------------------------------
+
+def _compel_mask(chunked: Chunked, segment: int, truncate: bool) -> list[list[int]] | None:
+    """compel's attention mask hiding one fragment (None when it has no tokens): its token range from first to
+    last position, the chunks' BOS and final positions kept in long mode; a fragment that truncation cut off
+    also hides the EOS at 76 (compel's range search runs into it)."""
+    where = [(c, p) for c, row in enumerate(chunked.sources) for p, s in enumerate(row) if s == segment]
+    if not where:
+        return None
+    first = where[0][0] * CHUNK_LENGTH + where[0][1]
+    last = where[-1][0] * CHUNK_LENGTH + where[-1][1]
+    lost = sum(1 for s, _ in chunked.lost if s == segment)
+    if truncate and len(where) < min(len(where) + lost, CHUNK_LENGTH - 2):
+        last = CHUNK_LENGTH - 1
+    mask = [1] * (len(chunked.ids) * CHUNK_LENGTH)
+    for i in range(first, last + 1):
+        if truncate or i % CHUNK_LENGTH not in (0, CHUNK_LENGTH - 1):
+            mask[i] = 0
+    return [mask[c * CHUNK_LENGTH:(c + 1) * CHUNK_LENGTH] for c in range(len(chunked.ids))]
+
+
+def _downweight_factor(weight: float) -> float:
+    """How strongly compel pulls towards the encoding without a fragment of weight < 1: tan((1 - w) pi / 2)."""
+    return math.tan((1.0 - max(1e-5, weight)) * math.pi / 2)
+
+
+# --- the conditioner ----------------------------------------------------------------------------------------
+
+class Conditioner:
+    """Turns prompts into conditioning for one text encoder the way one front end (``dialect``) does.
+
+    ``clip_skip`` in the dialect's numbering (see ``layer_for``); ``emphasis`` is A1111's setting;
+    ``embeddings`` a textual-inversion file, folder, list or name -> ``Embedding`` mapping.  Dialect options:
+    a1111 ``steps``, ``hires_steps``, ``old_scheduling`` (prompt editing), ``comma_backtrack``; compel
+    ``truncate`` (``truncate_long_prompts``), ``split``.
+    """
+
+    def __init__(self, te: TextEncoder, dialect: str = "diffusers", *, clip_skip: int | None = None,
+                 emphasis: str = "original", embeddings: EmbeddingSource | None = None, steps: int = 20,
+                 hires_steps: int | None = None, old_scheduling: bool = False, comma_backtrack: int = 20,
+                 truncate: bool = True, split: str = "sentences"):
+        self.te = te
+        self.dialect = _dialect(dialect)
+        if emphasis not in EMPHASIS:
+            raise BadInput(f"unknown emphasis {emphasis!r}; choose one of {', '.join(EMPHASIS)}")
+        self.emphasis = emphasis
+        self.schedule_options = dict(steps=steps, hires_steps=hires_steps, old_scheduling=old_scheduling)
+        self.comma_backtrack, self.truncate, self.split = comma_backtrack, truncate, split
+        numbers = _encoders(te)
+        self.usages = [layer_for(te, n, self.dialect, clip_skip) for n in numbers]
+        # diffusers encodes the negative prompt without clip_skip
+        self.negative_usages = [te.usages[n - 1] for n in numbers] if self.dialect == "diffusers" else self.usages
+        self.unfit: dict[str, str] = {}  # diffusers / compel names whose vectors do not fit: an error if used
+        tables = self._tables(load_embeddings(embeddings) if embeddings is not None else [], numbers)
+        self.encoders = [_Encoder(n, te.tokenizers[n - 1], te.towers[n - 1].config.pad_id, table,
+                                  n in _pooled_encoders(te)) for n, table in zip(numbers, tables)]
+
+    def _tables(self, embeddings: list, numbers: tuple[int, ...]) -> list[dict[str, object]]:
+        """Each encoder's textual-inversion lookup.  A1111 skips a file that does not fit every encoder (with a
+        warning), ComfyUI drops its vectors per encoder at encode time, diffusers and compel refuse it."""
+        widths = [self.te.tower(n).config.width for n in numbers]
+        tables: list[dict[str, object]] = [{} for _ in numbers]
+        for name, e in by_name(embeddings, token=self.dialect in ("diffusers", "compel")).items():
+            vectors = [e.for_encoder(w) for w in widths]
+            vectors = [None if v is None else v.to(self.te.device, self.te.dtype) for v in vectors]
+            if self.dialect == "comfy" or all(v is not None for v in vectors):
+                for table, v in zip(tables, vectors):
+                    table[name] = v if v is not None else e.count
+            else:
+                message = (f"embedding {name!r} ({e.path}) has vectors of width {e.describe_widths()}; this "
+                           f"{self.te.family} model's text encoders take {' + '.join(map(str, widths))}")
+                if self.dialect == "a1111":
+                    warnings.warn(message + "; skipped, as A1111 skips it", stacklevel=3)
+                else:
+                    self.unfit[name] = message
+        return tables
+
+    # --- public -------------------------------------------------------------------------------------------
+    def encode(self, prompts: str | Sequence[str], negative: str | Sequence[str] | None = None, *,
+               step: int = 0) -> Conditioning:
+        """Conditioning for ``prompts`` and their negatives (one for all, or one per prompt; None: no negative
+        prompt, which is the empty prompt, or zeros where the front end uses zeros: A1111 and diffusers SDXL).
+        A1111 prompt editing is taken at sampler ``step``; ``AND`` has no single tensor (see ``encode_tree``).
+
+        One length for all: A1111 repeats a short prompt's last vector within the batch and pads prompts against
+        negatives with empty-prompt chunks (its "pad prompt/negative prompt" setting; without it A1111 runs them
+        in separate U-Net calls); compel pads with empty-prompt chunks; ComfyUI tiles each to the least common
+        multiple of the lengths, as its sampler does."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise BadInput("no prompts to encode")
+        negatives = [negative] * len(prompts) if negative is None or isinstance(negative, str) else list(negative)
+        if len(negatives) != len(prompts):
+            raise BadInput(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one each")
+        call = _Call(self.te)
+        positive_plans = {p: self._plan(call, p, self.usages, negative=False) for p in dict.fromkeys(prompts)}
+        negative_plans = {n: self._plan(call, n, self.negative_usages, negative=True) for n in dict.fromkeys(negatives)}
+        empty = self._plan_empty(call, self.usages) if self.dialect != "diffusers" else None  # diffusers: 77 always
+        with torch.no_grad():
+            call.run()
+            done = {p: self._at(plan(), step) for p, plan in positive_plans.items()}
+            done_negative = {n: self._at(plan(), step) for n, plan in negative_plans.items()}
+            padding = empty().hidden if empty is not None else None
+            pos = [done[p] for p in prompts]
+            neg = [done_negative[n] for n in negatives]
+            hidden = [e.hidden for e in pos]
+            if self.dialect == "a1111":  # prompts of a batch: the last vector repeated; cond / uncond: empty chunks
+                hidden = _fill(hidden, "last")
+            both = _fill(hidden + [e.hidden for e in neg], "lcm" if self.dialect == "comfy" else "empty", padding)
+            pooled, negative_pooled = self._project(pos), self._project(neg)
+            return Conditioning(torch.stack(both[:len(pos)]), pooled, torch.stack(both[len(pos):]), negative_pooled)
+
+    def encode_tree(self, prompt: str) -> Node[Encoded]:
+        """One prompt's conditioning with its structure: for A1111 ``AND`` and prompt editing a ``Schedule`` of
+        ``Conjunction``\\ s (composable diffusion combines their parts in the sampler), else one ``Encoded``."""
+        call = _Call(self.te)
+        plan = self._plan(call, prompt, self.usages, negative=False)
+        with torch.no_grad():
+            call.run()
+            tree = plan()
+
+            def finish(leaf: _Leaf) -> Encoded:
+                pooled = self._project([leaf])
+                return Encoded(leaf.hidden, None if pooled is None else pooled[0])
+            return map_leaves(tree, finish)
+
+    def _project(self, leaves: list[_Leaf]) -> torch.Tensor | None:
+        """The batch's pooled outputs [B, P]: each pooled encoder's projection run once over all rows, then the
+        encoders side by side (None where the family's U-Net reads no pooled output)."""
+        towers = [self.te.tower(e.number) for e in self.encoders if e.pooled]
+        if not towers:
+            return None
+        real = [leaf for leaf in leaves if not leaf.zeros]
+        parts = []
+        for k, tower in enumerate(towers):
+            x = torch.stack([leaf.pooled[k] for leaf in real]) if real else None
+            parts.append(tower.projection(x) if tower.projection is not None and x is not None else x)
+        joined = iter(torch.cat(parts, -1)) if real else iter(())
+        width = sum(t.config.projection_dim or t.config.width for t in towers)
+        zeros = torch.zeros(width, dtype=self.te.dtype, device=self.te.device)
+        return torch.stack([zeros if leaf.zeros else next(joined) for leaf in leaves])
+
+    # --- planning ---------------------------------------------------------------------------------------------
+    def _plan(self, call: _Call, prompt: str, usages: list[Usage], negative: bool) -> Deferred[Node[_Leaf]]:
+        if not isinstance(prompt, str) and not (negative and prompt is None):
+            raise BadInput(f"a prompt must be a string, got {type(prompt).__name__}")
+        zeros = negative and self.te.family in ("sdxl", "sdxl-refiner") and (
+            (self.dialect == "a1111" and not prompt) or (self.dialect == "diffusers" and prompt is None
+                                                         and self.te.family == "sdxl"))
+        if zeros:  # A1111's empty SDXL negative; diffusers' force_zeros_for_empty_prompt
+            width = sum(self.te.tower(e.number).config.width for e in self.encoders)
+            return lambda: _Leaf(torch.zeros(CHUNK_LENGTH, width, dtype=self.te.dtype, device=self.te.device), [], True)
+        prompt = prompt or ""
+        for name, message in self.unfit.items():
+            if name in prompt:
+                raise BadInput(message + f"; {self.dialect} cannot use it")
+        if self.dialect == "a1111":
+            return self._plan_a1111(call, prompt, usages, split_and=not negative)
+        if self.dialect == "compel":
+            return self._plan_compel(call, prompt, usages)
+        chunk = comfy.chunk if self.dialect == "comfy" else plain.chunk
+        leaf = [self._checked(chunk(prompt, e.tokenizer, pad_id=e.pad, embeddings=e.table), prompt)
+                for e in self.encoders]
+        group = self._plan_group(call, [leaf], usages)
+        return lambda: self._join(*group()[0])
+
+    def _checked(self, chunked: Chunked, prompt: str) -> Chunked:
+        """Pass on what the front end would log: unknown embeddings, text cut off."""
+        for w in chunked.warnings:
+            warnings.warn(w, stacklevel=5)
+        if chunked.lost and self.dialect == "diffusers":
+            warnings.warn(f"{len(chunked.lost)} tokens of {prompt[:40]!r}... were truncated: CLIP reads 77 "
+                          f"(diffusers truncates too)", stacklevel=5)
+        return chunked
+
+    def _plan_empty(self, call: _Call, usages: list[Usage]) -> Deferred[_Leaf]:
+        """The empty prompt (BOS, EOS, padding): what weights lerp from and short prompts are padded with."""
+        leaf = [plain.chunk("", e.tokenizer, pad_id=e.pad) for e in self.encoders]
+        group = self._plan_group(call, [leaf], usages)
+        return lambda: self._join(*group()[0])
+
+    def _plan_group(self, call: _Call, group: list[list[Chunked]],
+                    usages: list[Usage]) -> Deferred[list[tuple[list[torch.Tensor], list]]]:
+        """Prompts encoded together (A1111: one sub-prompt's schedule; otherwise one prompt), each given as one
+        ``Chunked`` per encoder.  Per prompt: each encoder's weighted hidden states [77 k, C] and the (unprojected)
+        pooled output of its first chunk.  Prompts with fewer chunks get empty chunks (A1111's batch rule)."""
+        plans = []
+        for e, (encoder, usage) in enumerate(zip(self.encoders, usages)):
+            rows = call.rows_for(encoder, usage)
+            empty = self._empty_row(rows)
+            indices = [_chunk_rows(rows, leaf[e]) for leaf in group]
+            k = max(map(len, indices))
+            indices = [i + [empty] * (k - len(i)) for i in indices]  # type: ignore[list-item]
+            weights = torch.tensor([list(leaf[e].weights) + [(1.0,) * CHUNK_LENGTH] * (k - len(leaf[e].weights))
+                                    for leaf in group], dtype=torch.float32)
+            plans.append((rows, torch.tensor(indices), weights, empty))
+
+        def build() -> list[tuple[list[torch.Tensor], list]]:
+            out: list[tuple[list[torch.Tensor], list]] = [([], []) for _ in group]
+            for rows, indices, weights, empty in plans:
+                z = self._weight(rows.hidden[indices], weights.to(rows.hidden.device),
+                                 None if empty is None else rows.hidden[empty])
+                for r, (hidden, pooled) in enumerate(out):
+                    hidden.append(z[r].flatten(0, 1))
+                    pooled.append(rows.pooled[indices[r, 0]] if rows.encoder.pooled else None)
+            return out
+        return build
+
+    def _empty_row(self, rows: _Rows) -> int | None:
+        """The empty prompt's row on this encoder, for dialects that weight or pad with it."""
+        if self.dialect == "diffusers":
+            return None
+        return rows.add(plain.chunk("", rows.encoder.tokenizer, pad_id=rows.encoder.pad).ids[0])
+
+    def _weight(self, z: torch.Tensor, weights: torch.Tensor, empty: torch.Tensor | None) -> torch.Tensor:
+        """The dialect's weighting of encoded chunks z [R, k, 77, C] with per-token weights [R, k, 77]."""
+        if self.dialect == "a1111":
+            # each chunk index on its own, contiguous as A1111 holds it: its mean is then summed in A1111's order
+            return torch.stack([emphasize(z[:, c].contiguous(), weights[:, c], self.emphasis)
+                                for c in range(z.shape[1])], 1)
+        if self.dialect in ("comfy", "compel"):
+            return lerp_from_empty(z, empty, weights)
+        return z
+
+    def _join(self, hidden: list[torch.Tensor], pooled: list[torch.Tensor | None]) -> _Leaf:
+        """The encoders side by side on the channel axis; the pooled outputs of those the U-Net reads."""
+        lengths = {h.shape[0] for h in hidden}
+        if len(lengths) > 1:
+            if self.dialect != "comfy":
+                raise BadInput(f"the encoders' tokenizers chunk this prompt into {sorted(lengths)} tokens; "
+                               f"{self.dialect} fails on such a prompt too")
+            hidden = [h[:min(lengths)] for h in hidden]  # ComfyUI cuts to the shorter
+        return _Leaf(torch.cat(hidden, -1), [p for p in pooled if p is not None])
+
+    def _plan_a1111(self, call: _Call, prompt: str, usages: list[Usage], split_and: bool) -> Deferred[Node[_Leaf]]:
+        """A1111: each ``AND`` sub-prompt's schedule texts are encoded together (emphasis restores the mean over
+        all of them); negative prompts are not split at ``AND``."""
+        o = self.schedule_options
+        subs = [text for text, _ in a1111.split_and(prompt)] if split_and else [prompt]
+        groups = {}
+        for text in dict.fromkeys(subs):
+            texts = [t for _, t in a1111.schedule_text(text, **o)]
+            leaves = [[a1111.chunk(t, e.tokenizer, pad_id=e.pad, embeddings=e.table, emphasis=self.emphasis != "none",
+                                   comma_backtrack=self.comma_backtrack) for e in self.encoders] for t in texts]
+            groups[text] = (texts, self._plan_group(call, leaves, usages))
+        if split_and:
+            tree = a1111.schedule(prompt, **o)
+        else:
+            timeline = a1111.schedule_text(prompt, **o)
+            tree = Schedule(timeline[-1][0], tuple((until, Conjunction((text,), (1.0,))) for until, text in timeline))
+
+        def build() -> Node[_Leaf]:
+            done = {sub: {t: self._join(*r) for t, r in zip(texts, group())} for sub, (texts, group) in groups.items()}
+            entries = tuple((until, Conjunction(tuple(done[subs[j]][part] for j, part in enumerate(conj.parts)),
+                                                conj.weights)) for until, conj in tree.entries)
+            if len(entries) == 1 and entries[0][1].weights == (1.0,):
+                return entries[0][1].parts[0]
+            return Schedule(tree.steps, entries)
+        return build
+
+    def _plan_compel(self, call: _Call, prompt: str, usages: list[Usage]) -> Deferred[_Leaf]:
+        """compel: weighted leaves, ``.blend()`` (weighted sum) and ``.and()`` (concatenation, each part lerped
+        from the empty prompt by its weight); pooled from the raw prompt text, truncated."""
+        tree = map_leaves(compel.parse(prompt), lambda segments: [self._checked(compel.chunk_segments(
+            segments, e.tokenizer, pad_id=e.pad, embeddings=e.table, truncate=self.truncate, split=self.split),
+            prompt) for e in self.encoders])
+        empty = self._plan_empty(call, usages)
+
+        def plan(node: object) -> Deferred[torch.Tensor]:
+            if isinstance(node, (Blend, Conjunction)):
+                parts = [plan(p) for p in node.parts]
+                combine = _blend if isinstance(node, Blend) else _concatenate
+                return lambda: combine([p() for p in parts], node, empty().hidden)  # type: ignore[arg-type]
+            return self._plan_compel_leaf(call, node, usages)  # type: ignore[arg-type]
+
+        hidden = plan(tree)
+        if not any(e.pooled for e in self.encoders):
+            return lambda: _Leaf(hidden(), [])
+        raw = [plain.chunk(prompt, e.tokenizer, pad_id=e.pad, embeddings=e.table) for e in self.encoders]
+        pooled = self._plan_group(call, [raw], usages)
+        return lambda: _Leaf(hidden(), self._join(*pooled()[0]).pooled)
+
+    def _plan_compel_leaf(self, call: _Call, leaf: list[Chunked], usages: list[Usage]) -> Deferred[torch.Tensor]:
+        """One compel prompt: weights lerp from the empty prompt; each fragment of weight w < 1 also encodes the
+        prompt with that fragment masked out, and the encodings are averaged with weights 1 and tan((1-w) pi/2)."""
+        base = self._plan_group(call, [leaf], usages)
+        rows = [call.rows_for(e, u) for e, u in zip(self.encoders, usages)]
+        empties = [self._empty_row(r) for r in rows]
+        masked = []  # per fragment: its pull, and per encoder the masked rows
+        for s, segment in enumerate(leaf[0].segments):
+            masks = [_compel_mask(c, s, self.truncate) for c in leaf]
+            if segment.weight >= 1 or any(m is None for m in masks):
+                continue
+            masked.append((_downweight_factor(segment.weight),
+                           [torch.tensor(_chunk_rows(r, c, m)) for r, c, m in zip(rows, leaf, masks)]))
+
+        def build() -> torch.Tensor:
+            hidden, pooled = base()[0]
+            if masked:
+                for e, (r, empty) in enumerate(zip(rows, empties)):
+                    weights = torch.tensor(leaf[e].weights, dtype=torch.float32, device=r.hidden.device)
+                    variants = [hidden[e]] + [lerp_from_empty(r.hidden[idx[e]], r.hidden[empty], weights).flatten(0, 1)
+                                              for _, idx in masked]
+                    pull = torch.tensor([1.0] + [f for f, _ in masked], dtype=hidden[e].dtype, device=hidden[e].device)
+                    pull = pull / pull.sum()
+                    hidden[e] = (torch.stack(variants) * pull[:, None, None]).sum(0)
+            return self._join(hidden, pooled).hidden
+        return build
+
+    @staticmethod
+    def _at(node: Node[_Leaf], step: int) -> _Leaf:
+        """The conditioning in force at sampler ``step`` (A1111 prompt editing)."""
+        if isinstance(node, Schedule):
+            node = node.at(step)
+        if isinstance(node, Conjunction):
+            if len(node.parts) != 1 or node.weights != (1.0,):
+                raise BadInput("A1111 AND / sub-prompt weights are composable diffusion: the sampler combines "
+                               "the parts, so there is no single conditioning tensor (use Conditioner.encode_tree)")
+            node = node.parts[0]
+        return node  # type: ignore[return-value]
+
+
+def _blend(parts: list[torch.Tensor], node: Blend, empty: torch.Tensor) -> torch.Tensor:
+    """compel ``.blend()``: the parts padded with empty chunks to one length, summed with their weights
+    (divided by their sum unless ``no_normalize``)."""
+    parts = _fill(parts, "empty", empty)
+    weights = torch.tensor(node.weights, dtype=parts[0].dtype, device=parts[0].device)
+    if node.normalize:
+        weights = weights / weights.sum()
+    return (torch.stack(parts) * weights[:, None, None]).sum(0)
+
+
+def _concatenate(parts: list[torch.Tensor], node: Conjunction, empty: torch.Tensor) -> torch.Tensor:
+    """compel ``.and()``: each part of weight w != 1 lerped from the (repeated) empty prompt, then concatenated."""
+    out = []
+    for part, w in zip(parts, node.weights):
+        if w != 1:
+            e = empty.repeat(part.shape[0] // CHUNK_LENGTH, 1)
+            part = lerp_from_empty(part, e, torch.full(part.shape[:1], w, device=part.device))
+        out.append(part)
+    return torch.cat(out)
+
+
+def encode_prompts(te: TextEncoder, prompts: str | Sequence[str], negative: str | Sequence[str] | None = None, *,
+                   dialect: str = "diffusers", step: int = 0, **options) -> Conditioning:
+    """``Conditioner(te, dialect, **options).encode(prompts, negative, step=step)``: the conditioning a front
+    end computes for these prompts (options: ``clip_skip``, ``emphasis``, ``embeddings``, dialect options)."""
+    return Conditioner(te, dialect, **options).encode(prompts, negative, step=step)
