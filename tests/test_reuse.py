@@ -52,7 +52,7 @@ def test_plain_path_itself_moves_with_batch_size(tower, ids):
 
 @pytest.mark.parametrize("layer,final_norm", [(-1, True), (-2, False), (0, False), (2, True)])
 def test_reuse_matches_plain(tower, ids, layer, final_norm):
-    reuse = ReusingEncoder(min_prefix=4)
+    reuse = ReusingEncoder(min_prefix=4, min_saving=1)
     with torch.inference_mode():
         plain = tower(ids, layer=layer, final_norm=final_norm)
         out = reuse(tower, ids, layer=layer, final_norm=final_norm)
@@ -64,7 +64,7 @@ def test_reuse_matches_plain(tower, ids, layer, final_norm):
 
 
 def test_prefix_cache_across_calls(tower, ids):
-    reuse = ReusingEncoder(min_prefix=4)
+    reuse = ReusingEncoder(min_prefix=4, min_saving=1)
     with torch.inference_mode():
         reuse(tower, ids[:2])  # computes and caches the shared quality prefix
         assert reuse.stats.prefix_cache_misses == 1
@@ -75,7 +75,7 @@ def test_prefix_cache_across_calls(tower, ids):
 
 
 def test_prefix_cache_is_bounded(tower, ids):
-    reuse = ReusingEncoder(min_prefix=4, cache_bytes=1)
+    reuse = ReusingEncoder(min_prefix=4, min_saving=1, cache_bytes=1)
     with torch.inference_mode():
         reuse(tower, ids)
     assert reuse.cache.nbytes <= 1 and not reuse.cache.entries

@@ -26,6 +26,7 @@ Layers: one definition (``Usage``: a Python-style hidden-state index, final Laye
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
+from .cache import ConditioningCache, default_cache
 from .checkpoint import Usage
 from .embeddings import EmbeddingSource, by_name, load_embeddings
 from .encoder import TextEncoder
@@ -317,14 +319,17 @@ class Conditioner:
     ``clip_skip`` in the dialect's numbering (see ``layer_for``); ``emphasis`` is A1111's setting;
     ``embeddings`` a textual-inversion file, folder, list or name -> ``Embedding`` mapping.  Dialect options:
     a1111 ``steps``, ``hires_steps``, ``old_scheduling`` (prompt editing), ``comma_backtrack``; compel
-    ``truncate`` (``truncate_long_prompts``), ``split``.
+    ``truncate`` (``truncate_long_prompts``), ``split``.  ``cache``: per-prompt results kept across calls,
+    keyed by the model's fingerprint, the dialect, these options and the prompt (``None``: no cache).
     """
 
     def __init__(self, te: TextEncoder, dialect: str = "diffusers", *, clip_skip: int | None = None,
                  emphasis: str = "original", embeddings: EmbeddingSource | None = None, steps: int = 20,
                  hires_steps: int | None = None, old_scheduling: bool = False, comma_backtrack: int = 20,
-                 truncate: bool = True, split: str = "sentences"):
+                 truncate: bool = True, split: str = "sentences",
+                 cache: ConditioningCache | None = default_cache):
         self.te = te
+        self.cache = cache
         self.dialect = _dialect(dialect)
         if emphasis not in EMPHASIS:
             raise BadInput(f"unknown emphasis {emphasis!r}; choose one of {', '.join(EMPHASIS)}")
@@ -339,6 +344,9 @@ class Conditioner:
         tables = self._tables(load_embeddings(embeddings) if embeddings is not None else [], numbers)
         self.encoders = [_Encoder(n, te.tokenizers[n - 1], te.towers[n - 1].config.pad_id, table,
                                   n in _pooled_encoders(te)) for n, table in zip(numbers, tables)]
+        self._options = (self.dialect, tuple(self.usages), tuple(self.negative_usages), emphasis,
+                         tuple(self.schedule_options.items()), comma_backtrack, truncate, split,
+                         tuple(tuple(sorted((k, _digest(v)) for k, v in t.items())) for t in tables))
 
     def _tables(self, embeddings: list, numbers: tuple[int, ...]) -> list[dict[str, object]]:
         """Each encoder's textual-inversion lookup.  A1111 skips a file that does not fit every encoder (with a
@@ -378,16 +386,27 @@ class Conditioner:
         if len(negatives) != len(prompts):
             raise BadInput(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one each")
         call = _Call(self.te)
-        positive_plans = {p: self._plan(call, p, self.usages, negative=False) for p in dict.fromkeys(prompts)}
-        negative_plans = {n: self._plan(call, n, self.negative_usages, negative=True) for n in dict.fromkeys(negatives)}
-        empty = self._plan_empty(call, self.usages) if self.dialect != "diffusers" else None  # diffusers: 77 always
+        wanted = [("+", p) for p in dict.fromkeys(prompts)] + [("-", n) for n in dict.fromkeys(negatives)]
+        if self.dialect != "diffusers":  # diffusers: 77 always, no padding with the empty prompt
+            wanted.append(("empty", ""))
+        key = (lambda role, text: (self.te.fingerprint, self._options, role, text, step))
+        done = {w: self.cache.get(key(*w)) for w in wanted} if self.cache is not None else dict.fromkeys(wanted)
+        plans = {}
+        for role, text in (w for w in wanted if done[w] is None):
+            if role == "empty":
+                plans[role, text] = self._plan_empty(call, self.usages)
+            else:
+                plans[role, text] = self._plan(call, text, self.usages if role == "+" else self.negative_usages,
+                                               negative=role == "-")
         with torch.no_grad():
             call.run()
-            done = {p: self._at(plan(), step) for p, plan in positive_plans.items()}
-            done_negative = {n: self._at(plan(), step) for n, plan in negative_plans.items()}
-            padding = empty().hidden if empty is not None else None
-            pos = [done[p] for p in prompts]
-            neg = [done_negative[n] for n in negatives]
+            for w, plan in plans.items():
+                done[w] = self._at(plan(), step)
+                if self.cache is not None:
+                    self.cache.put(key(*w), done[w])
+            padding = done["empty", ""].hidden if ("empty", "") in done else None
+            pos = [done["+", p] for p in prompts]
+            neg = [done["-", n] for n in negatives]
             hidden = [e.hidden for e in pos]
             if self.dialect == "a1111":  # prompts of a batch: the last vector repeated; cond / uncond: empty chunks
                 hidden = _fill(hidden, "last")
@@ -603,6 +622,13 @@ class Conditioner:
                                "the parts, so there is no single conditioning tensor (use Conditioner.encode_tree)")
             node = node.parts[0]
         return node  # type: ignore[return-value]
+
+
+def _digest(value: object) -> object:
+    """A textual-inversion table entry as a cache-key part: the vectors' bytes, or the vector count."""
+    if isinstance(value, torch.Tensor):
+        return hashlib.sha256(value.detach().float().cpu().numpy().tobytes()).hexdigest()[:16], tuple(value.shape)
+    return value
 
 
 def _blend(parts: list[torch.Tensor], node: Blend, empty: torch.Tensor) -> torch.Tensor:

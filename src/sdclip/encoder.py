@@ -7,6 +7,7 @@ outputs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -45,10 +46,28 @@ class TextEncoder:
         self.family = family
         self.info = info
         self.reuse = ReusingEncoder()
+        self._fingerprint: str | None = None
 
     def __repr__(self) -> str:
         names = ", ".join(t.config.architecture for t in self.towers)
         return f"TextEncoder(family={self.family!r}, towers=[{names}], dtype={self.dtype}, device={self.device})"
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the weights (sampled), architecture, tokenizers, defaults, dtype and device: what caches
+        of this model's outputs key on, so that two loads of one checkpoint share entries."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(repr((self.family, self.usages, [(t.mode, t.vocab_size) for t in self.tokenizers],
+                                     str(self.dtype), str(self.device))).encode())
+            with torch.no_grad():
+                for tower in self.towers:
+                    h.update(repr((tower.config, [type(m).__name__ for m in tower.modules()])).encode())
+                    for name, t in (*tower.named_parameters(), *tower.named_buffers()):
+                        flat = t.detach().reshape(-1)
+                        sample = flat[:: max(1, flat.numel() // 64)].float().cpu()
+                        h.update(name.encode() + sample.numpy().tobytes() + flat.float().sum().cpu().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     @property
     def dtype(self) -> torch.dtype:
@@ -62,6 +81,7 @@ class TextEncoder:
         for t in self.towers:
             t.to(device=device, dtype=_dtype(dtype) if dtype is not None else None)
         self.reuse.cache.clear()  # cached prefixes hold the old device / dtype
+        self._fingerprint = None
         return self
 
     def _index(self, encoder: int) -> int:

@@ -103,8 +103,12 @@ def plan_prefixes(rows: torch.Tensor, min_prefix: int) -> list[tuple[int, list[i
 class ReusingEncoder:
     """Runs a tower over [N, L] ids with every exact saving above; holds the prefix cache."""
 
-    def __init__(self, min_prefix: int = 8, cache_bytes: int = 256 * 2**20, batch_size: int = 32):
+    def __init__(self, min_prefix: int = 8, min_saving: int = 154, cache_bytes: int = 256 * 2**20,
+                 batch_size: int = 32):
+        """``min_prefix``: the shortest prefix worth sharing; ``min_saving``: the positions a shared prefix
+        must save (rows after the first x its length) to pay for its own pass and a separate batch."""
         self.min_prefix = min_prefix
+        self.min_saving = min_saving
         self.batch_size = batch_size
         self.cache = PrefixCache(cache_bytes)
         self.stats = ReuseStats()
@@ -130,23 +134,35 @@ class ReusingEncoder:
 
     def _with_prefixes(self, tower: TextTransformer, rows: torch.Tensor, layer: int, final_norm: bool,
                        pooled: bool, pooling: str) -> TextOutput:
-        parts: list[tuple[list[int], list[TextOutput]]] = []
+        """Rows sharing a prefix long enough to pay for a separate pass run after it; a lone row may use a
+        cached prefix of itself; every other row runs in one plain batch."""
+        plain: list[int] = []
+        after: dict[tuple[int, ...], tuple[Prefix, list[int]]] = {}
         for shared, members in plan_prefixes(rows, self.min_prefix):
-            group = rows[members]
-            # a lone row may use any cached prefix of itself; a group needs its whole shared prefix
-            limit = rows.shape[1] - 1 if len(members) == 1 else shared
-            prefix = self.cache.lookup(tower, tuple(group[0].tolist()), limit)
-            if prefix is not None and (len(members) == 1 or prefix.length == shared):
-                self.stats.prefix_cache_hits += 1
-            elif shared:
-                self.stats.prefix_cache_misses += 1
-                prefix = tower.compute_prefix(group[0, :shared])
-                self.stats.positions_computed += shared
-                self.cache.store(tower, prefix)
+            first = tuple(rows[members[0]].tolist())
+            prefix = None
+            if len(members) > 1 and (len(members) - 1) * shared >= self.min_saving:
+                prefix = self.cache.lookup(tower, first, shared)
+                if prefix is not None and prefix.length == shared:
+                    self.stats.prefix_cache_hits += 1
+                else:
+                    self.stats.prefix_cache_misses += 1
+                    prefix = tower.compute_prefix(rows[members[0], :shared])
+                    self.stats.positions_computed += shared
+                    self.cache.store(tower, prefix)
+            elif len(members) == 1:
+                prefix = self.cache.lookup(tower, first, len(first) - 1)
+                if prefix is not None and prefix.length >= self.min_prefix:
+                    self.stats.prefix_cache_hits += 1
+                else:
+                    prefix = None
+            if prefix is None:
+                plain += members
             else:
-                prefix = None
-            parts.append((members, self._run(tower, group, prefix, layer=layer, final_norm=final_norm,
-                                             pooled=pooled, pooling=pooling)))
+                after.setdefault(tuple(prefix.ids.tolist()), (prefix, []))[1].extend(members)
+        kw = dict(layer=layer, final_norm=final_norm, pooled=pooled, pooling=pooling)
+        parts = [(plain, self._run(tower, rows[plain], None, **kw))] if plain else []
+        parts += [(members, self._run(tower, rows[members], prefix, **kw)) for prefix, members in after.values()]
         return _scatter(len(rows), parts, hidden=True)
 
     def _pooled_only(self, tower: TextTransformer, rows: torch.Tensor, pooling: str) -> TextOutput:
