@@ -57,7 +57,10 @@ def main() -> None:
     ap.add_argument("--file", default=str(Path(__file__).parent / "out" / "sd1-synthetic-2gb.safetensors"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "out"))
+    ap.add_argument("--quick", action="store_true", help="one repetition")
     args = ap.parse_args()
+    if args.quick:
+        args.repeats = 1
     path = Path(args.file)
     if not path.exists():
         print(f"building {path} ...", file=sys.stderr)

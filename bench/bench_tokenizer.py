@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests")]
 
-from common import machine, median, paired  # noqa: E402
+from common import machine, median, paired, write_results  # noqa: E402
 from corpus import corpus, generated_prompts  # noqa: E402
 
 from sdclip import tokenizer as tokmod  # noqa: E402
@@ -65,7 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed passes over the corpus per contender and state")
     parser.add_argument("--slow-repeats", type=int, default=2, help="passes for the slow CLIPTokenizer")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON here")
+    parser.add_argument("--out", help="also write tokenizer.md / tokenizer.json into this folder")
+    parser.add_argument("--quick", action="store_true", help="2 repetitions, 1 for the slow tokenizer")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.slow_repeats = 2, 1
 
     corpora = {"all": corpus(), "SD prompts": generated_prompts()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Corpus {name!r}: {len(texts)} prompts, {sum(map(len, texts))} characters")
     print("\n" + "\n".join(lines))
     print("\nLoad (s): " + ", ".join(f"{n} {t:.3f}" for n, t in loads.items()))
+    if args.out:
+        write_results("tokenizer", rows, header, args.out, {"load_s": loads})
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows, "load_s": loads,
                                                "time": time.strftime("%Y-%m-%d %H:%M")}, indent=2))

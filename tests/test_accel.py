@@ -1,0 +1,61 @@
+"""Optional speed-ups: int8 stays close to float32 (stated, not exact); CUDA graphs replay exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import condfakes
+import sdclip
+import sdclip.cli
+from condfakes import one_thread  # noqa: F401  (autouse)
+from sdclip.accel import CudaGraphEncoder, quantize_int8
+
+PROMPTS = ["a photo of an astronaut riding a horse on mars", "masterpiece, best quality, 1girl, solo", "", "a cat"]
+
+
+def test_int8_is_close_to_float32_and_faster_path_is_taken():
+    tower = condfakes.tower(width=256, layers=4)
+    q = quantize_int8(tower)
+    assert not any(type(m) is torch.nn.Linear for m in q.modules())  # every Linear replaced
+    assert any(type(m) is torch.nn.Linear for m in tower.modules())  # the original untouched
+    ids = sdclip.Tokenizer()(PROMPTS)
+    with torch.inference_mode():
+        a, b = tower(ids), q(ids)
+    cos = torch.nn.functional.cosine_similarity(a.hidden, b.hidden, dim=-1)
+    assert cos.mean() > 0.995 and not torch.equal(a.hidden, b.hidden)
+    assert torch.nn.functional.cosine_similarity(a.pooled, b.pooled, dim=-1).min() > 0.99
+
+
+def test_int8_through_load_and_cli(tmp_path):
+    from transformers import CLIPTextModel
+
+    folder = tmp_path / "clip"
+    CLIPTextModel(condfakes.hf_config(64, 2)).save_pretrained(folder)
+    te = sdclip.load(folder, quantize="int8")
+    plain = sdclip.load(folder)
+    with torch.inference_mode():
+        cos = torch.nn.functional.cosine_similarity(te.encode(PROMPTS).hidden, plain.encode(PROMPTS).hidden, dim=-1)
+    assert cos.mean() > 0.99
+    out = tmp_path / "c.safetensors"
+    assert sdclip.cli.main(["encode", "a cat", "--model", str(folder), "--out", str(out), "--quantize", "int8"]) == 0
+    with pytest.raises(sdclip.BadInput):
+        sdclip.load(folder, quantize="int4")
+    with pytest.raises(sdclip.BadInput):
+        sdclip.load(folder, quantize="int8", dtype="bfloat16")
+
+
+def test_cuda_graph_needs_a_cuda_device():
+    with pytest.raises(sdclip.BadInput):
+        CudaGraphEncoder(condfakes.tower(), batch=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replays_exactly():
+    tower = condfakes.tower().cuda().half()
+    ids = sdclip.Tokenizer()(PROMPTS).cuda()
+    graph = CudaGraphEncoder(tower, batch=len(PROMPTS))
+    with torch.inference_mode():
+        eager = tower(ids)
+    replay = graph(ids)
+    assert torch.equal(replay.hidden, eager.hidden) and torch.equal(replay.pooled, eager.pooled)
