@@ -1,10 +1,10 @@
 """Contrastive-CLIP speed on this CPU: training pairs/s and encode_image images/s for a few
 model sizes (random weights, a fixed shapes batch; steady state after two warm-up steps).
 
-    python bench/bench_clip.py [--threads 1] [--batch 128] [--steps 4] [--configs small base]
+    python bench/bench_clip.py [--threads 1] [--batch 128] [--steps 4] [--configs tiny base] [--out DIR] [--quick]
 
-``cpu/wall`` below 0.9 x threads means other processes share the cores: the figures are then
-lower bounds.
+"tiny" is sdclip-mini's shape.  ``cpu/wall`` below 0.9 x threads means other processes share the
+cores: the figures are then lower bounds.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from common import write_results  # noqa: E402
 
 from sdclip.clip import CLIPModel  # noqa: E402
 from sdclip.images import pixel_values  # noqa: E402
@@ -36,7 +36,7 @@ CONFIGS = {
 }
 
 
-def measure(name: str, batch: int, steps: int) -> str:
+def measure(name: str, batch: int, steps: int) -> dict:
     config = TrainConfig(batch_size=batch, **CONFIGS[name])
     model = CLIPModel.create(*config.towers()).requires_grad_(True)
     optimizer = _optimizer(model, config)
@@ -65,8 +65,9 @@ def measure(name: str, batch: int, steps: int) -> str:
     model.encode_image(pixels)
     encode = batch / (time.perf_counter() - t0)
     size = sum(p.numel() for p in model.parameters()) * 2 / 1e6
-    return (f"{name:8s} {batch / wall:8.1f} {wall:7.2f} {cpu / wall:8.2f} {encode:10.1f} {prep * 1000:9.0f} "
-            f"{size:8.1f}")
+    return {"config": name, "train pairs/s": round(batch / wall, 1), "s/step": round(wall, 2),
+            "cpu/wall": round(cpu / wall, 2), "encode_image images/s": round(encode, 1),
+            "batch prep ms": round(prep * 1000), "fp16 MB": round(size, 1)}
 
 
 def main() -> None:
@@ -75,13 +76,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
+    ap.add_argument("--quick", action="store_true", help="the shipped shape only, two timed steps")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(machine())
-    print(f"{'config':8s} {'pairs/s':>8s} {'s/step':>7s} {'cpu/wall':>8s} {'encode/s':>10s} {'prep ms':>9s} "
-          f"{'fp16 MB':>8s}")
-    for name in args.configs:
-        print(measure(name, args.batch, args.steps), flush=True)
+    configs, steps = (["tiny"], 2) if args.quick else (args.configs, args.steps)
+    rows = [measure(name, args.batch, steps) for name in configs]
+    print(write_results("clip", rows, list(rows[0]), args.out, {"batch": args.batch, "threads": args.threads}))
 
 
 if __name__ == "__main__":

@@ -92,22 +92,13 @@ def test_novel_shapes_on_request_and_articles():
         Shapes(shapes=["blob"])
 
 
-def test_colour_groups_make_hard_negatives():
-    """With colours_per_group each run of group_size items uses that many colours; the held-out
-    pairs and the novel shapes stay out, and an item is the same whatever else is read."""
-    data = Shapes(size=32, seed=4, colours_per_group=2, group_size=50)
-    groups = []
-    for g in range(6):
-        colours = {t.colour for i in range(g * 50, (g + 1) * 50) for t in data.scene(i).things}
-        shapes = {t.shape for i in range(g * 50, (g + 1) * 50) for t in data.scene(i).things}
-        assert len(colours) == 2 and len(shapes) >= 4
-        groups.append(colours)
-        for i in range(g * 50, (g + 1) * 50):
-            assert not {(t.colour, t.shape) for t in data.scene(i).things} & HELD_OUT
-    assert len({frozenset(c) for c in groups}) > 1
-    (a, ca), (b, cb) = data[123], Shapes(size=32, seed=4, colours_per_group=2, group_size=50)[123]
-    assert ca == cb and np.array_equal(np.asarray(a), np.asarray(b))
-    assert Shapes(size=32, seed=4).scene(7) == Shapes(size=32, seed=4, colours_per_group=0).scene(7)
-    for bad in (-1, 9):
-        with pytest.raises(BadInput):
-            Shapes(colours_per_group=bad)
+
+def test_shape_only_captions():
+    """The bootstrap's captions: the same pictures, named by their shapes alone."""
+    full, bare = Shapes(size=32, seed=2), Shapes(size=32, seed=2, shape_only=True)
+    for i in range(200):
+        a, b = full.scene(i), bare.scene(i)
+        assert a.things == b.things
+        assert b.caption == " and ".join(phrase("", t.shape) for t in a.things)
+    with pytest.raises(BadInput):
+        Shapes(pair_p=1.5)

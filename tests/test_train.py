@@ -116,3 +116,46 @@ def test_cli_train_zeroshot_similarity(tmp_path, capsys):
     (tmp_path / "bad.png").write_bytes(b"nope")
     assert main(["zeroshot", str(tmp_path / "bad.png"), "--labels", "a,b", "--model", str(tmp_path / "run")]) == 2
     assert "bad.png" in capsys.readouterr().err
+
+
+def test_bootstrap_freezes_text_and_resumes_exactly(tmp_path):
+    """During the bootstrap the text tower keeps its random init and the captions are shapes
+    alone; a run stopped inside it and resumed repeats the uninterrupted one."""
+    config = TrainConfig(steps=6, checkpoint_every=3, eval_every=0, bootstrap_steps=3, **TINY)
+    fresh = CLIPModel.create(*config.towers(), seed=config.seed)
+    train(config, tmp_path / "a", until=3, log=io.StringIO())
+    at3 = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    for name, p in fresh.text.state_dict().items():
+        assert torch.equal(at3["text." + name], p), name
+    assert not torch.equal(at3["vision.blocks.0.mlp.fc.weight"], fresh.vision.blocks[0].mlp.fc.weight)
+    straight = train(config, tmp_path / "b", log=io.StringIO())
+    train(config, tmp_path / "c", until=2, log=io.StringIO())
+    resumed = train(config, tmp_path / "c", resume=True, log=io.StringIO())
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "c")
+    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert not torch.equal(straight.text.blocks[0].mlp.fc.weight, fresh.text.blocks[0].mlp.fc.weight)
+    with pytest.raises(BadInput, match="bootstrap_steps"):
+        TrainConfig(steps=5, bootstrap_steps=5)
+    with pytest.raises(BadInput, match="bootstrap_steps"):
+        TrainConfig(data="folder", bootstrap_steps=1)
+
+
+def test_whitened_patch_embedding():
+    """The patch embedding's outputs on the sample it was fitted to: uncorrelated, unit variance
+    (up to eps), strongest directions first."""
+    from sdclip.images import pixel_values
+    from sdclip.train import whiten_patches_
+    from sdclip.vision import VisionConfig, VisionTransformer
+
+    shapes = Shapes(size=32, seed=1)
+    pixels = pixel_values([shapes[i][0] for i in range(64)], 32)
+    tower = VisionTransformer(VisionConfig(width=16, layers=1, heads=1, mlp_width=16, image_size=32, patch_size=4,
+                                           projection_dim=8)).init_weights(torch.Generator().manual_seed(0))
+    whiten_patches_(tower, pixels, eps=1e-6)
+    out = tower.patch_embedding(pixels).flatten(2).transpose(1, 2).reshape(-1, 16).double()
+    cov = torch.cov(out.t())
+    assert (cov - torch.eye(16, dtype=cov.dtype)).abs().max() < 1e-3
+    assert TrainConfig(patch_init="clip").patch_init == "clip"
+    with pytest.raises(BadInput, match="patch_init"):
+        TrainConfig(patch_init="zca")

@@ -9,13 +9,15 @@
 
 from .checkpoint import CheckpointInfo, Usage
 from .conditioning import Conditioner, Conditioning, Encoded, encode_prompts, layer_for
-from .embeddings import Embedding, load_embeddings, read_embedding
+from .embeddings import Embedding, load_embeddings, read_embedding, save_embedding
 from .encoder import TextEncoder, load
 from .errors import BadInput, SdclipError
+from .inversion import PromptBatch, train_embedding
 from .model import TextConfig, TextOutput, TextTransformer
 from .tokenizer import Token, Tokenizer
 
 __version__ = "0.1.0"
 __all__ = ["load", "TextEncoder", "Tokenizer", "Token", "TextConfig", "TextTransformer", "TextOutput",
            "CheckpointInfo", "Usage", "SdclipError", "BadInput", "__version__", "encode_prompts", "Conditioner",
-           "Conditioning", "Encoded", "layer_for", "Embedding", "read_embedding", "load_embeddings"]
+           "Conditioning", "Encoded", "layer_for", "Embedding", "read_embedding", "load_embeddings", "save_embedding",
+           "train_embedding", "PromptBatch"]

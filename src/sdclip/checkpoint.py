@@ -198,11 +198,10 @@ def usage_for(family: str, tower: Tower) -> Usage:
 
 # --- reading one tower -----------------------------------------------------------------------
 
-def _expected_shapes(c: TextConfig) -> dict[str, tuple[int, ...]]:
-    w, m = c.width, c.mlp_width
-    shapes = {"token_embedding.weight": (c.vocab_size, w), "position_embedding": (c.context_length, w),
-              "final_norm.weight": (w,), "final_norm.bias": (w,)}
-    for i in range(c.layers):
+def block_shapes(layers: int, w: int, m: int) -> dict[str, tuple[int, ...]]:
+    """sdclip name -> shape of every residual block's tensors (the text and image towers share them)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i in range(layers):
         b = f"blocks.{i}."
         shapes.update({b + "ln_1.weight": (w,), b + "ln_1.bias": (w,), b + "ln_2.weight": (w,), b + "ln_2.bias": (w,),
                        b + "attn.qkv.weight": (3 * w, w), b + "attn.qkv.bias": (3 * w,),
@@ -210,6 +209,12 @@ def _expected_shapes(c: TextConfig) -> dict[str, tuple[int, ...]]:
                        b + "mlp.fc.weight": (m, w), b + "mlp.fc.bias": (m,),
                        b + "mlp.proj.weight": (w, m), b + "mlp.proj.bias": (w,)})
     return shapes
+
+
+def _expected_shapes(c: TextConfig) -> dict[str, tuple[int, ...]]:
+    w = c.width
+    return {"token_embedding.weight": (c.vocab_size, w), "position_embedding": (c.context_length, w),
+            "final_norm.weight": (w,), "final_norm.bias": (w,), **block_shapes(c.layers, w, c.mlp_width)}
 
 
 def _foreign_names(style: str, name: str, names: dict = NAMES) -> tuple[str, ...]:
@@ -288,12 +293,8 @@ def read_tower(tower: Tower, dtype: torch.dtype = torch.float32, device: str | t
         tower.used.update(parts)
     found = tower.projection()
     if c.projection_dim and found is not None:
-        key, linear = found
-        # OpenCLIP keeps x @ P [width, out]; sdclip's Linear weight is P transposed
-        shape = (c.projection_dim, c.width) if linear else (c.width, c.projection_dim)
-        w = _read_checked(f, [key], shape, dtype, f"a width-{c.width} projection")
-        state["projection.weight"] = w if linear else w.t().contiguous()
-        tower.used.add(key)
+        state["projection.weight"] = read_projection(f, found, c.width, c.projection_dim, dtype)
+        tower.used.add(found[0])
     with torch.device("meta"):
         model = TextTransformer(c)
     model.load_state_dict(state, assign=True)
@@ -305,6 +306,13 @@ def read_tower(tower: Tower, dtype: torch.dtype = torch.float32, device: str | t
 
 # fp8 and integer files need scales or dequantisation sdclip does not do: refused, not misread
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def read_projection(f: TensorFile, found: tuple[str, bool], width: int, out: int, dtype: torch.dtype) -> torch.Tensor:
+    """A projection as a Linear weight [out, width]: OpenCLIP keeps x @ P [width, out], P transposed."""
+    key, linear = found
+    w = _read_checked(f, [key], (out, width) if linear else (width, out), dtype, f"a width-{width} projection")
+    return w if linear else w.t().contiguous()
 
 
 def _read_checked(f: TensorFile, keys: list[str], shape: tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:

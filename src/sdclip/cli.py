@@ -349,8 +349,8 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
 def cmd_shapes(args: argparse.Namespace) -> None:
     from .shapes import HELD_OUT, TRAIN_SHAPES, Shapes, labels
 
-    if not 1 <= args.n <= 100_000 or not 0 <= args.pairs <= 1:
-        raise BadInput("--n must be 1 to 100000 and --pairs 0 to 1")
+    if not 1 <= args.n <= 100_000:
+        raise BadInput(f"--n must be 1 to 100000, got {args.n}")
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()] if args.shapes else list(TRAIN_SHAPES)
     exclude = frozenset(labels(shapes)) - HELD_OUT if args.held_out else HELD_OUT
     data = Shapes(size=args.size, seed=args.seed, length=args.n, shapes=shapes, exclude=exclude, pair_p=args.pairs)
@@ -373,9 +373,10 @@ _TRAIN_HELP = {
     "patch_init": "'whiten': start the patch embedding as a PCA whitening of the data's patches (learns shape "
                   "far sooner); 'clip': CLIP's random init",
     "partial_captions": "shapes data: share of one-object captions that name only the shape ('a circle') or only "
-                        "the colour ('a red shape'), so that each is learned on its own",
-    "colours_per_batch": "shapes data: draw each batch's objects in only N of the 8 colours, so that batches hold "
-                         "hard negatives (same colour, other shape) and shape must be learned (0: all colours)",
+                        "the colour ('a red shape'), so that each word is learned on its own",
+    "bootstrap_steps": "shapes data: for the first N steps freeze the text tower at its random init and caption "
+                       "pictures by shape alone ('a circle'), so that the image tower learns shape before the text "
+                       "tower can learn to ignore it (0: no bootstrap)",
 }
 
 
@@ -431,6 +432,185 @@ def _add_clip_commands(sub) -> None:
                    "are never trained on)")
     p.add_argument("--held-out", action="store_true", help="only the held-out colour x shape pairs")
     p.set_defaults(run=cmd_shapes)
+
+
+# --- textual inversion: ti train / convert / inspect -------------------------------------------------
+
+_TI_SUFFIX = {"a1111": ".pt", "safetensors": ".safetensors", "diffusers": ".safetensors"}
+_TI_HELP = {
+    "vectors": "prompt positions the word takes", "init_word": "start from this word's token embeddings",
+    "contrast": "weight of the cross-entropy against --negatives (0: cosine only)",
+    "batch_size": "templates per step", "checkpoint_every": "write checkpoint.pt every N steps",
+}
+_WIDTHS = {512: "CLIP ViT-B", 768: "CLIP ViT-L/14 (SD 1.x; SDXL's first encoder)", 1024: "OpenCLIP ViT-H/14 (SD 2.x)",
+           1280: "OpenCLIP ViT-bigG/14 (SDXL's second encoder)"}
+
+
+def _image_paths(items: Sequence[str]) -> list[Path]:
+    """Image files from file and folder arguments (a folder: its images, sorted)."""
+    from .data import IMAGE_SUFFIXES
+
+    out: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise BadInput(f"{path}: a folder without images ({', '.join(IMAGE_SUFFIXES)})")
+            out += found
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise BadInput(f"{path}: no such image file or folder")
+    return out
+
+
+def cmd_ti_train(args: argparse.Namespace) -> None:
+    import torch
+
+    from .embeddings import save_embedding
+    from .inversion import InversionConfig, train_embedding
+    from .train import load_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = {f: getattr(args, f) for f in InversionConfig.__dataclass_fields__
+                if f not in ("templates", "negatives")}
+    if args.template:
+        settings["templates"] = tuple(args.template)
+    settings["negatives"] = tuple(n.strip() for n in (args.negatives or "").split(",") if n.strip())
+    if args.resume:
+        print(f"resuming {args.out} with the settings it was started with", file=sys.stderr)
+    elif args.token is None:
+        raise BadInput("--token is required: the new word as prompts will write it, e.g. --token '<my-thing>'")
+    model = _clip_model(args.model)
+    embedding = train_embedding(model, _image_paths(args.images), out=args.out, resume=args.resume, until=args.until,
+                                **({} if args.resume else settings))
+    state = load_checkpoint(args.out)
+    step = int(state["step"])
+    if step < state["config"]["steps"]:
+        print(f"stopped at step {step}; --resume continues", file=sys.stderr)
+        return
+    path = Path(args.out) / ("learned_embeds.safetensors" if args.format == "diffusers"
+                             else embedding.name + _TI_SUFFIX[args.format])
+    save_embedding(embedding, path, args.format, step=step, checkpoint=str(args.model or bundled.DEFAULT))
+    diffusers = (f"diffusers / compel {embedding.token}" + (f" (load_textual_inversion(..., token={embedding.token!r}))"
+                                                              if args.format == "safetensors" else ""))
+    print(f"wrote {path} ({embedding.count} x {next(iter(embedding.vectors.values())).shape[1]}; A1111 / ComfyUI "
+          f"prompts call it {embedding.name}, {diffusers}), checkpoint.pt, metrics.jsonl, loss.png", file=sys.stderr)
+
+
+def cmd_ti_convert(args: argparse.Namespace) -> None:
+    from .embeddings import Embedding, format_for, read_embedding, save_embedding
+
+    e = read_embedding(args.input)
+    out = Path(args.output)
+    fmt = args.format or format_for(out)
+    # a kohya / A1111 safetensors file's only key is emb_params: such a file is called by its name
+    token = args.token or (e.name if e.token == "emb_params" else e.token)
+    save_embedding(Embedding(out.name[: -len(out.suffix)] if out.suffix else out.name, token, e.vectors), out, fmt)
+    print(f"wrote {out} ({fmt}: {e.count} vector{'s' if e.count > 1 else ''} of width {e.describe_widths()}, "
+          f"token {token})", file=sys.stderr)
+
+
+def cmd_ti_inspect(args: argparse.Namespace) -> None:
+    from .embeddings import read_embedding
+    from .inversion import nearest_tokens
+
+    e = read_embedding(args.file)
+    print(f"file:    {args.file}")
+    print(f"name:    {e.name} (how A1111 / ComfyUI prompts call it); token: {e.token} (diffusers / compel)")
+    print("vectors: " + ", ".join(f"{'' if role == '*' else role + ' '}{v.shape[0]} x {v.shape[1]}"
+                                  for role, v in e.vectors.items()))
+    try:
+        te = sdclip.load(args.model)
+    except SdclipError as err:
+        if args.model is not None or isinstance(err, BadInput):
+            raise
+        print(f"model:   none ({err}); --model gives the text encoder to compare with")
+        return
+    label = args.model or bundled.DEFAULT
+    fits = [(n, tower, e.for_encoder(tower.config.width)) for n, tower in enumerate(te.towers, 1)]
+    fits = [(n, tower, v) for n, tower, v in fits if v is not None]
+    if not fits:
+        needed = "; ".join(f"{v.shape[1]}: {_WIDTHS.get(v.shape[1], 'a CLIP text encoder of that width')}"
+                           for v in e.vectors.values())
+        message = (f"{label}'s text encoder{'s take' if len(te.towers) > 1 else ' takes'} width "
+                   f"{' + '.join(str(t.config.width) for t in te.towers)}: the vectors do not fit; they need {needed}")
+        if args.model is not None:
+            raise BadInput(f"{args.file}: {message}")
+        print(f"model:   {message} (give it with --model for the nearest tokens)")
+        return
+    for n, tower, vectors in fits:
+        typical = tower.token_embedding.weight.detach().float().norm(dim=-1).median().item()
+        print(f"model:   {label}, encoder {n} ({tower.config.architecture}, width {tower.config.width}): fits; its "
+              f"token embeddings have norm {typical:.3f} (median)")
+        for i, (v, near) in enumerate(zip(vectors, nearest_tokens(vectors, tower, te.tokenizers[n - 1], args.top))):
+            words = "  ".join(f"{text} {score:.2f}" for text, score in near)
+            print(f"  {i}: norm {v.norm().item():.3f}  nearest: {words}")
+
+
+def _add_ti_commands(sub) -> None:
+    from .embeddings import FORMATS
+    from .inversion import InversionConfig
+
+    ti = sub.add_parser("ti", help="textual inversion: learn a new word for a frozen encoder; inspect and convert "
+                                   "embedding files",
+                        description="Textual inversion.  train: learn vectors for a new word from example images "
+                                    "(CLIP objective: a full CLIP model); convert: between A1111 .pt, safetensors "
+                                    "(emb_params; SDXL clip_l + clip_g) and diffusers learned_embeds; inspect: "
+                                    "vector count, width, norms and nearest vocabulary tokens.")
+    group = ti.add_subparsers(dest="ti_command", required=True, metavar="ACTION")
+
+    p = group.add_parser("train", help="learn a new word from example images (every encoder weight frozen)",
+                         description="Learn --vectors vectors for --token so that caption templates holding it "
+                                     "match the example images in a CLIP model's embedding space (loss: 1 - mean "
+                                     "cosine, plus --contrast x the cross-entropy of classifying the images among "
+                                     "the word and --negatives).  AdamW on the new vectors only.  --out receives "
+                                     "the embedding (NAME.safetensors, NAME.pt or learned_embeds.safetensors), "
+                                     "checkpoint.pt, metrics.jsonl and loss.png.  A U-Net objective: the Python "
+                                     "API, sdclip.train_embedding(..., loss_fn=...).")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="example images, or folders of them (a few suffice)")
+    p.add_argument("--model", "-m", help="full CLIP model: folder, file or hub id (default: the bundled model)")
+    p.add_argument("--out", "-o", required=True, help="run folder")
+    p.add_argument("--token", help="the new word as prompts write it, e.g. '<my-thing>' (file name: without <>)")
+    for field in InversionConfig.__dataclass_fields__.values():
+        if field.name in ("token", "templates", "negatives"):
+            continue
+        p.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=type(field.default),
+                       default=field.default, help=f"{_TI_HELP.get(field.name, '')} (default {field.default})".strip())
+    p.add_argument("--template", action="append", help="caption template with {} for the word; repeat for several "
+                   "(default: ten photo / rendering / drawing templates)")
+    p.add_argument("--negatives", help="comma-separated names the word must stay apart from (e.g. the classes it "
+                   "will be told apart from)")
+    p.add_argument("--format", choices=FORMATS, default="safetensors", help="embedding file written (default "
+                   "safetensors: emb_params)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
+    p.add_argument("--until", type=int, help="stop after this step (with a checkpoint); --resume continues")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(run=cmd_ti_train)
+
+    p = group.add_parser("convert", help="rewrite an embedding file in another format",
+                         description="Read any embedding file sdclip reads (.pt .bin .safetensors, A1111 PNG/WebP) "
+                                     "and write it as A1111 .pt, safetensors (emb_params; SDXL clip_l + clip_g) or "
+                                     "diffusers learned_embeds ({token: [n, C]}).")
+    p.add_argument("input", metavar="IN")
+    p.add_argument("output", metavar="OUT", help="file to write; its name gives the A1111 / ComfyUI name")
+    p.add_argument("--format", choices=FORMATS, help="default: from OUT's name (learned_embeds.* diffusers, "
+                   ".safetensors safetensors, .pt / .bin a1111)")
+    p.add_argument("--token", help="the token diffusers / compel prompts use (default: the file's)")
+    p.set_defaults(run=cmd_ti_convert)
+
+    p = group.add_parser("inspect", help="vector count, width, norms and nearest vocabulary tokens of an embedding",
+                         description="Print an embedding file's names, vector count and width, and, against a "
+                                     "text encoder of that width, whether it fits, each vector's norm beside the "
+                                     "encoder's typical token norm, and the vocabulary tokens nearest each vector "
+                                     "(cosine with the token embeddings).")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--model", "-m", help="checkpoint, folder or hub id whose text encoder to compare with (default: "
+                   "the bundled model, when the width fits)")
+    p.add_argument("--top", type=int, default=5, help="nearest tokens per vector (default 5)")
+    p.set_defaults(run=cmd_ti_inspect)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -506,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_info)
     _add_prompt_commands(sub)
     _add_clip_commands(sub)
+    _add_ti_commands(sub)
     return parser
 
 

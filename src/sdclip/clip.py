@@ -22,6 +22,7 @@ from torch import nn
 
 from . import bundled
 from .checkpoint import NAMES, CheckpointInfo, _foreign_names
+from .embeddings import EmbeddingSource, inject, token_table
 from .encoder import _dtype, _read_json, load as load_text
 from .errors import BadInput
 from .images import MEAN, STD, ImageLike, pixel_values
@@ -181,10 +182,20 @@ class CLIPModel(nn.Module):
         return logits(image, text, self.logit_scale)
 
     @torch.inference_mode()
-    def encode_text(self, texts: Texts, *, normalize: bool = True, batch_size: int = 256) -> torch.Tensor:
-        """[B, P] text embeddings: projected pooled outputs, unit length unless ``normalize=False``."""
-        ids = self.tokenize(texts)
-        out = torch.cat([self.text(ids[s:s + batch_size], final_norm=False).pooled_projected
+    def encode_text(self, texts: Texts, *, normalize: bool = True, batch_size: int = 256,
+                    embeddings: EmbeddingSource | None = None) -> torch.Tensor:
+        """[B, P] text embeddings: projected pooled outputs, unit length unless ``normalize=False``.
+        ``embeddings``: textual-inversion words (a file, folder, ``Embedding``...) the texts use by token."""
+        if embeddings is None:
+            ids, embeds = self.tokenize(texts), None
+        else:
+            if isinstance(texts, torch.Tensor):
+                raise BadInput("embeddings need texts, not token ids")
+            table = token_table(embeddings, self.text.config.width)
+            ids, embeds = inject(self.text, self.tokenizer, [texts] if isinstance(texts, str) else texts, table,
+                                 trim=True)
+        out = torch.cat([self.text(ids[s:s + batch_size], final_norm=False, token_embeds=None if embeds is None
+                                   else embeds[s:s + batch_size]).pooled_projected
                          for s in range(0, len(ids), batch_size)])
         return F.normalize(out, dim=-1) if normalize else out
 
@@ -208,22 +219,24 @@ class CLIPModel(nn.Module):
         with torch.inference_mode():
             return self.logit_scale.exp() * self.similarity(images, texts)
 
-    def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
+    def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+                         embeddings: EmbeddingSource | None = None) -> torch.Tensor:
         """[L, P] one unit vector per label: the mean of its normalized template embeddings,
-        normalized again (CLIP's prompt ensembling)."""
+        normalized again (CLIP's prompt ensembling).  ``embeddings``: see ``encode_text``."""
         if not labels or not templates:
             raise BadInput("zero-shot classification needs at least one label and one template")
         bad = [t for t in templates if "{}" not in t]
         if bad:
             raise BadInput(f"template {bad[0]!r} has no '{{}}' for the label")
         prompts = [t.format(label) for label in labels for t in templates]
-        per_label = self.encode_text(prompts).view(len(labels), len(templates), -1)
+        per_label = self.encode_text(prompts, embeddings=embeddings).view(len(labels), len(templates), -1)
         return F.normalize(per_label.mean(1), dim=-1)
 
-    def zero_shot(self, images: Images, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES
-                  ) -> torch.Tensor:
-        """[N_images, L] probabilities over ``labels``, each written into every template."""
-        classes = self.class_embeddings(labels, templates)
+    def zero_shot(self, images: Images, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
+                  embeddings: EmbeddingSource | None = None) -> torch.Tensor:
+        """[N_images, L] probabilities over ``labels``, each written into every template (labels may use
+        learned words: ``embeddings``, see ``encode_text``)."""
+        classes = self.class_embeddings(labels, templates, embeddings)
         with torch.inference_mode():
             return (self.logit_scale.exp() * self.encode_image(images) @ classes.t()).softmax(-1)
 

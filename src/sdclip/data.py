@@ -106,16 +106,13 @@ class TarDataset:
         return open_image(self._read(image, MAX_IMAGE_BYTES), name=f"{self.path}:{image.name}"), caption
 
 
-def open_dataset(source: str, image_size: int = 64, seed: int = 0, partial_captions: float = 0.0,
-                 colours_per_batch: int = 0, batch_size: int = 128) -> Dataset:
-    """``"shapes"`` (the built-in generator at ``image_size``; ``partial_captions`` and
-    ``colours_per_batch`` are ``Shapes``' ``partial_p`` and ``colours_per_group``), a folder of
-    pairs, or a .tar."""
+def open_dataset(source: str, image_size: int = 64, seed: int = 0, partial_captions: float = 0.0) -> Dataset:
+    """``"shapes"`` (the built-in generator at ``image_size``, with ``partial_captions`` as its
+    ``partial_p``), a folder of pairs, or a .tar."""
     if source == "shapes":
-        return Shapes(size=image_size, seed=seed, partial_p=partial_captions, colours_per_group=colours_per_batch,
-                      group_size=batch_size)
-    if partial_captions or colours_per_batch:
-        raise BadInput("partial_captions and colours_per_batch apply to the built-in shapes data only")
+        return Shapes(size=image_size, seed=seed, partial_p=partial_captions)
+    if partial_captions:
+        raise BadInput("partial_captions applies to the built-in shapes data only")
     path = Path(source)
     if path.is_dir():
         return FolderDataset(path)

@@ -11,6 +11,10 @@ A1111 and ComfyUI call an embedding by its file name without extension (A1111's 
 inside); diffusers and compel by its token (the learned_embeds key, or the ``name`` an A1111 file
 stores).  Vectors are kept per text encoder: ``"clip_l"`` / ``"clip_g"`` for SDXL pairs, ``"*"`` for a
 file with one tensor, which fits any encoder of its width.
+
+``save_embedding`` writes the first three formats (what ``sdclip ti train`` and ``ti convert`` produce);
+``inject`` builds a text tower's input with an embedding's vectors in place, differentiably (textual
+inversion trains through it; ``CLIPModel.encode_text`` reads learned words with it).
 """
 
 from __future__ import annotations
@@ -21,18 +25,27 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Union
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence, Union
 
 import torch
+from safetensors.torch import save_file
 
 from .checkpoint import ROLES
-from .errors import BadInput
+from .errors import BadInput, SdclipError
+from .prompts import plain
 from .tensorfile import open_tensor_file
+from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .model import TextTransformer
 
 SUFFIXES = (".pt", ".bin", ".safetensors", ".png", ".webp")
 IMAGE_SUFFIXES = (".png", ".webp")
 IMAGE_KEY = "sd-ti-embedding"  # the text chunk A1111 hides an embedding in
 ANY = "*"  # the role of a file's only tensor: any encoder of its width
+SDXL_ROLES = ("clip_l", "clip_g")  # an SDXL file's tensors, for its first and second text encoder
+FORMATS = ("a1111", "safetensors", "diffusers")
+_STAR_ID = 265  # CLIP's id of "*": the placeholder A1111 records in string_to_token
 
 
 @dataclass(frozen=True)
@@ -84,7 +97,7 @@ def _from_tensors(tensors: dict[str, torch.Tensor], texts: Mapping[str, str], pa
         vectors = {ANY: _checked(next(iter(params.values())), f"{path}")}
         token = texts.get("name") or stem
     elif set(tensors) == {"clip_l", "clip_g"}:  # SDXL
-        vectors = {k: _checked(tensors[k], f"{path} [{k}]") for k in ("clip_l", "clip_g")}
+        vectors = {k: _checked(tensors[k], f"{path} [{k}]") for k in SDXL_ROLES}
         if vectors["clip_l"].shape[0] != vectors["clip_g"].shape[0]:
             raise BadInput(f"{path}: clip_l has {vectors['clip_l'].shape[0]} vectors, clip_g "
                            f"{vectors['clip_g'].shape[0]}; an SDXL embedding has as many for both")
@@ -197,3 +210,101 @@ def by_name(embeddings: Iterable[Embedding], token: bool = False) -> dict[str, E
             continue
         out[key] = e
     return out
+
+
+# --- vectors into prompts -----------------------------------------------------------------------------
+
+def token_table(source: EmbeddingSource, width: int) -> dict[str, torch.Tensor]:
+    """Token -> vectors [n, C] for a text encoder of ``width``, called by token as diffusers and compel call
+    them; an embedding without vectors of that width is refused, as diffusers refuses it."""
+    table = {}
+    for token, e in by_name(load_embeddings(source), token=True).items():
+        v = e.for_encoder(width)
+        if v is None:
+            raise BadInput(f"embedding {token!r} ({e.path or 'in memory'}) has vectors of width {e.describe_widths()}; "
+                           f"this text encoder takes {width}")
+        table[token] = v
+    return table
+
+
+def inject(tower: "TextTransformer", tokenizer: Tokenizer, prompts: Sequence[str], vectors: Mapping[str, torch.Tensor],
+           *, trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids [B, L], token_embeds [B, L, C])`` for ``tower``: each name in ``vectors`` stands, wherever it
+    appears in a prompt, for its n vectors (diffusers' rule), the other positions get the tower's own token
+    embedding.  Differentiable in ``vectors``.  ``trim`` cuts the rows after the last first EOS: causal
+    attention never lets the pooled output see further, so pooled-only callers save the work."""
+    counts = {name: v.shape[0] for name, v in vectors.items()}
+    rows = [plain.chunk(p, tokenizer, pad_id=tower.config.pad_id, embeddings=counts) for p in prompts]
+    device = tower.token_embedding.weight.device
+    ids = torch.tensor([r.ids[0] for r in rows], dtype=torch.long, device=device)
+    if trim:
+        ids = ids[:, : int((ids == tower.config.eos_id).int().argmax(-1).max()) + 1]
+    embeds = tower.token_embedding(ids)
+    slots = [(b, s.position, vectors[s.name][s.vector]) for b, r in enumerate(rows) for s in r.slots]
+    if slots:
+        where = tuple(torch.tensor(k, device=device) for k in zip(*[(b, p) for b, p, _ in slots]))
+        embeds = embeds.index_put(where, torch.stack([v for _, _, v in slots]).to(embeds.dtype))
+    return ids, embeds
+
+
+# --- writing ------------------------------------------------------------------------------------------
+
+def format_for(path: str | Path) -> str:
+    """The format a file name asks for: ``learned_embeds.*`` diffusers, ``.safetensors`` safetensors
+    (``emb_params``), ``.pt`` / ``.bin`` A1111."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if path.name.lower().startswith("learned_embeds") and suffix in (".safetensors", ".bin"):
+        return "diffusers"
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in (".pt", ".bin"):
+        return "a1111"
+    raise BadInput(f"{path}: name the file .pt (A1111), .safetensors, or learned_embeds.safetensors (diffusers), "
+                   f"or give the format")
+
+
+def save_embedding(embedding: Embedding, path: str | Path, format: str | None = None, *, step: int | None = None,
+                   checkpoint: str | None = None) -> Path:
+    """Write ``embedding`` where A1111, ComfyUI, kohya, diffusers and sdclip read it (``read_embedding`` gives
+    the same vectors back); ``format`` defaults to what the file name asks for (``format_for``).
+
+    * ``a1111``: ``.pt`` / ``.bin``, a plain pickled dict (``string_to_param`` {"*": [n, C]}, ``name`` = the
+      token, ``step``, ``sd_checkpoint_name`` = ``checkpoint``) with tensors, strings and numbers only, so
+      ``torch.load(weights_only=True)`` and sdclip's restricted unpickler read it;
+    * ``safetensors``: ``emb_params`` [n, C]; an SDXL embedding as ``clip_l`` + ``clip_g`` (SDXL embeddings
+      exist only in this form);
+    * ``diffusers``: ``{token: [n, C]}`` as ``.safetensors`` or (pickled) ``.bin``.
+    """
+    path = Path(path)
+    format = format or format_for(path)
+    if format not in FORMATS:
+        raise BadInput(f"unknown embedding format {format!r}; choose one of {', '.join(FORMATS)}")
+    suffixes = {"a1111": (".pt", ".bin"), "safetensors": (".safetensors",), "diffusers": (".safetensors", ".bin")}
+    if path.suffix.lower() not in suffixes[format]:
+        raise BadInput(f"{path}: a {format} embedding file ends in {' or '.join(suffixes[format])}")
+    # own storage: torch.save writes a view's whole storage
+    tensors = {k: v.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
+               for k, v in embedding.vectors.items()}
+    if set(tensors) == set(SDXL_ROLES):
+        if format != "safetensors":
+            raise BadInput(f"{embedding.name}: an SDXL embedding (clip_l + clip_g) is written as .safetensors (the "
+                           f"form A1111, ComfyUI and kohya read; diffusers loads each part with "
+                           f"load_textual_inversion(tensors['clip_l'], token=..., text_encoder=..., tokenizer=...))")
+    elif len(tensors) != 1:
+        raise BadInput(f"{embedding.name}: vectors for {', '.join(tensors)}; a file holds one set, or an SDXL pair")
+    vec = next(iter(tensors.values()))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if format == "a1111":
+            torch.save({"string_to_token": {"*": _STAR_ID}, "string_to_param": {"*": vec}, "name": embedding.token,
+                        "step": step, "sd_checkpoint": None, "sd_checkpoint_name": checkpoint}, path)
+        elif format == "safetensors":
+            save_file(tensors if len(tensors) == 2 else {"emb_params": vec}, str(path))
+        elif path.suffix.lower() == ".bin":
+            torch.save({embedding.token: vec}, path)
+        else:
+            save_file({embedding.token: vec}, str(path))
+    except OSError as e:
+        raise SdclipError(f"{path}: cannot write ({e.strerror or e})") from None
+    return path

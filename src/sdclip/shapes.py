@@ -82,39 +82,30 @@ class Shapes:
     ``shapes`` and ``exclude`` choose the colour x shape pairs drawn (by default the training
     shapes without ``HELD_OUT``); ``pair_p`` is the share of two-object pictures.
 
-    ``partial_p`` is the share of one-object captions that name one attribute only: half of
-    them the shape ("a small circle"), half the colour ("a red shape").  With every caption
-    naming colour and shape, colour (learned at once) explains most of each batch and shape is
-    learned very slowly; a caption without its colour can only be matched by shape, and one
-    without its shape teaches the colour word on its own, which held-out pairs need.
+    ``partial_p`` is the share of one-object captions that name one attribute alone: half of
+    them the shape ("a small circle"), half the colour ("a red shape"), so that each word is
+    learned on its own and colour x shape pairs never seen together compose.
 
-    ``colours_per_group`` > 0 makes hard negatives: items come in consecutive runs of
-    ``group_size`` (a training batch) whose objects all take one of that many colours, drawn per
-    run.  Colour alone then cannot tell a batch's captions apart, so contrastive training must
-    learn shape too (with all eight colours in a batch it settles on colour first, and stays).
+    ``shape_only`` captions name nothing but the shapes, with no template, size or colour
+    ("a circle", "a star and a cross"): fixed, distinct targets that let an image tower learn
+    shape before its text tower learns anything (``train``'s bootstrap phase).
     """
 
     def __init__(self, size: int = 64, seed: int = 0, length: int = 1_000_000, shapes: Sequence[str] = TRAIN_SHAPES,
-                 exclude: frozenset = HELD_OUT, pair_p: float = 0.3, partial_p: float = 0.0, colours_per_group: int = 0,
-                 group_size: int = 128):
+                 exclude: frozenset = HELD_OUT, pair_p: float = 0.3, partial_p: float = 0.0,
+                 shape_only: bool = False):
         unknown = [s for s in shapes if s not in SHAPES]
         if unknown:
             raise BadInput(f"unknown shape {unknown[0]!r}; choose from {', '.join(SHAPES)}")
         if size < 16:
             raise BadInput(f"pictures of {size} pixels are too small to draw shapes in; use 16 or more")
         if not (0 <= pair_p <= 1 and 0 <= partial_p <= 1):
-            raise BadInput("pair_p and partial_p are shares: 0 to 1")
+            raise BadInput(f"pair_p and partial_p are shares: 0 to 1, got {pair_p} and {partial_p}")
         self.size, self.seed, self.length, self.pair_p, self.partial_p = size, seed, length, pair_p, partial_p
+        self.shape_only = shape_only
         self.combos = [(c, s) for c, s in labels(shapes) if (c, s) not in exclude]
         if len(self.combos) < 2:
             raise BadInput("fewer than two colour x shape pairs are left to draw")
-        self.colours = sorted({c for c, _ in self.combos}, key=list(COLOURS).index)
-        if not 0 <= colours_per_group <= len(self.colours) or group_size < 1:
-            raise BadInput(f"colours per group must be 0 (all) to {len(self.colours)}, and the group size positive")
-        per_colour = sorted(sum(c == k for c, _ in self.combos) for k in self.colours)
-        if colours_per_group and sum(per_colour[:colours_per_group]) < 2:
-            raise BadInput(f"{colours_per_group} colour(s) per group can leave fewer than two colour x shape pairs")
-        self.colours_per_group, self.group_size = colours_per_group, group_size
 
     def __len__(self) -> int:
         return self.length
@@ -128,29 +119,26 @@ class Shapes:
             raise IndexError(index)
         return np.random.default_rng([self.seed, index, stream])
 
-    def combos_of(self, index: int) -> list[tuple[str, str]]:
-        """The colour x shape pairs item ``index`` draws from: all, or its group's colours'."""
-        if not self.colours_per_group:
-            return self.combos
-        group = np.random.default_rng([self.seed, index // self.group_size, 3])
-        chosen = set(group.choice(self.colours, size=self.colours_per_group, replace=False).tolist())
-        return [(c, s) for c, s in self.combos if c in chosen]
-
     def scene(self, index: int) -> Scene:
         """What picture ``index`` shows and says (drawing it is ``render``)."""
+        scene = self._scene(index)
+        if self.shape_only:
+            return Scene(scene.things, scene.background, " and ".join(phrase("", t.shape) for t in scene.things))
+        return scene
+
+    def _scene(self, index: int) -> Scene:
         rng = self._rng(index, 0)
-        combos = self.combos_of(index)
         background = "dark" if rng.random() < 0.5 else "light"
         if rng.random() >= self.pair_p:
-            colour, shape = combos[rng.integers(len(combos))]
+            colour, shape = self.combos[rng.integers(len(self.combos))]
             thing = _place(rng, colour, shape, _SIZES, self.size, (0, 0, self.size, self.size))
             template = SINGLE_TEMPLATES[rng.integers(len(SINGLE_TEMPLATES))]
             size = thing.size if rng.random() < 0.7 else ""
             words = phrase(colour, shape, size)
-            if self.partial_p and rng.random() < self.partial_p:  # no draw when off: old seeds stay as they were
+            if self.partial_p and rng.random() < self.partial_p:  # no draw when off: seeds keep their pictures
                 words = phrase("", shape, size) if rng.random() < 0.5 else phrase(colour, "shape", size)
             return Scene((thing,), background, template.format(words, bg=background))
-        (c1, s1), (c2, s2) = (combos[i] for i in rng.choice(len(combos), size=2, replace=False))
+        (c1, s1), (c2, s2) = (self.combos[i] for i in rng.choice(len(self.combos), size=2, replace=False))
         s, h = self.size, self.size / 2
         vertical = rng.random() < 0.5
         boxes = ((0, 0, s, h), (0, h, s, s)) if vertical else ((0, 0, h, s), (h, 0, s, s))

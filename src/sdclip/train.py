@@ -49,9 +49,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
-    lock_text: int = 0  # steps at the start in which the text tower keeps its random init
     partial_captions: float = 0.0  # shapes data: share of captions naming only the shape or only the colour
-    colours_per_batch: int = 0  # shapes data: each batch's objects take only this many colours (0: all)
+    bootstrap_steps: int = 0  # shapes data: first steps with a frozen text tower and shape-only captions
     image_size: int = 64
     patch_size: int = 8
     patch_init: str = "whiten"  # "whiten": patch embedding PCA-whitens the data's patches; "clip": random
@@ -77,6 +76,9 @@ class TrainConfig:
             raise BadInput("a contrastive batch needs at least 2 pairs")
         if self.lr <= 0 or self.warmup < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
             raise BadInput("lr and grad_clip must be positive, warmup and weight_decay non-negative")
+        if self.bootstrap_steps and (self.data != "shapes" or not 0 < self.bootstrap_steps < self.steps):
+            raise BadInput("bootstrap_steps needs the shapes data (captions that name shapes) and fewer steps than "
+                           "the run's")
         if self.patch_init not in ("whiten", "clip"):
             raise BadInput(f"patch_init must be 'whiten' or 'clip', got {self.patch_init!r}")
 
@@ -136,6 +138,9 @@ class _Batches:
 
     def __init__(self, data: Dataset, model: CLIPModel, config: TrainConfig, workers: int = 2):
         self.data, self.model, self.config = data, model, config
+        # the bootstrap phase's pictures: single objects captioned by their shape alone
+        self.bootstrap = (Shapes(size=config.image_size, seed=config.seed, pair_p=0.0, shape_only=True)
+                          if config.bootstrap_steps else None)
         self.shuffle = not isinstance(data, Shapes)  # generated pictures are random already
         self._perms: dict[int, np.ndarray] = {}
         self.pool = ThreadPoolExecutor(workers)
@@ -150,7 +155,8 @@ class _Batches:
 
     def _load(self, step: int) -> tuple[torch.Tensor, list[str]]:
         b = self.config.batch_size
-        items = list(self.pool.map(self.data.__getitem__, [self._index(p) for p in range(step * b, (step + 1) * b)]))
+        data = self.bootstrap if step < self.config.bootstrap_steps else self.data
+        items = list(self.pool.map(data.__getitem__, [self._index(p) for p in range(step * b, (step + 1) * b)]))
         return pixel_values([im for im, _ in items], self.config.image_size), [c for _, c in items]
 
     def run(self, start: int, stop: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -187,10 +193,11 @@ class _ZeroShot:
 
 
 class _Progress:
-    """One status line on stderr: step, loss, pairs/s, elapsed and ETA (a line per 10 s off a TTY)."""
+    """One status line on stderr: step, loss, pairs/s (or ``unit``/s), elapsed and ETA (a line per 10 s off a
+    TTY)."""
 
-    def __init__(self, total: int, stream: TextIO):
-        self.total, self.stream = total, stream
+    def __init__(self, total: int, stream: TextIO, unit: str = "pairs"):
+        self.total, self.stream, self.unit = total, stream, unit
         self.tty = stream.isatty()
         self.last = 0.0
 
@@ -201,7 +208,7 @@ class _Progress:
         self.last = now
         done = int(24 * step / self.total)
         line = (f"[{'#' * done}{'.' * (24 - done)}] step {step}/{self.total}  loss {loss:.4f}  "
-                f"{rate:.1f} pairs/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}")
+                f"{rate:.1f} {self.unit}/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}")
         self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
         self.stream.flush()
 
@@ -249,8 +256,7 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, until: 
         state = load_checkpoint(out)
         known = {f.name for f in fields(TrainConfig)}
         config = TrainConfig(**{k: v for k, v in state["config"].items() if k in known})
-    data = open_dataset(config.data, config.image_size, config.seed, config.partial_captions, config.colours_per_batch,
-                        config.batch_size)
+    data = open_dataset(config.data, config.image_size, config.seed, config.partial_captions)
     model = CLIPModel.create(*config.towers(), seed=config.seed).requires_grad_(True)
     optimizer = _optimizer(model, config)
     start = 0
@@ -284,7 +290,7 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, until: 
             lr = lr_at(config, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            model.text.requires_grad_(step >= config.lock_text)
+            model.text.requires_grad_(step >= config.bootstrap_steps)
             loss = contrastive_loss(model(pixels, ids))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

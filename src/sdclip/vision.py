@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checkpoint import _foreign_names, _read_checked
+from .checkpoint import _foreign_names, _read_checked, block_shapes, read_projection
 from .errors import BadInput
 from .model import ACTIVATIONS, Block
 from .tensorfile import TensorFile
@@ -225,19 +225,10 @@ def infer_vision_config(tower: VisionTower, hf_config: dict | None = None,
 
 
 def _vision_shapes(c: VisionConfig) -> dict[str, tuple[int, ...]]:
-    w, m = c.width, c.mlp_width
-    shapes: dict[str, tuple[int, ...]] = {
-        "patch_embedding.weight": (w, 3, c.patch_size, c.patch_size), "class_embedding": (w,),
-        "position_embedding": (c.grid ** 2 + 1, w), "pre_norm.weight": (w,), "pre_norm.bias": (w,),
-        "post_norm.weight": (w,), "post_norm.bias": (w,)}
-    for i in range(c.layers):
-        b = f"blocks.{i}."
-        shapes.update({b + "ln_1.weight": (w,), b + "ln_1.bias": (w,), b + "ln_2.weight": (w,), b + "ln_2.bias": (w,),
-                       b + "attn.qkv.weight": (3 * w, w), b + "attn.qkv.bias": (3 * w,),
-                       b + "attn.out.weight": (w, w), b + "attn.out.bias": (w,),
-                       b + "mlp.fc.weight": (m, w), b + "mlp.fc.bias": (m,),
-                       b + "mlp.proj.weight": (w, m), b + "mlp.proj.bias": (w,)})
-    return shapes
+    w = c.width
+    return {"patch_embedding.weight": (w, 3, c.patch_size, c.patch_size), "class_embedding": (w,),
+            "position_embedding": (c.grid ** 2 + 1, w), "pre_norm.weight": (w,), "pre_norm.bias": (w,),
+            "post_norm.weight": (w,), "post_norm.bias": (w,), **block_shapes(c.layers, w, c.mlp_width)}
 
 
 def read_vision_tower(tower: VisionTower, config: VisionConfig, dtype: torch.dtype = torch.float32,
@@ -250,10 +241,7 @@ def read_vision_tower(tower: VisionTower, config: VisionConfig, dtype: torch.dty
                                     dtype, what)
     found = tower.projection()
     if config.projection_dim and found is not None:
-        key, linear = found
-        shape = (config.projection_dim, config.width) if linear else (config.width, config.projection_dim)
-        w = _read_checked(f, [key], shape, dtype, f"a width-{config.width} projection")
-        state["projection.weight"] = w if linear else w.t().contiguous()
+        state["projection.weight"] = read_projection(f, found, config.width, config.projection_dim, dtype)
     with torch.device("meta"):
         model = VisionTransformer(config)
     model.load_state_dict(state, assign=True)
