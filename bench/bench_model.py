@@ -74,12 +74,15 @@ def build(folder: str):
     return hf, sdclip.load(folder), sdclip.load(folder, quantize="int8")
 
 
-def run(quick: bool = False) -> tuple[list[dict], dict]:
+def run(quick: bool = False, compile: bool = False) -> tuple[list[dict], dict]:
+    """``compile``: also time ``sdclip.load(..., compile=True)`` (its first call per shape, which compiles, in
+    the notes)."""
     repeats = 5 if quick else 15
     peak = matmul_peak(1.5 if quick else 4.0)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as folder:
         hf, te, te8 = build(folder)
+        compiled = sdclip.load(folder, compile=True).towers[0] if compile else None
     tower, tower8 = te.towers[0], te8.towers[0]
     flops = flops_per_prompt()
 
@@ -89,16 +92,20 @@ def run(quick: bool = False) -> tuple[list[dict], dict]:
             ref = hf["sdpa"](ids).last_hidden_state
             exact = (tower(ids).hidden - ref).abs().max().item()
             fid = cosine_fidelity(ref, tower8(ids).hidden)
-            times = paired({
-                "sdclip": lambda: tower(ids),
-                "sdclip int8": lambda: tower8(ids),
-                "transformers sdpa": lambda: hf["sdpa"](ids),
-                "transformers eager": lambda: hf["eager"](ids),
-            }, repeats=max(3, repeats // (2 if batch == 32 else 1)))
+            contenders = {"sdclip": lambda: tower(ids), "sdclip int8": lambda: tower8(ids),
+                          "transformers sdpa": lambda: hf["sdpa"](ids), "transformers eager": lambda: hf["eager"](ids)}
+            if compiled is not None:
+                t0 = time.perf_counter()
+                compiled_diff = (compiled(ids).hidden - ref).abs().max().item()
+                compile_s = time.perf_counter() - t0
+                contenders["sdclip torch.compile"] = lambda: compiled(ids)
+            times = paired(contenders, repeats=max(3, repeats // (2 if batch == 32 else 1)))
         base = median(times["transformers sdpa"])
         for name, ts in times.items():
             t = median(ts)
             note = f"max abs diff {exact:.1e}" if name == "sdclip" else ""
+            if name == "sdclip torch.compile":
+                note = f"first call (compile) {compile_s:.0f} s, max abs diff {compiled_diff:.1e}"
             if name == "sdclip int8":
                 note = f"cosine mean {fid[0]:.5f} / min {fid[1]:.5f}, max abs diff {fid[2]:.3f}"
             rows.append({"workload": f"(a/b) batch {batch}, unique 77-token prompts", "implementation": name,
@@ -136,9 +143,10 @@ HEADER = ["workload", "implementation", "ms", "prompts/s", "vs transformers sdpa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--compile", action="store_true", help="also torch.compile (minutes of compiling per batch size)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "out"))
     args = ap.parse_args()
-    rows, extra = run(args.quick)
+    rows, extra = run(args.quick, args.compile)
     print(write_results("model", rows, HEADER, args.out, extra))
     print(f"fp32 matmul peak: {extra['matmul_peak_gflops']:.0f} GFLOP/s")
 

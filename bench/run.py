@@ -22,7 +22,7 @@ sys.path.insert(0, str(HERE))
 from common import machine  # noqa: E402
 
 BENCHES = {
-    "model": ["bench_model.py"],          # (a) batch 1, (b) batch 8/32 + int8, (d) pooled-only, matmul peak
+    "model": ["bench_model.py", "--compile"],  # (a) batch 1, (b) batch 8/32 + int8 + compile, (d) pooled-only, peak
     "workload": ["bench_workload.py"],    # (c) a realistic generation workload
     "load": ["bench_load.py"],            # (e) cold start from a 2 GB SD1 file, peak memory
     "tokenizer": ["bench_tokenizer.py"],  # (f) tokenizer vs CLIPTokenizerFast
@@ -42,7 +42,7 @@ def main() -> None:
     results = {"machine": machine()}
     for name in args.only:
         script = HERE / BENCHES[name][0]
-        cmd = [sys.executable, str(script), "--out", str(out)] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, str(script), *BENCHES[name][1:], "--out", str(out)] + (["--quick"] if args.quick else [])
         print(f"== {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True)

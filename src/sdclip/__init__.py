@@ -8,6 +8,7 @@
 """
 
 from .checkpoint import CheckpointInfo, Usage
+from .clip import CLIPModel
 from .conditioning import Conditioner, Conditioning, Encoded, encode_prompts, layer_for
 from .embeddings import Embedding, load_embeddings, read_embedding, save_embedding
 from .encoder import TextEncoder, load
@@ -20,4 +21,4 @@ __version__ = "0.1.0"
 __all__ = ["load", "TextEncoder", "Tokenizer", "Token", "TextConfig", "TextTransformer", "TextOutput",
            "CheckpointInfo", "Usage", "SdclipError", "BadInput", "__version__", "encode_prompts", "Conditioner",
            "Conditioning", "Encoded", "layer_for", "Embedding", "read_embedding", "load_embeddings", "save_embedding",
-           "train_embedding", "PromptBatch"]
+           "train_embedding", "PromptBatch", "CLIPModel"]

@@ -671,8 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="weights and outputs (default float32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--quantize", choices=["int8"], help="run the Linear layers in int8 on the CPU: about 1.9x "
-                   "faster, not exact (cosine to float32 in the README's speed table)")
+    p.add_argument("--quantize", choices=["int8"], help="run the Linear layers in int8 on the CPU: 1.6-2.2x "
+                   "faster, not exact (first block in float; cosine to float32 ~0.9993: the README speed table)")
     p.add_argument("--mode", choices=sdclip.tokenizer.MODES, default="hf", help="tokenizer text cleaning (see tokenize)")
     _add_conditioning_args(p)
     p.set_defaults(run=cmd_encode)

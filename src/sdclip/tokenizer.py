@@ -32,7 +32,6 @@ from itertools import chain, repeat
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-import ftfy
 import regex
 import torch
 
@@ -265,6 +264,8 @@ class Tokenizer:
             return "".join(p if i % 2 else unicodedata.normalize("NFC", p) for i, p in enumerate(parts))
         if text.isascii() and _FTFY_INERT.fullmatch(text):
             return text  # ftfy and html.unescape leave such text unchanged (tested)
+        import ftfy  # here: its import (~0.1 s) is paid only by text that needs it, not by every start
+
         text = ftfy.fix_text(text)
         if self.mode == "openai":
             text = html.unescape(html.unescape(text))
