@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import NoReturn, Sequence
 
@@ -380,6 +381,18 @@ _TRAIN_HELP = {
 }
 
 
+
+def _add_run_options(p: argparse.ArgumentParser, config: type, helps: dict[str, str], skip: tuple[str, ...] = ()) -> None:
+    """A training command's options: one per field of its config dataclass (``--field-name``, typed and
+    defaulted as the field), and --resume, --until, --threads."""
+    for field in fields(config):
+        if field.name not in skip:
+            p.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=type(field.default),
+                           default=field.default, help=f"{helps.get(field.name, '')} (default {field.default})".strip())
+    p.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
+    p.add_argument("--until", type=int, help="stop after this step (with a checkpoint); --resume continues")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
 def _add_clip_commands(sub) -> None:
     p = sub.add_parser("zeroshot", help="images -> probability of each label (a contrastive CLIP model)",
                        description="Zero-shot classification: each label is written into the templates, the "
@@ -409,13 +422,7 @@ def _add_clip_commands(sub) -> None:
                                    "folder (loadable by sdclip and transformers), checkpoint.pt, metrics.jsonl "
                                    "and training.png.")
     p.add_argument("--out", "-o", required=True, help="run folder")
-    for field in TrainConfig.__dataclass_fields__.values():
-        default = field.default
-        p.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=type(default), default=default,
-                       help=f"{_TRAIN_HELP.get(field.name, '')} (default {default})".strip())
-    p.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
-    p.add_argument("--until", type=int, help="stop after this step (with a checkpoint); --resume continues")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    _add_run_options(p, TrainConfig, _TRAIN_HELP)
     p.set_defaults(run=cmd_train_clip)
 
     p = sub.add_parser("shapes", help="write pictures of coloured shapes with captions (the built-in training data)",
@@ -574,20 +581,13 @@ def _add_ti_commands(sub) -> None:
     p.add_argument("--model", "-m", help="full CLIP model: folder, file or hub id (default: the bundled model)")
     p.add_argument("--out", "-o", required=True, help="run folder")
     p.add_argument("--token", help="the new word as prompts write it, e.g. '<my-thing>' (file name: without <>)")
-    for field in InversionConfig.__dataclass_fields__.values():
-        if field.name in ("token", "templates", "negatives"):
-            continue
-        p.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=type(field.default),
-                       default=field.default, help=f"{_TI_HELP.get(field.name, '')} (default {field.default})".strip())
+    _add_run_options(p, InversionConfig, _TI_HELP, skip=("token", "templates", "negatives"))
     p.add_argument("--template", action="append", help="caption template with {} for the word; repeat for several "
                    "(default: ten photo / rendering / drawing templates)")
     p.add_argument("--negatives", help="comma-separated names the word must stay apart from (e.g. the classes it "
                    "will be told apart from)")
     p.add_argument("--format", choices=FORMATS, default="safetensors", help="embedding file written (default "
                    "safetensors: emb_params)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
-    p.add_argument("--until", type=int, help="stop after this step (with a checkpoint); --resume continues")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(run=cmd_ti_train)
 
     p = group.add_parser("convert", help="rewrite an embedding file in another format",
