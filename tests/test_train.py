@@ -53,8 +53,9 @@ def test_loss_falls_on_a_small_folder(tmp_path):
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
 
 
-def test_resume_repeats_the_uninterrupted_run(tmp_path):
-    config = TrainConfig(steps=6, checkpoint_every=2, eval_every=3, **TINY)
+@pytest.mark.parametrize("ema", [0.0, 0.5])
+def test_resume_repeats_the_uninterrupted_run(tmp_path, ema):
+    config = TrainConfig(steps=6, checkpoint_every=2, eval_every=3, ema=ema, **TINY)
     log = io.StringIO()
     straight = train(config, tmp_path / "a", log=log)
     assert "step 6/6" in log.getvalue() and "pairs/s" in log.getvalue() and "ETA" in log.getvalue()
@@ -66,6 +67,26 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
         assert torch.equal(p, q), name
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "zero_shot_seen" in r] == [0, 3, 6]
+    saved = CLIPModel.load(tmp_path / "b", dtype="float32")  # what the run returns is what it saves (fp16)
+    assert (saved.text.token_embedding.weight - resumed.text.token_embedding.weight).abs().max() < 1e-3
+
+
+def test_ema_is_the_moving_average_of_the_weights(tmp_path):
+    """With ema=d the run returns and saves avg <- d avg + (1 - d) weights after each step, starting at the
+    first step's weights (checked against the plain run's weights, which the same seed reproduces)."""
+    def run(folder: str, **settings) -> dict[str, torch.Tensor]:
+        config = TrainConfig(steps=2, checkpoint_every=1, eval_every=0, **TINY, **settings)
+        return train(config, tmp_path / folder, log=io.StringIO()).state_dict()
+
+    first = train(TrainConfig(steps=2, checkpoint_every=1, eval_every=0, **TINY), tmp_path / "w1", until=1,
+                  log=io.StringIO()).state_dict()
+    second = run("w2")
+    averaged = run("ema", ema=0.75)
+    for name in ("vision.class_embedding", "text.token_embedding.weight", "logit_scale"):
+        assert torch.allclose(averaged[name], 0.75 * first[name] + 0.25 * second[name], atol=1e-6), name
+    assert not torch.allclose(averaged["vision.class_embedding"], second["vision.class_embedding"])
+    with pytest.raises(BadInput, match="ema"):
+        TrainConfig(ema=1.0)
 
 
 def test_outputs_load_as_clip_and_as_sd_conditioner(tmp_path):

@@ -375,6 +375,8 @@ _TRAIN_HELP = {
                   "far sooner); 'clip': CLIP's random init",
     "partial_captions": "shapes data: share of one-object captions that name only the shape ('a circle') or only "
                         "the colour ('a red shape'), so that each word is learned on its own",
+    "ema": "keep an exponential moving average of the weights with this decay per step (e.g. 0.998) and "
+           "evaluate and save it instead of the last weights (0: off)",
     "bootstrap_steps": "shapes data: for the first N steps freeze the text tower at its random init and caption "
                        "pictures by shape alone ('a circle'), so that the image tower learns shape before the text "
                        "tower can learn to ignore it (0: no bootstrap)",

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .clip import CLIPModel
 from .data import Dataset, open_dataset
@@ -51,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     partial_captions: float = 0.0  # shapes data: share of captions naming only the shape or only the colour
     bootstrap_steps: int = 0  # shapes data: first steps with a frozen text tower and shape-only captions
+    ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated and saved (0: off)
     image_size: int = 64
     patch_size: int = 8
     patch_init: str = "whiten"  # "whiten": patch embedding PCA-whitens the data's patches; "clip": random
@@ -79,6 +81,8 @@ class TrainConfig:
         if self.bootstrap_steps and (self.data != "shapes" or not 0 < self.bootstrap_steps < self.steps):
             raise BadInput("bootstrap_steps needs the shapes data (captions that name shapes) and fewer steps than "
                            "the run's")
+        if not 0 <= self.ema < 1:
+            raise BadInput(f"ema is a decay per step, 0 (off) to below 1, got {self.ema}")
         if self.patch_init not in ("whiten", "clip"):
             raise BadInput(f"patch_init must be 'whiten' or 'clip', got {self.patch_init!r}")
 
@@ -224,10 +228,10 @@ def _clock(seconds: float) -> str:
 
 
 def _save_checkpoint(path: Path, model: CLIPModel, optimizer: torch.optim.Optimizer, config: TrainConfig,
-                     step: int) -> None:
+                     step: int, average: AveragedModel | None) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"step": step, "config": asdict(config), "model": model.state_dict(),
-                "optimizer": optimizer.state_dict()}, tmp)
+                "optimizer": optimizer.state_dict(), "ema": None if average is None else average.state_dict()}, tmp)
     os.replace(tmp, path)  # an interrupted save leaves the previous checkpoint whole
 
 
@@ -264,9 +268,14 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, until: 
     if state is None and config.patch_init == "whiten":
         sample = [data[i][0] for i in range(min(_WHITEN_SAMPLE, len(data)))]
         whiten_patches_(model.vision, pixel_values(sample, config.image_size))
+    # the moving average starts at the first step's weights (AveragedModel copies them at its first update)
+    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema \
+        else None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if average is not None:
+            average.load_state_dict(state["ema"])
         start = int(state["step"])
         rows = _read_metrics(metrics_path)  # drop what was logged after the checkpoint
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start))
@@ -283,8 +292,9 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, until: 
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
 
+        evaluated = model if average is None else average.module  # what the run saves
         if zero_shot is not None and start == 0:
-            record({"step": 0, **zero_shot(model)})
+            record({"step": 0, **zero_shot(evaluated)})
         tick = time.monotonic()
         for step, pixels, ids in batches.run(start, stop):  # a step's time includes waiting for its batch
             lr = lr_at(config, step)
@@ -297,6 +307,8 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, until: 
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             clamp_logit_scale_(model.logit_scale)
+            if average is not None:
+                average.update_parameters(model)
             recent = (recent + [time.monotonic() - tick])[-20:]
             per_step = sum(recent) / len(recent)
             done = step + 1
@@ -306,16 +318,16 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, until: 
             progress.update(done, loss.item(), config.batch_size / per_step, time.monotonic() - began,
                             (stop - done) * per_step, force=done == stop)
             if zero_shot is not None and (done % config.eval_every == 0 or done == config.steps):
-                record({"step": done, **zero_shot(model)})
+                record({"step": done, **zero_shot(evaluated)})
             if done % config.checkpoint_every == 0 or done == stop:
-                _save_checkpoint(out / "checkpoint.pt", model, optimizer, config, done)
+                _save_checkpoint(out / "checkpoint.pt", model, optimizer, config, done, average)
             tick = time.monotonic()
     batches.pool.shutdown()
     progress.close()
     if stop == config.steps:
-        model.save(out, dtype=config.save_dtype)
+        evaluated.save(out, dtype=config.save_dtype)
         plot(_read_metrics(metrics_path), out / "training.png")
-    return model.requires_grad_(False)
+    return evaluated.requires_grad_(False)
 
 
 def _read_metrics(path: Path) -> list[dict]:
