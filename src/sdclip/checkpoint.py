@@ -22,28 +22,37 @@ from .model import TextConfig, TextTransformer
 from .tensorfile import TensorFile
 
 # sdclip name -> name in each layout, relative to the tower's prefix; a tuple is concatenated
-# on dim 0 (transformers keeps q, k and v apart, sdclip fuses them)
-NAMES: dict[str, dict[str, str | tuple[str, ...]]] = {
+# on dim 0 (transformers keeps q, k and v apart, sdclip fuses them).  The residual blocks are named
+# alike in both towers of a CLIP model (``vision.VISION_NAMES`` adds its own embeddings to these).
+BLOCK_NAMES: dict[str, dict[str, str | tuple[str, ...]]] = {
     "hf": {
-        "token_embedding.weight": "embeddings.token_embedding.weight",
-        "position_embedding": "embeddings.position_embedding.weight",
         "blocks.{i}.ln_1.{p}": "encoder.layers.{i}.layer_norm1.{p}",
         "blocks.{i}.attn.qkv.{p}": tuple(f"encoder.layers.{{i}}.self_attn.{x}_proj.{{p}}" for x in "qkv"),
         "blocks.{i}.attn.out.{p}": "encoder.layers.{i}.self_attn.out_proj.{p}",
         "blocks.{i}.ln_2.{p}": "encoder.layers.{i}.layer_norm2.{p}",
         "blocks.{i}.mlp.fc.{p}": "encoder.layers.{i}.mlp.fc1.{p}",
         "blocks.{i}.mlp.proj.{p}": "encoder.layers.{i}.mlp.fc2.{p}",
-        "final_norm.{p}": "final_layer_norm.{p}",
     },
     "openclip": {
-        "token_embedding.weight": "token_embedding.weight",
-        "position_embedding": "positional_embedding",
         "blocks.{i}.ln_1.{p}": "transformer.resblocks.{i}.ln_1.{p}",
         "blocks.{i}.attn.qkv.{p}": "transformer.resblocks.{i}.attn.in_proj_{p}",
         "blocks.{i}.attn.out.{p}": "transformer.resblocks.{i}.attn.out_proj.{p}",
         "blocks.{i}.ln_2.{p}": "transformer.resblocks.{i}.ln_2.{p}",
         "blocks.{i}.mlp.fc.{p}": "transformer.resblocks.{i}.mlp.c_fc.{p}",
         "blocks.{i}.mlp.proj.{p}": "transformer.resblocks.{i}.mlp.c_proj.{p}",
+    },
+}
+NAMES: dict[str, dict[str, str | tuple[str, ...]]] = {
+    "hf": {
+        "token_embedding.weight": "embeddings.token_embedding.weight",
+        "position_embedding": "embeddings.position_embedding.weight",
+        **BLOCK_NAMES["hf"],
+        "final_norm.{p}": "final_layer_norm.{p}",
+    },
+    "openclip": {
+        "token_embedding.weight": "token_embedding.weight",
+        "position_embedding": "positional_embedding",
+        **BLOCK_NAMES["openclip"],
         "final_norm.{p}": "ln_final.{p}",
     },
 }

@@ -13,13 +13,12 @@ names to sdclip's, as ``checkpoint.NAMES`` does for the text tower.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .checkpoint import _foreign_names, _read_checked, block_shapes, read_projection
+from .checkpoint import _BLOCK, BLOCK_NAMES, _foreign_names, _read_checked, block_shapes, read_projection
 from .errors import BadInput
 from .model import ACTIVATIONS, Block
 from .tensorfile import TensorFile
@@ -127,12 +126,7 @@ VISION_NAMES: dict[str, dict[str, str | tuple[str, ...]]] = {
         "class_embedding": "embeddings.class_embedding",
         "position_embedding": "embeddings.position_embedding.weight",
         "pre_norm.{p}": "pre_layrnorm.{p}",  # sic
-        "blocks.{i}.ln_1.{p}": "encoder.layers.{i}.layer_norm1.{p}",
-        "blocks.{i}.attn.qkv.{p}": tuple(f"encoder.layers.{{i}}.self_attn.{x}_proj.{{p}}" for x in "qkv"),
-        "blocks.{i}.attn.out.{p}": "encoder.layers.{i}.self_attn.out_proj.{p}",
-        "blocks.{i}.ln_2.{p}": "encoder.layers.{i}.layer_norm2.{p}",
-        "blocks.{i}.mlp.fc.{p}": "encoder.layers.{i}.mlp.fc1.{p}",
-        "blocks.{i}.mlp.proj.{p}": "encoder.layers.{i}.mlp.fc2.{p}",
+        **BLOCK_NAMES["hf"],
         "post_norm.{p}": "post_layernorm.{p}",
     },
     "openclip": {
@@ -140,16 +134,10 @@ VISION_NAMES: dict[str, dict[str, str | tuple[str, ...]]] = {
         "class_embedding": "class_embedding",
         "position_embedding": "positional_embedding",
         "pre_norm.{p}": "ln_pre.{p}",
-        "blocks.{i}.ln_1.{p}": "transformer.resblocks.{i}.ln_1.{p}",
-        "blocks.{i}.attn.qkv.{p}": "transformer.resblocks.{i}.attn.in_proj_{p}",
-        "blocks.{i}.attn.out.{p}": "transformer.resblocks.{i}.attn.out_proj.{p}",
-        "blocks.{i}.ln_2.{p}": "transformer.resblocks.{i}.ln_2.{p}",
-        "blocks.{i}.mlp.fc.{p}": "transformer.resblocks.{i}.mlp.c_fc.{p}",
-        "blocks.{i}.mlp.proj.{p}": "transformer.resblocks.{i}.mlp.c_proj.{p}",
+        **BLOCK_NAMES["openclip"],
         "post_norm.{p}": "ln_post.{p}",
     },
 }
-_BLOCK = {"hf": re.compile(r"encoder\.layers\.(\d+)\."), "openclip": re.compile(r"transformer\.resblocks\.(\d+)\.")}
 
 
 @dataclass
