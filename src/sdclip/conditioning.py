@@ -36,7 +36,7 @@ import torch
 
 from .cache import ConditioningCache, default_cache
 from .checkpoint import Usage
-from .embeddings import EmbeddingSource, by_name, load_embeddings
+from .embeddings import EmbeddingSource, by_name, load_embeddings, put_vectors
 from .encoder import TextEncoder
 from .errors import BadInput
 from .prompts import DIALECTS, a1111, comfy, compel, plain
@@ -230,10 +230,9 @@ class _Rows:
         if simple:
             parts.append((simple, self.te.encode_ids(ids[simple], **kw)))
         if special:
-            embeds = self.te.tower(self.encoder.number).token_embedding(ids[special].to(self.te.device))
-            for n, i in enumerate(special):
-                for position, name, vector in rows[i][1]:
-                    embeds[n, position] = self.encoder.table[name][vector]  # type: ignore[index]
+            embeds = put_vectors(self.te.tower(self.encoder.number).token_embedding(ids[special].to(self.te.device)),
+                                 [(n, position, self.encoder.table[name][vector])  # type: ignore[index]
+                                  for n, i in enumerate(special) for position, name, vector in rows[i][1]])
             masks = [rows[i][2] for i in special]
             mask = None if all(m is None for m in masks) else torch.tensor(
                 [m if m is not None else [1] * CHUNK_LENGTH for m in masks])

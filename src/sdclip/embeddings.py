@@ -240,11 +240,17 @@ def inject(tower: "TextTransformer", tokenizer: Tokenizer, prompts: Sequence[str
     if trim:
         ids = ids[:, : int((ids == tower.config.eos_id).int().argmax(-1).max()) + 1]
     embeds = tower.token_embedding(ids)
-    slots = [(b, s.position, vectors[s.name][s.vector]) for b, r in enumerate(rows) for s in r.slots]
-    if slots:
-        where = tuple(torch.tensor(k, device=device) for k in zip(*[(b, p) for b, p, _ in slots]))
-        embeds = embeds.index_put(where, torch.stack([v for _, _, v in slots]).to(embeds.dtype))
-    return ids, embeds
+    return ids, put_vectors(embeds, [(b, s.position, vectors[s.name][s.vector]) for b, r in enumerate(rows)
+                                     for s in r.slots])
+
+
+def put_vectors(embeds: torch.Tensor, slots: Sequence[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+    """``embeds`` [B, L, C] with each ``(row, position, vector)`` of ``slots`` in place: the one place where
+    embedding vectors enter a tower's input.  Differentiable in the vectors."""
+    if not slots:
+        return embeds
+    where = tuple(torch.tensor(k, device=embeds.device) for k in zip(*[(b, p) for b, p, _ in slots]))
+    return embeds.index_put(where, torch.stack([v for _, _, v in slots]).to(embeds.device, embeds.dtype))
 
 
 # --- writing ------------------------------------------------------------------------------------------
