@@ -56,7 +56,7 @@ NAMES: dict[str, dict[str, str | tuple[str, ...]]] = {
         "final_norm.{p}": "ln_final.{p}",
     },
 }
-_BLOCK = {"hf": re.compile(r"encoder\.layers\.(\d+)\."), "openclip": re.compile(r"transformer\.resblocks\.(\d+)\.")}
+BLOCK_INDEX = {"hf": re.compile(r"encoder\.layers\.(\d+)\."), "openclip": re.compile(r"transformer\.resblocks\.(\d+)\.")}
 
 # name by width; OpenAI / HF towers (L, B) use quick_gelu and pad with EOS, OpenCLIP (H, bigG) gelu and 0
 ROLES = {512: "clip_b", 768: "clip_l", 1024: "clip_h", 1280: "clip_g"}
@@ -226,7 +226,7 @@ def _expected_shapes(c: TextConfig) -> dict[str, tuple[int, ...]]:
             "final_norm.weight": (w,), "final_norm.bias": (w,), **block_shapes(c.layers, w, c.mlp_width)}
 
 
-def _foreign_names(style: str, name: str, names: dict = NAMES) -> tuple[str, ...]:
+def foreign_names(style: str, name: str, names: dict = NAMES) -> tuple[str, ...]:
     """The foreign tensor name(s) behind one sdclip parameter name (``names``: ``NAMES`` or the
     image tower's ``vision.VISION_NAMES``)."""
     for ours, theirs in names[style].items():
@@ -248,13 +248,13 @@ def infer_config(tower: Tower, hf_config: dict | None = None, **overrides: Any) 
             raise BadInput(f"{f.path}: missing tensor {k}")
     vocab, width = f.shape(need[0])
     context = f.shape(need[1])[0]
-    blocks = {int(m.group(1)) for k in f.keys() if k.startswith(p) and (m := _BLOCK[style].match(k[len(p):]))}
+    blocks = {int(m.group(1)) for k in f.keys() if k.startswith(p) and (m := BLOCK_INDEX[style].match(k[len(p):]))}
     layers = len(blocks)
     if blocks != set(range(layers)):
         raise BadInput(f"{f.path}: the text encoder at '{p}' has blocks {sorted(blocks)}; some are missing")
     if layers == 0:
         raise BadInput(f"{f.path}: the text encoder at '{p}' has no transformer blocks")
-    fc = f"{p}{_foreign_names(style, 'blocks.0.mlp.fc.weight')[0]}"
+    fc = f"{p}{foreign_names(style, 'blocks.0.mlp.fc.weight')[0]}"
     if fc not in f.keys():
         raise BadInput(f"{f.path}: missing tensor {fc}")
     mlp = f.shape(fc)[0]
@@ -297,8 +297,8 @@ def read_tower(tower: Tower, dtype: torch.dtype = torch.float32, device: str | t
     assert c is not None
     state: dict[str, torch.Tensor] = {}
     for name, shape in _expected_shapes(c).items():
-        parts = [p + n for n in _foreign_names(tower.style, name)]
-        state[name] = _read_checked(f, parts, shape, dtype, f"a {c.layers}-layer width-{c.width} text encoder")
+        parts = [p + n for n in foreign_names(tower.style, name)]
+        state[name] = read_checked(f, parts, shape, dtype, f"a {c.layers}-layer width-{c.width} text encoder")
         tower.used.update(parts)
     found = tower.projection()
     if c.projection_dim and found is not None:
@@ -320,11 +320,11 @@ WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def read_projection(f: TensorFile, found: tuple[str, bool], width: int, out: int, dtype: torch.dtype) -> torch.Tensor:
     """A projection as a Linear weight [out, width]: OpenCLIP keeps x @ P [width, out], P transposed."""
     key, linear = found
-    w = _read_checked(f, [key], (out, width) if linear else (width, out), dtype, f"a width-{width} projection")
+    w = read_checked(f, [key], (out, width) if linear else (width, out), dtype, f"a width-{width} projection")
     return w if linear else w.t().contiguous()
 
 
-def _read_checked(f: TensorFile, keys: list[str], shape: tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:
+def read_checked(f: TensorFile, keys: list[str], shape: tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:
     """The tensors ``keys`` stacked on dim 0 into one ``dtype`` tensor of ``shape``: names, dtypes
     and shapes are checked before reading, values (NaN / inf, also from a lossy down-cast) after."""
     for key in keys:

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import bundled
-from .checkpoint import NAMES, CheckpointInfo, _foreign_names
+from .checkpoint import NAMES, CheckpointInfo, foreign_names
 from .embeddings import EmbeddingSource, inject, token_table
 from .encoder import _dtype, _read_json, load as load_text
 from .errors import BadInput
@@ -104,7 +104,7 @@ class CLIPModel(nn.Module):
                 if name == "projection.weight":
                     state[projection] = t
                     continue
-                parts = _foreign_names("hf", name, names)
+                parts = foreign_names("hf", name, names)
                 for part, chunk in zip(parts, t.chunk(len(parts))):
                     state[prefix + part] = chunk
         state["logit_scale"] = self.logit_scale.detach()

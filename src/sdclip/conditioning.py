@@ -50,12 +50,12 @@ Deferred = Callable[[], _T]  # a result that exists once the encoding call has r
 
 # --- families and layers ---------------------------------------------------------------------------
 
-def _encoders(te: TextEncoder) -> tuple[int, ...]:
+def unet_encoders(te: TextEncoder) -> tuple[int, ...]:
     """The encoders whose hidden states a family's U-Net reads (joined on the channel axis)."""
     return (1, 2) if te.family in ("sdxl", "sd3") and len(te.towers) == 2 else (1,)
 
 
-def _pooled_encoders(te: TextEncoder) -> tuple[int, ...]:
+def pooled_encoders(te: TextEncoder) -> tuple[int, ...]:
     """The encoders whose projected pooled output the U-Net reads (SD1 and SD2 read none)."""
     return {"sdxl": (2,), "sdxl-refiner": (1,), "sd3": (1, 2)}.get(te.family, ())
 
@@ -335,14 +335,14 @@ class Conditioner:
         self.emphasis = emphasis
         self.schedule_options = dict(steps=steps, hires_steps=hires_steps, old_scheduling=old_scheduling)
         self.comma_backtrack, self.truncate, self.split = comma_backtrack, truncate, split
-        numbers = _encoders(te)
+        numbers = unet_encoders(te)
         self.usages = [layer_for(te, n, self.dialect, clip_skip) for n in numbers]
         # diffusers encodes the negative prompt without clip_skip
         self.negative_usages = [te.usages[n - 1] for n in numbers] if self.dialect == "diffusers" else self.usages
         self.unfit: dict[str, str] = {}  # diffusers / compel names whose vectors do not fit: an error if used
         tables = self._tables(load_embeddings(embeddings) if embeddings is not None else [], numbers)
         self.encoders = [_Encoder(n, te.tokenizers[n - 1], te.towers[n - 1].config.pad_id, table,
-                                  n in _pooled_encoders(te)) for n, table in zip(numbers, tables)]
+                                  n in pooled_encoders(te)) for n, table in zip(numbers, tables)]
         self._options = (self.dialect, tuple(self.usages), tuple(self.negative_usages), emphasis,
                          tuple(self.schedule_options.items()), comma_backtrack, truncate, split,
                          tuple(tuple(sorted((k, _digest(v)) for k, v in t.items())) for t in tables))

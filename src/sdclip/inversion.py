@@ -41,13 +41,13 @@ import torch.nn.functional as F
 
 from .checkpoint import Usage
 from .clip import CLIPModel, Images
-from .conditioning import _encoders, _pooled_encoders
+from .conditioning import pooled_encoders, unet_encoders
 from .embeddings import ANY, SDXL_ROLES, Embedding, inject
 from .encoder import TextEncoder
 from .errors import BadInput, SdclipError
 from .model import TextTransformer
 from .tokenizer import Tokenizer
-from .train import _Progress, _read_metrics, load_checkpoint, plot
+from .train import Progress, load_checkpoint, plot, read_metrics
 
 # caption templates in the spirit of the textual-inversion paper's: the word as an object in varied photos
 TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a close-up photo of a {}", "a cropped photo of the {}",
@@ -133,7 +133,7 @@ class _Part:
 def _parts(model: Model) -> list[_Part]:
     if isinstance(model, CLIPModel):
         return [_Part(ANY, model.text, model.tokenizer, Usage(-1, True), True)]
-    numbers, pooled = _encoders(model), _pooled_encoders(model)
+    numbers, pooled = unet_encoders(model), pooled_encoders(model)
     roles = SDXL_ROLES if len(numbers) == 2 else (ANY,)
     return [_Part(role, model.tower(n), model.tokenizers[n - 1], model.usages[n - 1], n in pooled)
             for role, n in zip(roles, numbers)]
@@ -296,9 +296,9 @@ def _run(config: InversionConfig, vectors: dict[str, torch.nn.Parameter], optimi
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         metrics_path = out / "metrics.jsonl"
-        rows = [r for r in _read_metrics(metrics_path) if r["step"] <= start] if resumed else []
+        rows = [r for r in read_metrics(metrics_path) if r["step"] <= start] if resumed else []
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # drop what followed the checkpoint
-    progress = _Progress(config.steps, log, "prompts") if log is not None else None
+    progress = Progress(config.steps, log, "prompts") if log is not None else None
     images = getattr(objective, "images", None)
     began = time.monotonic()
     for step in range(start, stop):
@@ -325,7 +325,7 @@ def _run(config: InversionConfig, vectors: dict[str, torch.nn.Parameter], optimi
     if progress is not None:
         progress.close()
     if metrics_path is not None and stop == config.steps:
-        plot(_read_metrics(metrics_path), out / "loss.png")  # type: ignore[operator]
+        plot(read_metrics(metrics_path), out / "loss.png")  # type: ignore[operator]
 
 
 def nearest_tokens(vectors: torch.Tensor, tower: TextTransformer, tokenizer: Tokenizer, k: int = 5

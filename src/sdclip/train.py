@@ -196,7 +196,7 @@ class _ZeroShot:
         return out
 
 
-class _Progress:
+class Progress:
     """One status line on stderr: step, loss, pairs/s (or ``unit``/s), elapsed and ETA (a line per 10 s off a
     TTY)."""
 
@@ -277,13 +277,13 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, until: 
         if average is not None:
             average.load_state_dict(state["ema"])
         start = int(state["step"])
-        rows = _read_metrics(metrics_path)  # drop what was logged after the checkpoint
+        rows = read_metrics(metrics_path)  # drop what was logged after the checkpoint
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start))
     elif metrics_path.exists():
         metrics_path.unlink()
     stop = min(until if until is not None else config.steps, config.steps)
     zero_shot = _ZeroShot(config) if config.eval_every and isinstance(data, Shapes) else None
-    progress = _Progress(config.steps, log)
+    progress = Progress(config.steps, log)
     batches = _Batches(data, model, config)
     recent: list[float] = []
     began = time.monotonic()
@@ -326,11 +326,11 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, until: 
     progress.close()
     if stop == config.steps:
         evaluated.save(out, dtype=config.save_dtype)
-        plot(_read_metrics(metrics_path), out / "training.png")
+        plot(read_metrics(metrics_path), out / "training.png")
     return evaluated.requires_grad_(False)
 
 
-def _read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

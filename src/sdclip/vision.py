@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checkpoint import _BLOCK, BLOCK_NAMES, _foreign_names, _read_checked, block_shapes, read_projection
+from .checkpoint import BLOCK_INDEX, BLOCK_NAMES, block_shapes, foreign_names, read_checked, read_projection
 from .errors import BadInput
 from .model import ACTIVATIONS, Block
 from .tensorfile import TensorFile
@@ -150,7 +150,7 @@ class VisionTower:
 
     def key(self, name: str) -> str:
         """The file's key for one sdclip parameter name (a single tensor)."""
-        return self.prefix + _foreign_names(self.style, name, VISION_NAMES)[0]
+        return self.prefix + foreign_names(self.style, name, VISION_NAMES)[0]
 
     def projection(self) -> tuple[str, bool] | None:
         """The projection's key and whether it is a Linear weight [out, in] (HF) rather than
@@ -195,7 +195,7 @@ def infer_vision_config(tower: VisionTower, hf_config: dict | None = None,
     if grid * grid != tokens or grid == 0:
         raise BadInput(f"{f.path}: {tower.key('position_embedding')} has {tokens + 1} rows; expected 1 + a square "
                        f"number of patches")
-    blocks = {int(m.group(1)) for k in f.keys() if k.startswith(p) and (m := _BLOCK[tower.style].match(k[len(p):]))}
+    blocks = {int(m.group(1)) for k in f.keys() if k.startswith(p) and (m := BLOCK_INDEX[tower.style].match(k[len(p):]))}
     if not blocks or blocks != set(range(len(blocks))):
         raise BadInput(f"{f.path}: the image tower at '{p}' has blocks {sorted(blocks)}; some are missing")
     projection = 0
@@ -225,7 +225,7 @@ def read_vision_tower(tower: VisionTower, config: VisionConfig, dtype: torch.dty
     f, p, what = tower.file, tower.prefix, f"a {config.layers}-layer width-{config.width} image encoder"
     state: dict[str, torch.Tensor] = {}
     for name, shape in _vision_shapes(config).items():
-        state[name] = _read_checked(f, [p + n for n in _foreign_names(tower.style, name, VISION_NAMES)], shape,
+        state[name] = read_checked(f, [p + n for n in foreign_names(tower.style, name, VISION_NAMES)], shape,
                                     dtype, what)
     found = tower.projection()
     if config.projection_dim and found is not None:
