@@ -20,8 +20,8 @@ from sdclip.shapes import HELD_OUT, ZERO_SHOT_TEMPLATES, eval_set, labels, phras
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = bundled.folder()
-# measured on 480 fresh pictures per split: see the model card; the thresholds leave a margin
-SEEN_MIN, HELD_OUT_MIN = 0.93, 0.80
+# the targets; this test's 240 + 240 pictures give 100 % and 92.5 % (the model card's 960 + 960: 99.7 %, 89.1 %)
+SEEN_MIN, HELD_OUT_MIN = 0.95, 0.85
 
 
 @pytest.fixture(scope="module")

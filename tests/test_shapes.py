@@ -9,7 +9,7 @@ import pytest
 
 from sdclip.errors import BadInput
 from sdclip.shapes import (COLOURS, HELD_OUT, NOVEL_SHAPES, SHAPES, TRAIN_SHAPES, Shapes, eval_set, labels, phrase,
-                           render)
+                           pictures, render)
 
 WORDS = re.compile(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
 
@@ -69,6 +69,19 @@ def test_held_out_set_and_novel_shapes():
     assert not {(c, s) for _, c, s in seen} & HELD_OUT
     with pytest.raises(BadInput):
         eval_set("test", 3)
+
+
+def test_pictures_of_any_pair():
+    made = pictures([("red", "crescent"), ("blue", "heart")], 5, size=32, seed=3)
+    assert [(c, s) for _, c, s in made] == [("red", "crescent"), ("blue", "heart")] * 2 + [("red", "crescent")]
+    assert all(image.size == (32, 32) for image, _, _ in made)
+    again = pictures([("red", "crescent"), ("blue", "heart")], 5, size=32, seed=3)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for (a, _, _), (b, _, _) in zip(made, again))
+    assert eval_set("held_out", 3, 32, seed=5)[2][0].tobytes() == \
+        pictures(sorted(HELD_OUT, key=labels().index), 3, 32, seed=5)[2][0].tobytes()
+    for bad in ([("red", "blob")], [("grey", "circle")], []):
+        with pytest.raises(BadInput, match="colour x shape"):
+            pictures(bad, 2, 32)
 
 
 def test_every_shape_draws_distinctly():

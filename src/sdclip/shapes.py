@@ -238,9 +238,20 @@ def eval_set(split: str, n: int, size: int = 64, seed: int = 1234) -> list[tuple
         combos = sorted(HELD_OUT, key=labels().index)
     else:
         raise BadInput(f"unknown evaluation split {split!r}; use 'seen' or 'held_out'")
+    return pictures(combos, n, size, seed)
+
+
+def pictures(pairs: Sequence[tuple[str, str]], n: int, size: int = 64, seed: int = 1234
+             ) -> list[tuple[Image.Image, str, str]]:
+    """``n`` single-object pictures (image, colour, shape) cycling through the (colour, shape) ``pairs``,
+    drawn as training draws them; any shape of ``SHAPES``, the novel ones included."""
+    unknown = [p for p in pairs if p[0] not in COLOURS or p[1] not in SHAPES]
+    if not pairs or unknown:
+        raise BadInput(f"unknown colour x shape pair {unknown[0] if unknown else '(none given)'}; colours: "
+                       f"{', '.join(COLOURS)}; shapes: {', '.join(SHAPES)}")
     out = []
     for i in range(n):
-        colour, shape = combos[i % len(combos)]
+        colour, shape = pairs[i % len(pairs)]
         rng = np.random.default_rng([seed, i, 2])
         thing = _place(rng, colour, shape, _SIZES, size, (0, 0, size, size))
         scene = Scene((thing,), "dark" if rng.random() < 0.5 else "light", phrase(colour, shape))
