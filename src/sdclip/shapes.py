@@ -245,10 +245,12 @@ def pictures(pairs: Sequence[tuple[str, str]], n: int, size: int = 64, seed: int
              ) -> list[tuple[Image.Image, str, str]]:
     """``n`` single-object pictures (image, colour, shape) cycling through the (colour, shape) ``pairs``,
     drawn as training draws them; any shape of ``SHAPES``, the novel ones included."""
+    if not pairs:
+        raise BadInput("no colour x shape pairs given")
     unknown = [p for p in pairs if p[0] not in COLOURS or p[1] not in SHAPES]
-    if not pairs or unknown:
-        raise BadInput(f"unknown colour x shape pair {unknown[0] if unknown else '(none given)'}; colours: "
-                       f"{', '.join(COLOURS)}; shapes: {', '.join(SHAPES)}")
+    if unknown:
+        raise BadInput(f"unknown colour x shape pair {unknown[0]}; colours: {', '.join(COLOURS)}; "
+                       f"shapes: {', '.join(SHAPES)}")
     out = []
     for i in range(n):
         colour, shape = pairs[i % len(pairs)]
