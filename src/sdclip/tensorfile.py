@@ -6,13 +6,21 @@ restricted unpickler that can only build tensors and plain containers: a pickle 
 anything else (``os.system``, ``builtins.eval``...) is refused before any of it runs; the rare
 pre-1.6 (non-zip) pickle goes to ``torch.load(weights_only=True)``.  Every broken file raises one
 ``BadInput`` naming the file and what is wrong.
+
+Nothing is taken on trust: a safetensors header must account for every byte of the file exactly once, a
+zip member's CRC32 is checked on every read, pickles are bounded in size and opcodes, and the object tree
+they build in depth and size (``sdclip.limits``), so a hostile file costs memory and time in proportion
+to its real size, never more.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
+import io
 import json
 import pickle
+import pickletools
+import os
 import re
 import zipfile
 import zlib
@@ -23,6 +31,7 @@ from typing import Any, Iterator
 
 import torch
 
+from . import limits
 from .errors import BadInput
 
 _STORAGE_DTYPES = {
@@ -89,28 +98,25 @@ class SafetensorsFile(TensorFile):
 
     def __init__(self, path: Path):
         self.path = path
-        self._fh = open(path, "rb")
+        self._fh = limits.open_regular(path, "weights file")
         try:
-            size = path.stat().st_size
+            size = os.fstat(self._fh.fileno()).st_size
             n = int.from_bytes(self._fh.read(8), "little")
             if n > size - 8:
                 raise ValueError(f"the header needs {n} bytes, the file has {size - 8} after its length (truncated?)")
-            header = json.loads(self._fh.read(n))
+            if n > limits.MAX_SAFETENSORS_HEADER:
+                raise ValueError(f"a header of {n:,} bytes, more than the {limits.MAX_SAFETENSORS_HEADER:,} allowed")
+            header = json.loads(self._fh.read(n), object_pairs_hook=_unique_keys)
             if not isinstance(header, dict):
                 raise ValueError("the header is not a JSON object")
-            self.metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+            metadata = header.pop("__metadata__", None) or {}
+            if not isinstance(metadata, dict):
+                raise ValueError("__metadata__ is not a JSON object")
+            self.metadata = {str(k): str(v) for k, v in metadata.items()}
             self._data = 8 + n
-            self._info: dict[str, tuple[tuple[int, ...], str, int]] = {}
-            for key, entry in header.items():
-                shape, dtype, (begin, end) = tuple(entry["shape"]), entry["dtype"], entry["data_offsets"]
-                if not _counts(shape):
-                    raise ValueError(f"tensor {key} has shape {list(shape)}")
-                itemsize = _SAFETENSORS_DTYPES[dtype].itemsize if dtype in _SAFETENSORS_DTYPES else None
-                if itemsize is not None and end - begin != _numel(shape) * itemsize:
-                    raise ValueError(f"tensor {key} has {end - begin} bytes for shape {list(shape)} {dtype}")
-                if not 0 <= begin <= end or self._data + end > size:
-                    raise ValueError(f"tensor {key} lies past the end of the file (truncated?)")
-                self._info[key] = (shape, dtype, self._data + begin)
+            self._info = {key: _safetensors_entry(key, entry) for key, entry in header.items()}
+            _check_layout(self._info, size - self._data)
+            self._info = {k: (shape, dtype, self._data + begin) for k, (shape, dtype, begin, _) in self._info.items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             self._fh.close()
             raise BadInput(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
@@ -146,7 +152,56 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _counts(values: Any) -> bool:
     """Whether ``values`` is a valid shape or stride: a tuple of non-negative ints."""
-    return isinstance(values, tuple) and all(isinstance(v, int) and v >= 0 for v in values)
+    return isinstance(values, tuple) and all(type(v) is int and v >= 0 for v in values)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object that names no key twice (``json`` would silently keep the last one)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the header names {key!r} twice")
+        out[key] = value
+    return out
+
+
+# bits per element of the safetensors dtypes sdclip cannot use, so that their sizes are still checked
+_OTHER_SAFETENSORS_BITS = {"U16": 16, "U32": 32, "U64": 64, "C64": 64, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
+                           "F8_E5M2FNUZ": 8, "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4}
+
+
+def _safetensors_entry(key: str, entry: Any) -> tuple[tuple[int, ...], str, int, int]:
+    """(shape, dtype, begin, end) of one header entry, with its byte count checked against dtype x shape."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise ValueError(f"tensor {key} has no dtype, shape and data_offsets")
+    shape, dtype, offsets = entry["shape"], entry["dtype"], entry["data_offsets"]
+    if not isinstance(shape, list) or not _counts(tuple(shape)):
+        raise ValueError(f"tensor {key} has shape {shape!r}")
+    if not isinstance(dtype, str):
+        raise ValueError(f"tensor {key} has dtype {dtype!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and _counts(tuple(offsets)) and offsets[0] <= offsets[1]):
+        raise ValueError(f"tensor {key} has data_offsets {offsets!r}")
+    begin, end = offsets
+    bits = _SAFETENSORS_DTYPES[dtype].itemsize * 8 if dtype in _SAFETENSORS_DTYPES else _OTHER_SAFETENSORS_BITS.get(dtype)
+    if bits is not None and end - begin != -(-_numel(tuple(shape)) * bits // 8):
+        raise ValueError(f"tensor {key} has {end - begin} bytes for shape {shape} {dtype}")
+    return tuple(shape), dtype, begin, end
+
+
+def _check_layout(info: dict[str, tuple[tuple[int, ...], str, int, int]], data_size: int) -> None:
+    """The tensors tile the data section exactly: no overlap (two names for one set of bytes would load
+    silently wrong weights), no gap, nothing past the end and no trailing bytes."""
+    at, previous = 0, None
+    for key, (_, _, begin, end) in sorted(info.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin < at:
+            raise ValueError(f"tensor {key} overlaps tensor {previous} (bytes {begin}-{end} of the data)")
+        if begin > at:
+            raise ValueError(f"a gap of {begin - at} bytes before tensor {key}")
+        at, previous = end, key
+    if at > data_size:
+        raise ValueError(f"tensor {previous} lies past the end of the file (truncated?)")
+    if at < data_size:
+        raise ValueError(f"{data_size - at} bytes of trailing data after the last tensor")
 
 
 class ShardedSafetensors(TensorFile):
@@ -155,14 +210,15 @@ class ShardedSafetensors(TensorFile):
     def __init__(self, index: Path):
         self.path = index
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = json.loads(limits.read_regular(index, "safetensors index", limits.MAX_SAFETENSORS_HEADER),
+                                    object_pairs_hook=_unique_keys)["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise BadInput(f"{index}: not a safetensors index ({e})") from None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise BadInput(f"{index}: not a safetensors index (weight_map is not a name -> file mapping)")
         self._shards = {}
         for name in sorted(set(weight_map.values())):
-            if not (index.parent / name).is_file():
+            if not (index.parent / name).exists():
                 raise BadInput(f"{index}: names shard {name}, which is not in {index.parent}")
             self._shards[name] = SafetensorsFile(index.parent / name)
         self._where = {k: self._shards[v] for k, v in weight_map.items()}
@@ -301,16 +357,44 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return _Storage(str(key), dtype, numel)
 
 
-def _flatten(obj: Any, leaf: type, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Named tensors (instances of ``leaf``) of a nested checkpoint object (dicts, TorchScript module trees)."""
-    if isinstance(obj, leaf):
-        yield prefix.rstrip("."), obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _flatten(v, leaf, f"{prefix}{k}.")
-    elif isinstance(obj, _ScriptModule) and isinstance(getattr(obj, "state", None), dict):
-        for k, v in obj.state.items():
-            yield from _flatten(v, leaf, f"{prefix}{k}.")
+class _TooBig(ValueError):
+    """A pickle whose object tree is deeper, larger or more tangled than a checkpoint's."""
+
+
+def _flatten(obj: Any, leaf: type, prefix: str = "") -> list[tuple[str, Any]]:
+    """Named tensors (instances of ``leaf``) of a nested checkpoint object (dicts, TorchScript module trees).
+
+    Pickles can share objects, so a few hundred bytes can describe a tree with 2^40 paths, or a dict that
+    holds itself: the walk stops at a cycle and past ``limits.MAX_TREE_NODES`` visits or
+    ``limits.MAX_TREE_DEPTH`` levels instead of running out of memory or stack."""
+    out: list[tuple[str, Any]] = []
+    visits = 0
+    path: set[int] = set()  # containers being walked: meeting one again is a cycle
+
+    def walk(obj: Any, prefix: str, depth: int) -> None:
+        nonlocal visits
+        visits += 1
+        if visits > limits.MAX_TREE_NODES:
+            raise _TooBig(f"its objects form a tree of more than {limits.MAX_TREE_NODES:,} entries (shared "
+                          f"sub-objects repeated?), more than any checkpoint has")
+        if isinstance(obj, leaf):
+            out.append((prefix.rstrip("."), obj))
+            return
+        items = (obj.items() if isinstance(obj, dict) else obj.state.items()
+                 if isinstance(obj, _ScriptModule) and isinstance(getattr(obj, "state", None), dict) else None)
+        if items is None:
+            return
+        if depth >= limits.MAX_TREE_DEPTH:
+            raise _TooBig(f"its containers nest more than {limits.MAX_TREE_DEPTH} deep")
+        if id(obj) in path:
+            raise _TooBig(f"a container holds itself (at {prefix.rstrip('.') or 'the top'})")
+        path.add(id(obj))
+        for k, v in items:
+            walk(v, f"{prefix}{k}.", depth + 1)
+        path.discard(id(obj))
+
+    walk(obj, prefix, 0)
+    return out
 
 
 def _named_tensors(obj: Any, leaf: type) -> dict[str, Any]:
@@ -322,6 +406,14 @@ def _named_tensors(obj: Any, leaf: type) -> dict[str, Any]:
             if tensors:
                 return tensors
     return dict(_flatten(obj, leaf))
+
+
+def _check_pickle_ops(data: bytes) -> None:
+    """Refuse a pickle with more opcodes than ``limits.MAX_PICKLE_OPS`` before building any object: each
+    opcode builds at most one, so this bounds the memory unpickling takes."""
+    for n, _ in enumerate(pickletools.genops(data), 1):
+        if n > limits.MAX_PICKLE_OPS:
+            raise _TooBig(f"its pickle has more than {limits.MAX_PICKLE_OPS:,} opcodes, more than any checkpoint has")
 
 
 def _text_fields(obj: Any) -> dict[str, str]:
@@ -340,37 +432,71 @@ _CORRUPT = (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, Value
 
 
 class PickleFile(TensorFile):
-    """A torch zip archive (torch.save since 1.6, TorchScript .pt), read without running code."""
+    """A torch zip archive (torch.save since 1.6, TorchScript .pt), read without running code.
+
+    Every member's claimed sizes are checked against the archive's real size when it is opened, and the
+    CRC32 of every member read is verified, so a flipped bit or a shifted record is refused, not loaded."""
 
     def __init__(self, path: Path):
         self.path = path
         self.metadata = {}
-        self._fh = open(path, "rb")
+        self._fh = limits.open_regular(path, "weights file")
         try:
             self._zip = zipfile.ZipFile(self._fh)
+            self._size = os.fstat(self._fh.fileno()).st_size
             names = self._zip.namelist()
             pkl = next((n for n in names if n.endswith("/data.pkl") and n.count("/") == 1), None)
             if pkl is None:
                 raise BadInput(f"{path}: a zip archive without data.pkl, so not a torch or TorchScript file")
+            for info in self._zip.infolist():
+                self._check_member(info)
             self._root = pkl.rsplit("/", 1)[0]
             self.is_torchscript = any(n.endswith("/constants.pkl") for n in names)
             # torch.save on a big-endian machine writes its records in that byte order
             order = f"{self._root}/byteorder"
             self._big_endian = order in names and self._zip.read(order).strip() == b"big"
-            with self._zip.open(pkl) as f:
-                obj = _RestrictedUnpickler(f).load()
+            if self._zip.getinfo(pkl).file_size > limits.MAX_PICKLE_BYTES:
+                raise _TooBig(f"{pkl} claims {self._zip.getinfo(pkl).file_size:,} bytes, more than the "
+                              f"{limits.MAX_PICKLE_BYTES:,} a checkpoint's pickle may have")
+            data = self._zip.read(pkl)  # checks the CRC32
+            _check_pickle_ops(data)
+            obj = _RestrictedUnpickler(io.BytesIO(data)).load()
+            del data
+            self._tensors: dict[str, _LazyTensor] = _named_tensors(obj, _LazyTensor)
+            for key, lazy in self._tensors.items():
+                _check_repeats(key, _numel(lazy.size), lazy.storage.numel)
         except _Refused as e:
             self._fh.close()
             raise _refusal(path, str(e)) from None
         except BadInput:
             self._fh.close()
             raise
+        except _TooBig as e:
+            self._fh.close()
+            raise BadInput(f"{path}: refused: {e}") from None
         except _CORRUPT as e:
             self._fh.close()
             raise BadInput(f"{path}: truncated or corrupt torch archive ({type(e).__name__}: {e})") from None
         self.metadata = _text_fields(obj)
-        self._tensors: dict[str, _LazyTensor] = _named_tensors(obj, _LazyTensor)
         self._storages: dict[str, torch.Tensor] = {}
+
+    def _check_member(self, info: zipfile.ZipInfo) -> None:
+        """A member's sizes fit in the archive (a central directory claiming 400 GB is refused here, before
+        anything is allocated) and its compression is one torch.load reads."""
+        name = info.filename
+        if info.header_offset + info.compress_size > self._size:
+            raise ValueError(f"member {name} claims {info.compress_size:,} bytes at offset {info.header_offset:,}, "
+                             f"past the end of the {self._size:,}-byte archive")
+        if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+            raise ValueError(f"member {name} is stored uncompressed with {info.compress_size:,} bytes, "
+                             f"yet claims {info.file_size:,}")
+        if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > limits.MAX_DEFLATE_RATIO * max(
+                info.compress_size, 1):
+            raise ValueError(f"member {name} claims {info.file_size:,} bytes from {info.compress_size:,} compressed, "
+                             f"more than deflate can expand")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise ValueError(f"member {name} uses zip compression method {info.compress_type}, which torch "
+                             f"archives do not use")
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -382,27 +508,58 @@ class PickleFile(TensorFile):
         return self._tensors[key].storage.dtype
 
     def _read_storage(self, storage: _Storage) -> torch.Tensor:
+        """A storage's elements, read straight into a tensor's memory; the record's CRC32 is checked."""
         name = f"{self._root}/data/{storage.key}"
         try:
             info = self._zip.getinfo(name)
             nbytes = storage.numel * storage.dtype.itemsize
-            if info.compress_type != zipfile.ZIP_STORED or info.file_size < nbytes:
-                raise ValueError(f"record {name} holds {info.file_size} bytes, expected {nbytes}")
-            # read straight into the tensor's memory: torch writes records uncompressed
-            self._fh.seek(info.header_offset)
-            header = self._fh.read(30)
-            if header[:4] != b"PK\x03\x04":
-                raise ValueError(f"record {name} has no local header")
-            start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+            if info.file_size < nbytes:
+                raise ValueError(f"record {name} holds {info.file_size} bytes, a storage of {storage.numel} "
+                                 f"{str(storage.dtype).removeprefix('torch.')} needs {nbytes}")
             flat = torch.empty(storage.numel, dtype=storage.dtype)
-            if not _read_into(self._fh, start, flat):
-                raise ValueError(f"record {name} is cut short")
+            view = memoryview(flat.view(torch.uint8).numpy())
+            if info.compress_type == zipfile.ZIP_STORED:
+                crc = self._read_stored(info, view)
+            else:  # deflate, as torch.load reads it: zipfile checks the CRC32 when the record is read to its end
+                with self._zip.open(info) as f:
+                    if f.readinto(view) != nbytes:
+                        raise ValueError(f"record {name} is cut short")
+                    while f.read(1 << 20):
+                        pass
+                crc = info.CRC
+            if crc != info.CRC:
+                raise ValueError(f"record {name} fails its CRC32 check (a damaged or altered file)")
             if self._big_endian and storage.dtype.itemsize > 1:
                 raw = flat.view(torch.uint8).view(-1, storage.dtype.itemsize)
                 raw.copy_(raw.flip(1))
-        except (KeyError, ValueError, OSError) as e:
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             raise BadInput(f"{self.path}: truncated or corrupt torch archive ({e})") from None
         return flat
+
+    def _read_stored(self, info: zipfile.ZipInfo, view: memoryview) -> int:
+        """Read an uncompressed record's first ``len(view)`` bytes into ``view``; the CRC32 of the whole record."""
+        name = info.filename
+        self._fh.seek(info.header_offset)
+        header = self._fh.read(30)
+        if header[:4] != b"PK\x03\x04":
+            raise ValueError(f"record {name} has no local header")
+        name_length, extra_length = int.from_bytes(header[26:28], "little"), int.from_bytes(header[28:30], "little")
+        if self._fh.read(name_length).decode("utf-8", "replace") != name:
+            raise ValueError(f"record {name}: its local header names another member")
+        start = info.header_offset + 30 + name_length + extra_length
+        if start + info.file_size > self._size:
+            raise ValueError(f"record {name} is cut short")
+        self._fh.seek(start)
+        if self._fh.readinto(view) != len(view):
+            raise ValueError(f"record {name} is cut short")
+        crc = zlib.crc32(view)
+        left = info.file_size - len(view)
+        while left > 0:  # bytes past the storage (torch writes none): still covered by the CRC
+            chunk = self._fh.read(min(left, 1 << 20))
+            if not chunk:
+                raise ValueError(f"record {name} is cut short")
+            crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+        return crc
 
     def get(self, key: str) -> torch.Tensor:
         lazy = self._tensors[key]
@@ -425,14 +582,23 @@ class PickleFile(TensorFile):
         self._fh.close()
 
 
+def _check_repeats(key: str, numel: int, stored: int) -> None:
+    """Refuse a view with far more elements than its storage holds (stride 0: 64 floats as a [4e7, 64]
+    tensor), which would become gigabytes once read; small broadcasts (a scalar expanded) pass."""
+    if numel > stored and numel > limits.MAX_REPEATED_ELEMENTS:
+        raise _TooBig(f"tensor {key} is a view of {numel:,} elements over a storage of {stored:,} (stride 0?): "
+                      f"it would take far more memory than the file holds")
+
+
 class LegacyPickleFile(TensorFile):
     """A pre-1.6 torch pickle (not a zip): read whole by ``torch.load(weights_only=True)``."""
 
     def __init__(self, path: Path):
         self.path = path
         self.metadata = {}
+        f = limits.open_regular(path, "weights file")
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             # torch's safe loader names what it refused "GLOBAL module.name" ("GLOBAL eval" for builtins)
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
@@ -442,10 +608,17 @@ class LegacyPickleFile(TensorFile):
             raise _refusal(path, ".".join(_py3_name(module or "builtins", name))) from None
         except Exception as e:  # torch raises many kinds on garbage
             raise BadInput(f"{path}: truncated or corrupt torch file ({type(e).__name__}: {e})") from None
+        finally:
+            f.close()
         if not isinstance(obj, dict):
             raise BadInput(f"{path}: holds a {type(obj).__name__}, not a dictionary of tensors")
         self.metadata = _text_fields(obj)
-        self._tensors: dict[str, torch.Tensor] = _named_tensors(obj, torch.Tensor)
+        try:
+            self._tensors: dict[str, torch.Tensor] = _named_tensors(obj, torch.Tensor)
+            for key, t in self._tensors.items():
+                _check_repeats(key, t.numel(), t.untyped_storage().nbytes() // max(t.element_size(), 1))
+        except _TooBig as e:
+            raise BadInput(f"{path}: refused: {e}") from None
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -462,12 +635,10 @@ class LegacyPickleFile(TensorFile):
 
 def open_tensor_file(path: str | Path) -> TensorFile:
     """Open a weights file by its content (not its name): safetensors, torch zip, legacy pickle."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{path}: no such file")
+    path = limits.regular_file(path, "weights file")
     if path.name.endswith(".index.json"):
         return ShardedSafetensors(path)
-    with open(path, "rb") as f:
+    with limits.open_regular(path, "weights file") as f:
         head = f.read(9)
     if len(head) < 9:
         raise BadInput(f"{path}: empty or truncated file ({len(head)} bytes)")
