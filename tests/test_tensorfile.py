@@ -26,7 +26,7 @@ import sdclip
 from sdclip import BadInput, tensorfile
 from sdclip.tensorfile import PickleFile, SafetensorsFile, open_tensor_file
 
-WIDTH, LAYERS, MLP, VOCAB = 64, 2, 128, 1000  # the loader never tokenizes, so a small vocabulary will do
+WIDTH, LAYERS, MLP, VOCAB = 64, 2, 128, 49408
 HF = "cond_stage_model.transformer.text_model."  # an SD1 single file's prefix
 
 

@@ -247,6 +247,7 @@ def infer_config(tower: Tower, hf_config: dict | None = None, **overrides: Any) 
         if k not in f.keys():
             raise BadInput(f"{f.path}: missing tensor {k}")
     vocab, width = f.shape(need[0])
+    _check_rank(f, need[1], 2)
     context = f.shape(need[1])[0]
     blocks = {int(m.group(1)) for k in f.keys() if k.startswith(p) and (m := BLOCK_INDEX[style].match(k[len(p):]))}
     layers = len(blocks)
@@ -254,9 +255,9 @@ def infer_config(tower: Tower, hf_config: dict | None = None, **overrides: Any) 
         raise BadInput(f"{f.path}: the text encoder at '{p}' has blocks {sorted(blocks)}; some are missing")
     if layers == 0:
         raise BadInput(f"{f.path}: the text encoder at '{p}' has no transformer blocks")
+    _check_blocks_whole(tower, layers)
     fc = f"{p}{foreign_names(style, 'blocks.0.mlp.fc.weight')[0]}"
-    if fc not in f.keys():
-        raise BadInput(f"{f.path}: missing tensor {fc}")
+    _check_rank(f, fc, 2)
     mlp = f.shape(fc)[0]
     found = tower.projection()
     projection = 0
@@ -282,13 +283,65 @@ def infer_config(tower: Tower, hf_config: dict | None = None, **overrides: Any) 
                            f"{found_value}; weights and configuration do not belong together")
     heads = (hf_config or {}).get("num_attention_heads") or max(width // 64, 1)
     legacy = (hf_config or {}).get("eos_token_id") == 2  # transformers then pools at argmax(ids)
-    config = TextConfig(width=width, layers=layers, heads=heads, mlp_width=mlp, vocab_size=vocab,
-                        context_length=context, activation=activation, projection_dim=projection, pad_id=pad,
-                        pooling="argmax" if legacy else "first_eos")
+    try:
+        config = TextConfig(width=width, layers=layers, heads=heads, mlp_width=mlp, vocab_size=vocab,
+                            context_length=context, activation=activation, projection_dim=projection,
+                            pad_id=pad,
+                            pooling="argmax" if legacy else "first_eos")
+    except BadInput as e:
+        raise BadInput(f"{f.path}: the text encoder at '{p}' (with its config.json, if any): {e}") from None
     try:
         return replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    except TypeError as e:
-        raise BadInput(f"bad configuration override: {e}") from None
+    except (TypeError, BadInput) as e:
+        raise BadInput(f"bad configuration override for {f.path}: {e}") from None
+
+
+def _check_rank(f: TensorFile, key: str, rank: int) -> None:
+    """A tensor the architecture is read from exists and has ``rank`` dimensions (a scalar is refused)."""
+    if key not in f.keys():
+        raise BadInput(f"{f.path}: missing tensor {key}")
+    if len(f.shape(key)) != rank:
+        raise BadInput(f"{f.path}: tensor {key} has shape {list(f.shape(key))}, expected {rank} dimensions")
+
+
+def _check_blocks_whole(tower: Tower, layers: int) -> None:
+    """Every block present has all its tensors: a half-written last layer is a damaged file, never a
+    shallower model."""
+    keys = set(tower.file.keys())
+    for i in range(layers):
+        names = [n for name in block_shapes(1, 1, 1) for n in foreign_names(tower.style, name.replace("0", str(i), 1))]
+        missing = [tower.prefix + n for n in names if tower.prefix + n not in keys]
+        if missing:
+            raise BadInput(f"{tower.file.path}: layer {i} of the text encoder at '{tower.prefix}' is incomplete: "
+                           f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+
+
+# the transformers config.json fields sdclip reads, and the type each must have
+_HF_FIELDS = {"hidden_act": str, "num_attention_heads": int, "hidden_size": int, "num_hidden_layers": int,
+              "intermediate_size": int}
+
+
+def check_hf_config(config: dict, path: Any) -> dict:
+    """``config`` (a transformers text config read from ``path``) if the fields sdclip reads have the right
+    type and range; ``BadInput`` naming the file and the field otherwise."""
+    for name, kind in _HF_FIELDS.items():
+        value = config.get(name)
+        if value is None:
+            continue
+        if type(value) is not kind or (kind is int and value <= 0):
+            wanted = "a positive whole number" if kind is int else "a string"
+            raise BadInput(f"{path}: {name} is {value!r}, not {wanted}")
+    return config
+
+
+def check_tokenizer_fits(tower: Tower, tokenizer: Any) -> None:
+    """The tokenizer's ids all have a row in the token embedding (a 1000-row embedding under CLIP's
+    49408-token vocabulary would fail at the first prompt)."""
+    assert tower.config is not None
+    if tokenizer.vocab_size > tower.config.vocab_size:
+        key = tower.prefix + NAMES[tower.style]["token_embedding.weight"]  # type: ignore[operator]
+        raise BadInput(f"{tower.file.path}: tensor {key} has {tower.config.vocab_size} rows, but the tokenizer "
+                       f"has {tokenizer.vocab_size} tokens: ids past the embedding")
 
 
 def read_tower(tower: Tower, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> TextTransformer:

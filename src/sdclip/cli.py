@@ -14,15 +14,19 @@ import sdclip
 
 from . import bundled
 from .errors import BadInput, SdclipError
+from .limits import MAX_PROMPT_CHARS, check_prompt, read_regular
 
 
-def read_prompts(prompts: Sequence[str], file: str | None) -> list[str]:
-    """Prompts from arguments, then from ``file`` (.txt: one per line; .jsonl: one JSON string per line)."""
+def read_prompts(prompts: Sequence[str], file: str | None, max_chars: int | None = MAX_PROMPT_CHARS) -> list[str]:
+    """Prompts from arguments, then from ``file`` (.txt: one per line; .jsonl: one JSON string per line); each
+    at most ``max_chars`` characters (``--max-prompt-chars``)."""
+    for n, prompt in enumerate(prompts, 1):
+        check_prompt(prompt, max_chars, f"prompt {n}")
     out = list(prompts)
     if file is not None:
         path = Path(file)
-        try:
-            text = sys.stdin.read() if file == "-" else path.read_text(encoding="utf-8-sig")  # Notepad writes a BOM
+        try:  # Notepad writes a BOM
+            text = sys.stdin.read() if file == "-" else read_regular(path, "prompt file").decode("utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             raise BadInput(f"{file}: cannot read prompts ({e})") from None
         if path.suffix == ".jsonl":
@@ -38,6 +42,8 @@ def read_prompts(prompts: Sequence[str], file: str | None) -> list[str]:
                 out.append(value)
         else:
             out.extend(text.splitlines())
+        for n, prompt in enumerate(out[len(prompts):], 1):
+            check_prompt(prompt, max_chars, f"{file}: prompt {n}")
     if not out:
         raise BadInput("no prompts: give them as arguments or with --file")
     return out
@@ -47,6 +53,19 @@ def _add_prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (or use --file)")
     p.add_argument("--file", "-f", help="prompts from a file: .txt one per line, .jsonl one JSON string per line "
                    "(a prompt may then hold newlines); - = stdin, one per line")
+    p.add_argument("--max-prompt-chars", type=_limit, default=MAX_PROMPT_CHARS, metavar="N",
+                   help=f"refuse prompts longer than N characters (default {MAX_PROMPT_CHARS:,}; 0 = no limit)")
+
+
+def _limit(text: str) -> int | None:
+    """``--max-prompt-chars``: a whole number of characters, 0 for no limit."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more, got {value}")
+    return value or None
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
@@ -56,7 +75,7 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
         tokenizer = sdclip.load(args.model, tokenizer_mode=args.mode).tokenizers[0]
     else:
         tokenizer = sdclip.Tokenizer(mode=args.mode)
-    for prompt in read_prompts(args.prompts, args.file):
+    for prompt in read_prompts(args.prompts, args.file, args.max_prompt_chars):
         print(json.dumps(tokenizer.encode(prompt)))
 
 
@@ -93,7 +112,7 @@ def _load_for_encode(args: argparse.Namespace) -> "sdclip.TextEncoder":
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
-    prompts = read_prompts(args.prompts, args.file)
+    prompts = read_prompts(args.prompts, args.file, args.max_prompt_chars)
     if Path(args.out).is_dir():
         raise BadInput(f"{args.out}: --out is a folder; give a file name such as out.safetensors")
     _check_device(args.device)
@@ -129,13 +148,14 @@ def _encode_conditioning(args: argparse.Namespace, prompts: list[str]) -> None:
                        "decides (use --clip-skip)")
     if args.negative is not None and args.negative_file is not None:
         raise BadInput("give --negative or --negative-file, not both")
-    negative = read_prompts([], args.negative_file) if args.negative_file is not None else args.negative
+    negative = read_prompts([], args.negative_file, args.max_prompt_chars) if args.negative_file is not None else args.negative
     if isinstance(negative, list) and len(negative) != len(prompts):
         raise BadInput(f"{args.negative_file}: {len(negative)} negative prompts for {len(prompts)} prompts "
                        f"(one per line, one per prompt)")
     te = _load_for_encode(args)
     options = dict(clip_skip=args.clip_skip, emphasis=args.emphasis or "original", embeddings=args.embeddings,
-                   steps=args.steps, comma_backtrack=args.comma_backtrack, truncate=not args.no_truncate)
+                   steps=args.steps, comma_backtrack=args.comma_backtrack, truncate=not args.no_truncate,
+                   max_prompt_chars=args.max_prompt_chars)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cond = sdclip.encode_prompts(te, prompts, negative, dialect=args.dialect, step=args.step, **options)
@@ -213,12 +233,12 @@ def _chunk_all(args: argparse.Namespace):
 
     tokenizer, pad_id = _dialect_tokenizer(args)
     dialect = args.dialect or "diffusers"
-    options = {"pad_id": pad_id}
+    options = {"pad_id": pad_id, "max_prompt_chars": args.max_prompt_chars}
     if dialect == "a1111":
         options.update(steps=args.steps, comma_backtrack=args.comma_backtrack)
     elif dialect == "compel":
         options.update(truncate=not args.no_truncate)
-    for prompt in read_prompts(args.prompts, args.file):
+    for prompt in read_prompts(args.prompts, args.file, args.max_prompt_chars):
         yield chunk(prompt, dialect, tokenizer, **options), tokenizer
 
 
@@ -241,8 +261,8 @@ def cmd_parse(args: argparse.Namespace) -> None:
     from .prompts.render import describe_segments, to_json
 
     options = {"steps": args.steps} if args.dialect == "a1111" else {}
-    for n, prompt in enumerate(read_prompts(args.prompts, args.file)):
-        node = parse(prompt, args.dialect, **options)
+    for n, prompt in enumerate(read_prompts(args.prompts, args.file, args.max_prompt_chars)):
+        node = parse(prompt, args.dialect, max_prompt_chars=args.max_prompt_chars, **options)
         print(json.dumps(to_json(node)) if args.json else ("\n" if n else "") + describe_segments(node))
 
 
@@ -554,9 +574,12 @@ def cmd_ti_inspect(args: argparse.Namespace) -> None:
         typical = tower.token_embedding.weight.detach().float().norm(dim=-1).median().item()
         print(f"model:   {label}, encoder {n} ({tower.config.architecture}, width {tower.config.width}): fits; its "
               f"token embeddings have norm {typical:.3f} (median)")
-        for i, (v, near) in enumerate(zip(vectors, nearest_tokens(vectors, tower, te.tokenizers[n - 1], args.top))):
-            words = "  ".join(f"{text} {score:.2f}" for text, score in near)
-            print(f"  {i}: norm {v.norm().item():.3f}  nearest: {words}")
+        for start in range(0, len(vectors), 256):  # block by block: [n, vocab] similarities at once are GBs
+            block = vectors[start:start + 256]
+            for i, (v, near) in enumerate(zip(block, nearest_tokens(block, tower, te.tokenizers[n - 1], args.top)),
+                                          start):
+                words = "  ".join(f"{text} {score:.2f}" for text, score in near)
+                print(f"  {i}: norm {v.norm().item():.3f}  nearest: {words}")
 
 
 def _add_ti_commands(sub) -> None:

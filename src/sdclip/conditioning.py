@@ -39,6 +39,7 @@ from .checkpoint import Usage
 from .embeddings import EmbeddingSource, by_name, load_embeddings, put_vectors
 from .encoder import TextEncoder
 from .errors import BadInput
+from .limits import MAX_PROMPT_CHARS, check_prompt
 from .prompts import DIALECTS, a1111, comfy, compel, plain
 from .prompts.types import CHUNK_LENGTH, Blend, Chunked, Conjunction, Node, Schedule, map_leaves
 from .tokenizer import Tokenizer
@@ -320,14 +321,16 @@ class Conditioner:
     a1111 ``steps``, ``hires_steps``, ``old_scheduling`` (prompt editing), ``comma_backtrack``; compel
     ``truncate`` (``truncate_long_prompts``), ``split``.  ``cache``: per-prompt results kept across calls,
     keyed by the model's fingerprint, the dialect, these options and the prompt (``None``: no cache).
+    ``max_prompt_chars``: longer prompts are refused before they are parsed (``sdclip.limits``; None: no limit).
     """
 
     def __init__(self, te: TextEncoder, dialect: str = "diffusers", *, clip_skip: int | None = None,
                  emphasis: str = "original", embeddings: EmbeddingSource | None = None, steps: int = 20,
                  hires_steps: int | None = None, old_scheduling: bool = False, comma_backtrack: int = 20,
                  truncate: bool = True, split: str = "sentences",
-                 cache: ConditioningCache | None = default_cache):
+                 cache: ConditioningCache | None = default_cache, max_prompt_chars: int | None = MAX_PROMPT_CHARS):
         self.te = te
+        self.max_prompt_chars = max_prompt_chars
         self.cache = cache
         self.dialect = _dialect(dialect)
         if emphasis not in EMPHASIS:
@@ -453,7 +456,7 @@ class Conditioner:
         if zeros:  # A1111's empty SDXL negative; diffusers' force_zeros_for_empty_prompt
             width = sum(self.te.tower(e.number).config.width for e in self.encoders)
             return lambda: _Leaf(torch.zeros(CHUNK_LENGTH, width, dtype=self.te.dtype, device=self.te.device), [], True)
-        prompt = prompt or ""
+        prompt = check_prompt(prompt or "", self.max_prompt_chars)
         for name, message in self.unfit.items():
             if name in prompt:
                 raise BadInput(message + f"; {self.dialect} cannot use it")

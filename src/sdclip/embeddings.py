@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence, Union
 import torch
 from safetensors.torch import save_file
 
+from . import limits
 from .checkpoint import ROLES
 from .errors import BadInput, SdclipError
 from .prompts import plain
@@ -114,20 +115,27 @@ def _from_tensors(tensors: dict[str, torch.Tensor], texts: Mapping[str, str], pa
 
 
 def _image_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-    """The tensors and text fields of an A1111 embedding image, or None for a picture without one."""
+    """The tensors and text fields of an A1111 embedding image, or None for a picture without one.  PNG text
+    chunks are read without decoding pixels; a WebP's metadata is read from its header."""
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        with Image.open(path) as image:
-            chunks = getattr(image, "text", None) or image.info
-            data = chunks.get(IMAGE_KEY)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise BadInput(f"{path}: not a readable image ({e})") from None
+    from .images import PNG_SIGNATURE, png_text
+
+    with limits.open_regular(path, "embedding file") as f:
+        png = f.read(8) == PNG_SIGNATURE
+    if png:
+        data = png_text(path, IMAGE_KEY)
+    else:
+        try:
+            with limits.open_regular(path, "embedding file") as f, Image.open(f) as image:
+                data = image.info.get(IMAGE_KEY)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as e:
+            raise BadInput(f"{path}: not a readable image ({e})") from None
     if data is None:
         return None
     try:
         value = json.loads(base64.b64decode(data, validate=True))
-    except (binascii.Error, ValueError) as e:
+    except (binascii.Error, ValueError, RecursionError) as e:
         raise BadInput(f"{path}: the {IMAGE_KEY} chunk is not base64 JSON ({e})") from None
     if not isinstance(value, dict):
         raise BadInput(f"{path}: the {IMAGE_KEY} chunk holds no embedding")
@@ -143,15 +151,16 @@ def _image_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
             for k, v in obj.items():
                 walk(v, f"{prefix}{k}.")
 
-    walk(value, "")
+    try:
+        walk(value, "")
+    except RecursionError:
+        raise BadInput(f"{path}: the {IMAGE_KEY} chunk nests too deep to be an embedding") from None
     return tensors, {k: v for k, v in value.items() if isinstance(v, str)}
 
 
 def read_embedding(path: str | Path) -> Embedding:
     """One embedding file (any format above); a broken, empty or code-carrying file raises ``BadInput``."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{path}: no such embedding file")
+    path = limits.regular_file(path, "embedding file")
     stem = path.name[: -len(path.suffix)] if path.suffix else path.name
     if path.suffix.lower() in IMAGE_SUFFIXES:
         found = _image_tensors(path)

@@ -16,8 +16,8 @@ import torch
 
 from . import bundled, hub
 from .accel import quantize_int8
-from .checkpoint import (CheckpointInfo, Tower, Usage, family_of, find_towers, ignored_tensors, inspect_tower,
-                         layout_name, read_tower, usage_for)
+from .checkpoint import (CheckpointInfo, Tower, Usage, check_hf_config, check_tokenizer_fits, family_of, find_towers,
+                         ignored_tensors, inspect_tower, layout_name, read_tower, usage_for)
 from .errors import BadInput
 from .model import TextOutput, TextTransformer
 from .reuse import ReusingEncoder
@@ -170,7 +170,8 @@ def _text_config(folder: Path) -> dict | None:
     if not (folder / "config.json").is_file():
         return None
     config = _read_json(folder / "config.json")
-    return config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    return check_hf_config(config.get("text_config") if isinstance(config.get("text_config"), dict) else config,
+                           folder / "config.json")
 
 
 def _tokenizer_for(folder: Path | None, mode: str, shared: dict[str, Tokenizer]) -> tuple[Tokenizer, int | None]:
@@ -200,11 +201,13 @@ def _open(source: str | Path) -> tuple[list[tuple[TensorFile, dict | None, Path 
             path = hub.resolve(str(source))
         else:
             raise BadInput(f"{source}: no such file or folder (nor a Hugging Face repo id like org/name)")
-    if path.is_file():
+    if not path.is_dir():  # a file; open_tensor_file refuses devices and FIFOs
         return [(open_tensor_file(path), None, None)], None, str(source)
     index = path / "model_index.json"
     if index.is_file() or (path / "text_encoder").is_dir():
         pipeline = _read_json(index).get("_class_name") if index.is_file() else None
+        if pipeline is not None and not isinstance(pipeline, str):
+            raise BadInput(f"{index}: _class_name is {pipeline!r}, not a pipeline class name")
         parts = []
         for sub, tok in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
             if (path / sub).is_dir():
@@ -263,6 +266,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "float3
             tokenizer, pad = _tokenizer_for(tok_dir, tokenizer_mode, shared)
             tower_overrides = {"pad_id": pad, **overrides} if pad is not None else overrides
             inspect_tower(tower, hf_config, **tower_overrides)
+            check_tokenizer_fits(tower, tokenizer)
             tower.usage = usage_for(family, tower)
             module = read_tower(tower, dtype=torch_dtype, device=device)
             if quantize == "int8":

@@ -7,13 +7,17 @@ step for step, so pixel values agree with it to float rounding.  Two deliberate 
 so elongated that its resized copy would be huge is resized through the crop window only.
 
 Files are checked before they are decoded: a header that declares more than ``MAX_PIXELS``
-pixels (a decompression bomb) is refused before any pixel is read.
+pixels (a decompression bomb) is refused before any pixel is read, and only regular files are
+read (``/dev/zero`` or a FIFO would never end).  ``png_text`` reads a PNG's text chunks without
+decoding its pixels.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -21,11 +25,15 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from . import limits
 from .errors import BadInput
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_PIXELS = 64_000_000  # 8000 x 8000; a larger declared size is refused before decoding
+MAX_IMAGE_BYTES = 1 << 30  # a 64-megapixel image, even uncompressed 16-bit RGBA, is smaller
+MAX_TEXT_CHUNK = 256 << 20  # one PNG text chunk, decompressed (a 10,000-vector embedding is ~200 MB)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 ImageLike = Union[str, Path, Image.Image]
@@ -40,7 +48,7 @@ def open_image(source: str | Path | bytes, name: str | None = None, max_pixels: 
     label = name or (str(source) if not isinstance(source, bytes) else "<image bytes>")
     if isinstance(source, (str, Path)):
         try:
-            data = Path(source).read_bytes()
+            data = limits.read_regular(source, "image", MAX_IMAGE_BYTES)
         except OSError as e:
             raise BadInput(f"{label}: cannot read image ({e.strerror or e})") from None
     else:
@@ -120,3 +128,57 @@ def pixel_values(images: Sequence[ImageLike], size: int = 224) -> torch.Tensor:
     if not images:
         raise BadInput("no images given")
     return torch.from_numpy(np.stack([preprocess(im, size) for im in images]))
+
+
+def png_text(path: str | Path, key: str) -> str | None:
+    """The text stored under ``key`` in a PNG's tEXt / zTXt / iTXt chunks (None: no such chunk), read chunk
+    by chunk without decoding a pixel: a 144-megapixel picture costs no more than a small one.
+    ``BadInput`` for a file that is not a PNG, is cut short, or whose text chunk is damaged or too big."""
+    with limits.open_regular(path, "image") as f:
+        if f.read(8) != PNG_SIGNATURE:
+            raise BadInput(f"{path}: not a PNG image")
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                raise BadInput(f"{path}: a PNG cut short (no IEND chunk)")
+            length, kind = struct.unpack(">I4s", head)
+            if kind == b"IEND":
+                return None
+            if kind not in (b"tEXt", b"zTXt", b"iTXt"):
+                f.seek(length + 4, io.SEEK_CUR)  # the chunk and its CRC, unread
+                continue
+            if length > MAX_TEXT_CHUNK:
+                raise BadInput(f"{path}: a {kind.decode()} chunk of {length:,} bytes, more than the "
+                               f"{MAX_TEXT_CHUNK:,} allowed")
+            body, crc = f.read(length), f.read(4)
+            if len(body) < length or len(crc) < 4:
+                raise BadInput(f"{path}: a PNG cut short (in a {kind.decode()} chunk)")
+            if zlib.crc32(kind + body) != int.from_bytes(crc, "big"):
+                raise BadInput(f"{path}: a {kind.decode()} chunk fails its CRC check (a damaged file)")
+            name, _, rest = body.partition(b"\0")
+            if name.decode("latin-1") == key:
+                return _chunk_text(path, kind, rest)
+
+
+def _chunk_text(path: str | Path, kind: bytes, rest: bytes) -> str:
+    """The text of a tEXt (Latin-1), zTXt (compressed Latin-1) or iTXt (UTF-8, maybe compressed) chunk."""
+    try:
+        if kind == b"tEXt":
+            return rest.decode("latin-1")
+        if kind == b"zTXt":
+            return _inflate(rest[1:]).decode("latin-1")
+        compressed, rest = rest[:1] == b"\1", rest[2:]
+        _language, _, rest = rest.partition(b"\0")
+        _translated, _, text = rest.partition(b"\0")
+        return (_inflate(text) if compressed else text).decode("utf-8")
+    except (zlib.error, UnicodeDecodeError, ValueError) as e:
+        raise BadInput(f"{path}: a damaged {kind.decode()} chunk ({e})") from None
+
+
+def _inflate(data: bytes) -> bytes:
+    """zlib-decompressed ``data``, refused past ``MAX_TEXT_CHUNK`` bytes (a deflate bomb)."""
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(data, MAX_TEXT_CHUNK)
+    if inflater.unconsumed_tail:
+        raise ValueError(f"it decompresses to more than {MAX_TEXT_CHUNK:,} bytes")
+    return out

@@ -40,9 +40,20 @@ class TextConfig:
     pooling: str = "first_eos"
 
     def __post_init__(self) -> None:
-        if self.activation not in ACTIVATIONS:
+        for name in ("width", "layers", "heads", "mlp_width", "vocab_size", "context_length", "projection_dim",
+                     "eos_id", "pad_id"):
+            value = getattr(self, name)
+            least = 0 if name in ("projection_dim", "eos_id", "pad_id") else 1
+            if type(value) is not int or value < least:
+                raise BadInput(f"{name} {value!r} is not {'a positive' if least else 'a non-negative'} whole number")
+        if self.context_length < 2:
+            raise BadInput(f"context length {self.context_length} leaves no room for BOS and EOS")
+        for name in ("eos_id", "pad_id"):
+            if getattr(self, name) >= self.vocab_size:
+                raise BadInput(f"{name} {getattr(self, name)} is not a token of a {self.vocab_size}-token vocabulary")
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
             raise BadInput(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
-        if self.pooling not in POOLING:
+        if not isinstance(self.pooling, str) or self.pooling not in POOLING:
             raise BadInput(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLING)}")
         if self.width % self.heads:
             raise BadInput(f"width {self.width} is not divisible by {self.heads} heads")

@@ -18,6 +18,7 @@ editing.  Per dialect options: a1111 ``steps``, ``hires_steps``, ``old_schedulin
 from __future__ import annotations
 
 from ..errors import BadInput
+from ..limits import MAX_PROMPT_CHARS, check_prompt
 from ..tokenizer import Tokenizer
 from . import a1111, comfy, compel, plain
 from .types import (BREAK, Blend, Chunked, Conjunction, EmbeddingSlot, Node, Schedule, Segment, map_leaves)
@@ -35,20 +36,24 @@ def _dialect(name: str) -> str:
     return name
 
 
-def _text(prompt: object) -> str:
+def _text(prompt: object, max_prompt_chars: int | None) -> str:
     if not isinstance(prompt, str):
         raise BadInput(f"a prompt must be a string, got {type(prompt).__name__}")
-    return prompt
+    return check_prompt(prompt, max_prompt_chars)
 
 
-def parse(prompt: str, dialect: str, **options) -> Node[list[Segment]]:
-    """The prompt's weighted segments as ``dialect`` reads it (a tree for blends, AND, schedules)."""
-    return _PARSE[_dialect(dialect)](_text(prompt), **options)
+def parse(prompt: str, dialect: str, *, max_prompt_chars: int | None = MAX_PROMPT_CHARS,
+          **options) -> Node[list[Segment]]:
+    """The prompt's weighted segments as ``dialect`` reads it (a tree for blends, AND, schedules).  A prompt
+    longer than ``max_prompt_chars`` is refused before it is parsed (None: no limit)."""
+    return _PARSE[_dialect(dialect)](_text(prompt, max_prompt_chars), **options)
 
 
-def chunk(prompt: str, dialect: str, tokenizer: Tokenizer, **options) -> Node[Chunked]:
-    """The token ids, per-token weights and embedding slots ``dialect`` feeds the text encoder."""
-    return _CHUNK[_dialect(dialect)](_text(prompt), tokenizer, **options)
+def chunk(prompt: str, dialect: str, tokenizer: Tokenizer, *, max_prompt_chars: int | None = MAX_PROMPT_CHARS,
+          **options) -> Node[Chunked]:
+    """The token ids, per-token weights and embedding slots ``dialect`` feeds the text encoder (``max_prompt_chars``
+    as in ``parse``)."""
+    return _CHUNK[_dialect(dialect)](_text(prompt, max_prompt_chars), tokenizer, **options)
 
 
 __all__ = ["DIALECTS", "parse", "chunk", "Segment", "BREAK", "Chunked", "EmbeddingSlot", "Blend", "Conjunction",
