@@ -289,7 +289,8 @@ def infer_config(tower: Tower, hf_config: dict | None = None, **overrides: Any) 
                             pad_id=pad,
                             pooling="argmax" if legacy else "first_eos")
     except BadInput as e:
-        raise BadInput(f"{f.path}: the text encoder at '{p}' (with its config.json, if any): {e}") from None
+        raise BadInput(f"{f.path}: the text encoder at '{p}' ({need[0]} is {vocab} x {width}; config.json, if "
+                       f"any, beside it): {e}") from None
     try:
         return replace(config, **{k: v for k, v in overrides.items() if v is not None})
     except (TypeError, BadInput) as e:
