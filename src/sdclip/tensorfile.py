@@ -448,6 +448,9 @@ class PickleFile(TensorFile):
             pkl = next((n for n in names if n.endswith("/data.pkl") and n.count("/") == 1), None)
             if pkl is None:
                 raise BadInput(f"{path}: a zip archive without data.pkl, so not a torch or TorchScript file")
+            if len(set(names)) != len(names):  # zipfile would silently read the last of two
+                twice = next(n for n in names if names.count(n) > 1)
+                raise ValueError(f"the archive names member {twice} twice")
             for info in self._zip.infolist():
                 self._check_member(info)
             self._root = pkl.rsplit("/", 1)[0]
