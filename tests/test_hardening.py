@@ -22,19 +22,8 @@ from sdclip import BadInput, limits
 from sdclip.embeddings import load_embeddings, read_embedding
 from sdclip.images import open_image
 from sdclip.tensorfile import PickleFile, open_tensor_file
-from test_tensorfile import HF, LAYERS, WIDTH, bad_input, hf_state, params, torch_zip
-
-
-@pytest.fixture(scope="module")
-def state() -> dict[str, torch.Tensor]:
-    return hf_state()
-
-
-@pytest.fixture(scope="module")
-def reference(state, tmp_path_factory) -> dict[str, torch.Tensor]:
-    path = tmp_path_factory.mktemp("ref") / "model.safetensors"
-    save_file(state, path)
-    return params(sdclip.load(path))
+from test_tensorfile import HF, LAYERS, WIDTH, bad_input, params, torch_zip
+from test_tensorfile import reference, state  # noqa: F401  (fixtures)
 
 
 def raw_safetensors(path: Path, header: str, data: bytes) -> Path:
@@ -93,28 +82,25 @@ def _token_record(path: Path) -> str:
         return f"{f._root}/data/{f._tensors[HF + 'embeddings.token_embedding.weight'].storage.key}"
 
 
-def test_flipped_bit_in_a_torch_record_is_refused(tmp_path, state):
-    path = tmp_path / "model.ckpt"
-    torch.save({"state_dict": state}, path)
-    record = _token_record(path)
-    _, start, size = _member(path, record)
-    raw = bytearray(path.read_bytes())
+def flip_a_weight_bit(raw: bytearray, header: int, start: int, size: int) -> None:
     raw[start + size // 2] ^= 0x10  # one bit of one weight: a silently different model before
-    path.write_bytes(bytes(raw))
-    bad_input(path, record, "CRC32")
 
 
-def test_shifted_torch_record_is_refused(tmp_path, state):
-    """A local header whose extra length points 4 bytes into the record's data."""
-    path = tmp_path / "model.ckpt"
-    torch.save({"state_dict": state}, path)
-    record = _token_record(path)
-    header, _, _ = _member(path, record)
-    raw = bytearray(path.read_bytes())
+def shift_the_record(raw: bytearray, header: int, start: int, size: int) -> None:
+    """The local header's extra length points 4 bytes into the record's data."""
     extra = struct.unpack("<H", raw[header + 28:header + 30])[0]
     raw[header + 28:header + 30] = struct.pack("<H", extra + 4)
+
+
+@pytest.mark.parametrize("damage", [flip_a_weight_bit, shift_the_record])
+def test_damaged_torch_record_is_refused(tmp_path, state, damage):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": state}, path)
+    record = _token_record(path)
+    raw = bytearray(path.read_bytes())
+    damage(raw, *_member(path, record))
     path.write_bytes(bytes(raw))
-    bad_input(path, record)
+    bad_input(path, record, "CRC32")
 
 
 def test_flipped_bit_in_data_pkl_is_refused(tmp_path, state):

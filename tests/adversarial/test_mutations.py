@@ -37,13 +37,13 @@ from sdclip import BadInput
 from sdclip.embeddings import read_embedding
 from sdclip.images import open_image
 from sdclip.tensorfile import open_tensor_file
+from test_tensorfile import HF, LAYERS, MLP, WIDTH, hf_state
 
 HEADROOM = 1536 << 20  # address space a case may add on top of what the process holds when it starts
 EXAMPLES = 50
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None, print_blob=True,
                 suppress_health_check=list(HealthCheck))
-WIDTH, MLP, LAYERS = 32, 64, 2
-PREFIX = "cond_stage_model.transformer.text_model."
+PREFIX = HF
 
 
 @pytest.fixture(autouse=True)
@@ -61,24 +61,8 @@ def memory_cap():
 
 
 def tower_state() -> dict[str, torch.Tensor]:
-    """A tiny CLIP text tower (SD1 single-file names), CLIP's vocabulary so the tokenizer fits."""
-    g = torch.Generator().manual_seed(0)
-
-    def r(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * 0.05
-
-    sd = {f"{PREFIX}embeddings.token_embedding.weight": r(49408, WIDTH),
-          f"{PREFIX}embeddings.position_embedding.weight": r(77, WIDTH),
-          f"{PREFIX}final_layer_norm.weight": 1 + r(WIDTH), f"{PREFIX}final_layer_norm.bias": r(WIDTH)}
-    for i in range(LAYERS):
-        b = f"{PREFIX}encoder.layers.{i}."
-        for x in ("q", "k", "v", "out"):
-            sd[f"{b}self_attn.{x}_proj.weight"], sd[f"{b}self_attn.{x}_proj.bias"] = r(WIDTH, WIDTH), r(WIDTH)
-        for n in (1, 2):
-            sd[f"{b}layer_norm{n}.weight"], sd[f"{b}layer_norm{n}.bias"] = 1 + r(WIDTH), r(WIDTH)
-        sd[f"{b}mlp.fc1.weight"], sd[f"{b}mlp.fc1.bias"] = r(MLP, WIDTH), r(MLP)
-        sd[f"{b}mlp.fc2.weight"], sd[f"{b}mlp.fc2.bias"] = r(WIDTH, MLP), r(WIDTH)
-    return sd
+    """A tiny CLIP text tower in SD1 single-file names (CLIP's vocabulary, so the tokenizer fits)."""
+    return hf_state()
 
 
 def read_all(path: Path) -> dict[str, torch.Tensor]:
