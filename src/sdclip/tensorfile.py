@@ -361,39 +361,58 @@ class _TooBig(ValueError):
     """A pickle whose object tree is deeper, larger or more tangled than a checkpoint's."""
 
 
-def _flatten(obj: Any, leaf: type, prefix: str = "") -> list[tuple[str, Any]]:
-    """Named tensors (instances of ``leaf``) of a nested checkpoint object (dicts, TorchScript module trees).
+def _children(obj: Any) -> Any:
+    """A container's (name, value) pairs: dicts and TorchScript module objects; None for anything else."""
+    if isinstance(obj, dict):
+        return obj.items()
+    if isinstance(obj, _ScriptModule) and isinstance(getattr(obj, "state", None), dict):
+        return obj.state.items()
+    return None
 
-    Pickles can share objects, so a few hundred bytes can describe a tree with 2^40 paths, or a dict that
-    holds itself: the walk stops at a cycle and past ``limits.MAX_TREE_NODES`` visits or
-    ``limits.MAX_TREE_DEPTH`` levels instead of running out of memory or stack."""
-    out: list[tuple[str, Any]] = []
-    visits = 0
-    path: set[int] = set()  # containers being walked: meeting one again is a cycle
 
-    def walk(obj: Any, prefix: str, depth: int) -> None:
-        nonlocal visits
-        visits += 1
-        if visits > limits.MAX_TREE_NODES:
+def _tree_size(obj: Any) -> int:
+    """How many entries walking ``obj`` visits, counted once per distinct container: pickles share objects,
+    so a few hundred bytes can describe a tree with 2^40 paths, or a dict that holds itself.  Refuses a
+    cycle, more than ``limits.MAX_TREE_DEPTH`` levels and more than ``limits.MAX_TREE_NODES`` entries."""
+    sizes: dict[int, int] = {}
+    walking: set[int] = set()
+
+    def size(obj: Any, depth: int) -> int:
+        items = _children(obj)
+        if items is None:
+            return 1
+        if id(obj) in sizes:
+            return sizes[id(obj)]
+        if id(obj) in walking:
+            raise _TooBig("a container holds itself")
+        if depth >= limits.MAX_TREE_DEPTH:
+            raise _TooBig(f"its containers nest more than {limits.MAX_TREE_DEPTH} deep")
+        walking.add(id(obj))
+        total = 1 + sum(size(v, depth + 1) for _, v in items)
+        walking.discard(id(obj))
+        if total > limits.MAX_TREE_NODES:
             raise _TooBig(f"its objects form a tree of more than {limits.MAX_TREE_NODES:,} entries (shared "
                           f"sub-objects repeated?), more than any checkpoint has")
+        sizes[id(obj)] = total
+        return total
+
+    return size(obj, 0)
+
+
+def _flatten(obj: Any, leaf: type, prefix: str = "") -> list[tuple[str, Any]]:
+    """Named tensors (instances of ``leaf``) of a nested checkpoint object (dicts, TorchScript module trees),
+    after ``_tree_size`` has bounded the walk."""
+    _tree_size(obj)
+    out: list[tuple[str, Any]] = []
+
+    def walk(obj: Any, prefix: str) -> None:
         if isinstance(obj, leaf):
             out.append((prefix.rstrip("."), obj))
             return
-        items = (obj.items() if isinstance(obj, dict) else obj.state.items()
-                 if isinstance(obj, _ScriptModule) and isinstance(getattr(obj, "state", None), dict) else None)
-        if items is None:
-            return
-        if depth >= limits.MAX_TREE_DEPTH:
-            raise _TooBig(f"its containers nest more than {limits.MAX_TREE_DEPTH} deep")
-        if id(obj) in path:
-            raise _TooBig(f"a container holds itself (at {prefix.rstrip('.') or 'the top'})")
-        path.add(id(obj))
-        for k, v in items:
-            walk(v, f"{prefix}{k}.", depth + 1)
-        path.discard(id(obj))
+        for k, v in _children(obj) or ():
+            walk(v, f"{prefix}{k}.")
 
-    walk(obj, prefix, 0)
+    walk(obj, prefix)
     return out
 
 
