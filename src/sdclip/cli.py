@@ -148,7 +148,8 @@ def _encode_conditioning(args: argparse.Namespace, prompts: list[str]) -> None:
                        "decides (use --clip-skip)")
     if args.negative is not None and args.negative_file is not None:
         raise BadInput("give --negative or --negative-file, not both")
-    negative = read_prompts([], args.negative_file, args.max_prompt_chars) if args.negative_file is not None else args.negative
+    negative = (read_prompts([], args.negative_file, args.max_prompt_chars) if args.negative_file is not None
+                else args.negative)
     if isinstance(negative, list) and len(negative) != len(prompts):
         raise BadInput(f"{args.negative_file}: {len(negative)} negative prompts for {len(prompts)} prompts "
                        f"(one per line, one per prompt)")

@@ -49,7 +49,7 @@ def regular_file(path: str | Path, what: str = "file") -> Path:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise BadInput(f"{path}: no such {what}") from None
+        raise BadInput(f"{path}: cannot read {what}: no such file") from None
     except OSError as e:
         raise BadInput(f"{path}: cannot read {what} ({e.strerror or e})") from None
     if stat.S_ISDIR(mode):
