@@ -22,8 +22,12 @@ from sdclip import BadInput, limits
 from sdclip.embeddings import load_embeddings, read_embedding
 from sdclip.images import open_image
 from sdclip.tensorfile import PickleFile, open_tensor_file
-from test_tensorfile import HF, LAYERS, WIDTH, bad_input, params, torch_zip
-from test_tensorfile import reference, state  # noqa: F401  (fixtures)
+from test_tensorfile import HF, LAYERS, WIDTH, bad_input, hf_state, params, torch_zip
+
+
+@pytest.fixture(scope="module", name="state")
+def tiny_tower() -> dict[str, torch.Tensor]:
+    return hf_state()
 
 
 def raw_safetensors(path: Path, header: str, data: bytes) -> Path:
@@ -113,14 +117,14 @@ def test_flipped_bit_in_data_pkl_is_refused(tmp_path, state):
     bad_input(path)
 
 
-def test_deflated_records_are_read_as_torch_load_reads_them(tmp_path, state, reference):
+def test_deflated_records_are_read_as_torch_load_reads_them(tmp_path, state):
     plain, packed = tmp_path / "plain.ckpt", tmp_path / "packed.ckpt"
     torch.save(state, plain)
     with zipfile.ZipFile(plain) as src, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as dst:
         for info in src.infolist():
             dst.writestr(info.filename, src.read(info.filename))
     assert torch.load(packed, weights_only=True).keys() == state.keys()
-    got = params(sdclip.load(packed))
+    got, reference = params(sdclip.load(packed)), params(sdclip.load(plain))
     assert all(torch.equal(got[k], reference[k]) for k in reference)
 
 
@@ -328,7 +332,20 @@ from sdclip.embeddings import load_embeddings
 [e] = load_embeddings({str(folder)!r})
 print(e.name, tuple(e.vectors["*"].shape), float(e.vectors["*"][1, 3]))
 """, memory=1 << 30, timeout=60)
-    assert out.split() == ["huge-picture", f"(2,", f"{WIDTH})", str(float(torch.tensor((WIDTH + 3) / 1000)))], out
+    assert out.split() == ["huge-picture", "(2,", f"{WIDTH})", str(float(torch.tensor((WIDTH + 3) / 1000)))], out
+
+
+def test_embedding_png_pixels_are_never_decoded(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    def refuse(self):
+        raise AssertionError("pixels decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+    path = tmp_path / "e.png"
+    path.write_bytes(png(4, 4, [(b"tEXt", b"sd-ti-embedding\0" + embedding_text())], zlib.compress(b"\0" * 52)))
+    assert read_embedding(path).vectors["*"].shape == (2, WIDTH)
+    assert len(load_embeddings(tmp_path)) == 1
 
 
 @pytest.mark.parametrize("kind", [b"tEXt", b"iTXt"])

@@ -22,7 +22,6 @@ import resource
 import struct
 import warnings
 import zipfile
-import zlib
 from pathlib import Path
 
 import pytest
