@@ -8,7 +8,11 @@ sdclip[serve]``: FastAPI and uvicorn).
 
 from __future__ import annotations
 
+import signal
+import threading
 import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 from .app import Limits, ServeConfig, create_app
 
@@ -18,11 +22,26 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_le
     flight finish (up to 30 s), finishes the models' queues and returns."""
     import uvicorn
 
+    class Server(uvicorn.Server):
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            """uvicorn's handlers (graceful shutdown), without its re-raising the signal afterwards: a drained
+            server exits 0."""
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
     # the prompt warnings the CLI prints (truncation and the like) would only fill the server log; the
     # tokenize endpoint returns them with the prompt that caused them
     warnings.simplefilter("ignore", UserWarning)
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
-                proxy_headers=True, server_header=False)
+    Server(uvicorn.Config(create_app(config), host=host, port=port, log_level=log_level,
+                          timeout_graceful_shutdown=30, proxy_headers=True, server_header=False)).run()
 
 
 __all__ = ["ServeConfig", "Limits", "create_app", "serve"]

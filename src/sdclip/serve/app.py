@@ -105,7 +105,8 @@ class _Dialect(_Body):
 
 class EncodeRequest(_Dialect):
     prompts: str | list[str]
-    negative: str | list[str] | None = Field(None, description="one for all prompts, or one per prompt")
+    negative: str | list[str | None] | None = Field(None, description="one for all prompts, or one per prompt "
+                                                   "(null: none, which is the empty prompt or zeros as the front end does)")
     step: int = Field(0, ge=0, le=1000, description="a1111: the sampler step whose prompt editing to encode")
     embeddings: list[str] | None = Field(None, description="textual-inversion names from --embeddings (default: all)")
     layer: int | None = Field(None, ge=-100, le=100, description="dialect null only: hidden-state index")
@@ -261,7 +262,7 @@ class Server:
                 raise ApiError(422, "bad_input", "negative and embeddings need a dialect (dialect null encodes raw "
                                "hidden states)")
             for i, p in enumerate(prompts):
-                self.check_tokens(len(te.tokenizers[0].tokenize(p)) - 2, f"prompts[{i}]")
+                self.check_tokens(len(te.tokenizers[0].tokenize(p)), f"prompts[{i}]")
             te.tower(body.encoder).resolve_layer(te.usages[body.encoder - 1].layer if body.layer is None
                                                  else body.layer)
             options = dict(encoder=body.encoder, layer=body.layer, final_norm=body.final_norm)
@@ -316,12 +317,12 @@ class Server:
         if not inputs:
             raise ApiError(422, "bad_input", "input is empty")
         self.check_prompts(inputs, "inputs")
+        te.tower(body.encoder)  # a missing encoder is a BadInput before queueing
+        tokenizer = te.tokenizers[body.encoder - 1]
         counts = []
         for i, p in enumerate(inputs):
-            counts.append(len(te.tokenizers[body.encoder - 1 if body.encoder <= len(te.tokenizers) else 0]
-                              .tokenize(p)))
-            self.check_tokens(counts[-1] - 2, f"input[{i}]")
-        te.tower(body.encoder)  # a missing encoder is a BadInput before queueing
+            counts.append(len(tokenizer.tokenize(p)))
+            self.check_tokens(counts[-1], f"input[{i}]")
         options = dict(encoder=body.encoder, hidden=False)
         out = await self.run(worker, Job("embeddings", tuple(options.items()), inputs, {"options": options}))
         vectors = out.pooled_projected if out.pooled_projected is not None else out.pooled
@@ -333,7 +334,7 @@ class Server:
             value: Any = base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() \
                 if body.encoding_format == "base64" else v.tolist()
             data.append({"object": "embedding", "index": i, "embedding": value})
-        used = sum(min(n, 77) for n in counts)
+        used = sum(min(n + 2, 77) for n in counts)  # the ids the encoder read: BOS, prompt, EOS
         return {"object": "list", "data": data, "model": body.model or self.default,
                 "usage": {"prompt_tokens": used, "total_tokens": used}}
 
@@ -353,7 +354,7 @@ class Server:
         worker = self.worker(body.model)
         self.check_prompts([body.a, body.b], "prompts")
         for which, text in (("a", body.a), ("b", body.b)):
-            self.check_tokens(len(worker.te.tokenizers[0].tokenize(text)) - 2, which)
+            self.check_tokens(len(worker.te.tokenizers[0].tokenize(text)), which)
         worker.te.tower(body.encoder)
         return await self.run(worker, Job("call", None, [body.a, body.b],
                                           {"fn": lambda te: compare_layers(te, body.a, body.b, body.encoder)}))

@@ -9,8 +9,7 @@ their options together:
   one engine call (identical rows and shared prefixes computed once), which fills the conditioner's cache;
   each request is then answered by its own ``Conditioner.encode`` call, which finds every prompt in the cache
   and only pads, stacks and projects.  The answer is the request's own ``encode_prompts`` result.
-* raw hidden states and pooled embeddings: one ``TextEncoder.encode`` over the batch's distinct prompts.
-  A row's result does not depend on its batch companions (the tests check this bit for bit).
+* raw hidden states and pooled embeddings: one ``TextEncoder.encode`` per distinct request (see ``_raw``).
 
 A job whose client has gone away is dropped before it is encoded; a job that fails (bad input) fails alone.
 """
@@ -25,7 +24,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
-import torch
 
 import sdclip
 from sdclip.cache import ConditioningCache
@@ -244,15 +242,20 @@ class ModelWorker:
                 job.finish(error=e)
 
     def _raw(self, jobs: list[Job]) -> None:
+        """One ``TextEncoder.encode`` per distinct prompt list: its pooled-only path and projection round with the
+        batch they run in, so rows of other requests would change the last bits (until the engine's results are
+        independent of batch companions, issue 16)."""
         assert self.te is not None
         options = jobs[0].payload["options"]
-        distinct = list(dict.fromkeys(p for job in jobs for p in job.prompts))
-        out = self.te.encode(distinct, **options)
-        row = {p: i for i, p in enumerate(distinct)}
+        done: dict[tuple[str, ...], TextOutput] = {}
         for job in jobs:
-            index = torch.tensor([row[p] for p in job.prompts], dtype=torch.long)
-            pick = (lambda t: None if t is None else t[index])
-            job.finish(TextOutput(pick(out.hidden), pick(out.pooled), pick(out.pooled_projected)))
+            key = tuple(job.prompts)
+            try:
+                if key not in done:
+                    done[key] = self.te.encode(job.prompts, **options)
+                job.finish(done[key])
+            except Exception as e:  # noqa: BLE001
+                job.finish(error=e)
 
     def _call(self, job: Job) -> None:
         """Work that is not batched (the inspector's layer comparison): ``payload["fn"](te)``."""
