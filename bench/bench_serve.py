@@ -96,15 +96,20 @@ def reference(te: "sdclip.TextEncoder", path: str, body: dict) -> object:
     return tok.encode(body["prompt"]), [list(r) for r in tree.ids], [list(r) for r in tree.weights]
 
 
-def correct(path: str, response: httpx.Response, want: object) -> bool:
+def difference(path: str, response: httpx.Response, want: object) -> float:
+    """0.0 when the answer is the in-process one bit for bit, else the largest |difference| (inf: other shape)."""
     if path == "/v1/encode":
         got = load_safetensors(response.content)
-        return set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+        if set(got) != set(want) or any(got[k].shape != want[k].shape for k in want):
+            return float("inf")
+        return max(float((got[k] - want[k]).abs().max()) for k in want)
     data = response.json()
     if path == "/v1/embeddings":
-        return torch.equal(torch.tensor([d["embedding"] for d in data["data"]], dtype=torch.float32), want)
+        got = torch.tensor([d["embedding"] for d in data["data"]], dtype=torch.float32)
+        return float("inf") if got.shape != want.shape else float((got - want).abs().max())
     leaf = data["chunks"]
-    return (data["ids"], [c["ids"] for c in leaf["chunks"]], [c["weights"] for c in leaf["chunks"]]) == want
+    same = (data["ids"], [c["ids"] for c in leaf["chunks"]], [c["weights"] for c in leaf["chunks"]]) == want
+    return 0.0 if same else float("inf")
 
 
 def engine_seconds(te: "sdclip.TextEncoder", requests: list[tuple[str, dict]], batch: int = 64) -> float:
@@ -146,11 +151,11 @@ async def send(client: httpx.AsyncClient, path: str, body: dict) -> httpx.Respon
 
 async def load_phase(base: str, requests: list, wants: dict, clients: int) -> dict:
     todo = list(enumerate(requests))
-    latencies, statuses, wrong, lost = [], {}, 0, 0
+    latencies, statuses, wrong, lost, worst = [], {}, {}, 0, 0.0
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as client:
         async def worker() -> None:
-            nonlocal wrong, lost
+            nonlocal lost, worst
             while todo:
                 _, (path, body) = todo.pop()
                 t0 = time.perf_counter()
@@ -161,14 +166,18 @@ async def load_phase(base: str, requests: list, wants: dict, clients: int) -> di
                     continue
                 latencies.append(time.perf_counter() - t0)
                 statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-                if r.status_code == 200 and not correct(path, r, wants[key(path, body)]):
-                    wrong += 1
+                if r.status_code == 200:
+                    delta = difference(path, r, wants[key(path, body)])
+                    if delta:
+                        wrong[path] = wrong.get(path, 0) + 1
+                        worst = max(worst, delta)
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - t0
     latencies.sort()
     pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
-    return {"wall_s": wall, "statuses": statuses, "wrong": wrong, "lost": lost, "answered": len(latencies),
+    return {"wall_s": wall, "statuses": statuses, "wrong": sum(wrong.values()), "wrong_by_route": wrong,
+            "max_abs_difference": worst, "lost": lost, "answered": len(latencies),
             "p50_ms": 1000 * pick(0.5), "p99_ms": 1000 * pick(0.99), "max_ms": 1000 * latencies[-1]}
 
 
@@ -242,13 +251,18 @@ def main() -> None:
     ap.add_argument("--queue-size", type=int, default=256)
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
+    ap.add_argument("--threads", type=int, help="the server's torch threads (default: the cores less one)")
     ap.add_argument("--out", default=str(HERE / "out"))
     ap.add_argument("--quick", action="store_true", help="1,000 requests, 50 clients")
+    ap.add_argument("--load-only", action="store_true", help="skip the overload and disconnect phases")
     args = ap.parse_args()
     if args.quick:
         args.requests, args.clients = 1000, 50
     warnings.simplefilter("ignore", UserWarning)  # truncation notes of the long prompts
-    torch.set_num_threads(1)  # the reference side; the server has the cores during the load
+    # the server's torch threads (its default: the cores less one); GEMMs round with the thread count, and the
+    # references must be computed as the server computes
+    threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(threads)
     te = sdclip.load()
     requests = workload(args.requests)
     t0 = time.perf_counter()
@@ -265,7 +279,7 @@ def main() -> None:
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "sdclip.cli", "serve", "--port", str(port), "--log-level",
                                "warning", "--queue-size", str(args.queue_size), "--max-batch", str(args.max_batch),
-                               "--max-wait-ms", str(args.max_wait_ms)],
+                               "--max-wait-ms", str(args.max_wait_ms), "--threads", str(threads)],
                               env={**os.environ, "PYTHONPATH": str(HERE.parent / "src")})
     try:
         deadline = time.monotonic() + 120
@@ -289,19 +303,22 @@ def main() -> None:
         print(json.dumps(load), file=sys.stderr)
         settle(base)
         after_load_rss = rss_kb(server.pid)
-        overload = asyncio.run(overload_phase(base, 2 * args.queue_size, te))
-        overload["server_alive"] = server.poll() is None
-        overload["queue_depth_after"] = settle(base)
-        print(json.dumps(overload), file=sys.stderr)
-        before_rss = rss_kb(server.pid)
-        cuts = [asyncio.run(disconnect_round(base, 100, 0.3)) for _ in range(5)]
-        depth = settle(base)
-        after_rss = rss_kb(server.pid)
-        disconnect = {"rounds": 5, "cut_off": cuts, "queue_depth_after": depth, "rss_before_mb": before_rss / 1024,
-                      "rss_after_mb": after_rss / 1024, "rss_growth_pct": 100 * (after_rss - before_rss) / before_rss,
-                      "server_alive": server.poll() is None,
-                      "still_answers": httpx.post(base + "/v1/tokenize", json={"prompt": "a"}).status_code == 200}
-        print(json.dumps(disconnect), file=sys.stderr)
+        overload = disconnect = None
+        if not args.load_only:
+            overload = asyncio.run(overload_phase(base, 2 * args.queue_size, te))
+            overload["server_alive"] = server.poll() is None
+            overload["queue_depth_after"] = settle(base)
+            print(json.dumps(overload), file=sys.stderr)
+            before_rss = rss_kb(server.pid)
+            cuts = [asyncio.run(disconnect_round(base, 100, 0.3)) for _ in range(5)]
+            depth = settle(base)
+            after_rss = rss_kb(server.pid)
+            disconnect = {"rounds": 5, "cut_off": cuts, "queue_depth_after": depth, "rss_before_mb": before_rss / 1024,
+                          "rss_after_mb": after_rss / 1024,
+                          "rss_growth_pct": 100 * (after_rss - before_rss) / before_rss,
+                          "server_alive": server.poll() is None,
+                          "still_answers": httpx.post(base + "/v1/tokenize", json={"prompt": "a"}).status_code == 200}
+            print(json.dumps(disconnect), file=sys.stderr)
         server.send_signal(signal.SIGTERM)
         exit_code = server.wait(60)
     finally:
@@ -312,13 +329,17 @@ def main() -> None:
     five = sum(v for k, v in load["statuses"].items() if k >= 500)
     rows = [
         {"what": f"load: {args.requests} requests, {args.clients} clients", "value":
-         f"{load['answered']} answered, {load['lost']} lost, {load['wrong']} wrong, {five} 5xx "
+         f"{load['answered']} answered, {load['lost']} lost, {load['wrong']} not bit-identical "
+         f"{load['wrong_by_route'] or ''} (max |diff| {load['max_abs_difference']:.1e}), {five} 5xx "
          f"(statuses {load['statuses']})"},
         {"what": "latency p50 / p99 / max", "value": f"{load['p50_ms']:.1f} / {load['p99_ms']:.1f} / "
                                                       f"{load['max_ms']:.1f} ms"},
         {"what": "throughput", "value": f"{load['requests_per_s']:.0f} requests/s, {load['prompts_per_s']:.0f} prompts/s"},
         {"what": "engine in-process, same work, batches of 64", "value": f"{load['engine_prompts_per_s']:.0f} prompts/s"},
         {"what": "server / engine", "value": f"{load['ratio_to_engine']:.2f}x (target >= 0.8x)"},
+    ]
+    if overload is not None and disconnect is not None:
+        rows += [
         {"what": f"overload: {overload['sent']} heavy requests (16 prompts) at once, queue {args.queue_size}",
          "value": f"statuses {overload['statuses']}, Retry-After on every 503: {overload['retry_after_on_every_503']}, "
                   f"sample of answers checked {overload['sample_checked']} wrong {overload['sample_wrong']}, "
@@ -327,7 +348,8 @@ def main() -> None:
         {"what": "disconnects: 5 rounds x 100 heavy requests cut off after 0.3 s", "value":
          f"cut off {disconnect['cut_off']}, queue after {disconnect['queue_depth_after']:g}, RSS "
          f"{disconnect['rss_before_mb']:.0f} -> {disconnect['rss_after_mb']:.0f} MB "
-         f"({disconnect['rss_growth_pct']:+.1f} %), still answers {disconnect['still_answers']}"},
+         f"({disconnect['rss_growth_pct']:+.1f} %), still answers {disconnect['still_answers']}"}]
+    rows += [
         {"what": "server RSS: started / after the load", "value": f"{baseline_rss / 1024:.0f} / "
                                                                    f"{after_load_rss / 1024:.0f} MB"},
         {"what": "SIGTERM exit status", "value": str(exit_code)},

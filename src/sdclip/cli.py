@@ -649,7 +649,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(ServeConfig(models=models, embeddings=args.embeddings, dtype=args.dtype, device=args.device,
                       max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
                       limits=limits, token=token, cors=args.cors or []),
-          host=args.host, port=args.port, log_level=args.log_level)
+          host=args.host, port=args.port, log_level=args.log_level, threads=args.threads)
 
 
 def _add_serve_command(sub) -> None:
@@ -678,6 +678,8 @@ def _add_serve_command(sub) -> None:
                    "(/healthz, the inspector page and /docs stay open)")
     p.add_argument("--cors", action="append", metavar="ORIGIN", help="allow browser requests from ORIGIN "
                    "(repeatable; default: no CORS headers)")
+    p.add_argument("--threads", type=int, help="torch threads for the models (default: the cores less one, "
+                   "left to the HTTP side)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=cmd_serve)
 

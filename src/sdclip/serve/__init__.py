@@ -17,10 +17,19 @@ from typing import Iterator
 from .app import Limits, ServeConfig, create_app
 
 
-def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          threads: int | None = None) -> None:
     """Run the server until SIGINT / SIGTERM; on either it stops accepting connections, lets the requests in
-    flight finish (up to 30 s), finishes the models' queues and returns."""
+    flight finish (up to 30 s), finishes the models' queues and returns.
+
+    ``threads``: torch's intra-op threads for the models (default: the cores less one, which the HTTP side
+    needs; torch's spinning worker threads would otherwise fight the event loop for it)."""
+    import os
+
+    import torch
     import uvicorn
+
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
 
     class Server(uvicorn.Server):
         @contextmanager
