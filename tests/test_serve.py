@@ -193,12 +193,19 @@ def test_bad_requests_are_4xx(client):
     _error(post({"prompts": "a", "embeddings": ["nothing"], "dialect": "a1111"}), 422, "unknown_embedding")
     _error(client.post("/v1/embeddings", json={"input": [[1, 2, 3]]}), 422)
     _error(client.post("/v1/tokenize", json={"prompt": "a", "dialect": "comfy", "steps": 5}), 422, "bad_input")
-    for weird in ("(cat:nan)", "(cat:inf)", "(cat)nan", "(cat)1e999", "cat+" * 50, "(((((((((x" * 5, "\x00\ufffe\U0010ffff"):
+    for weird in ("(cat:nan)", "(cat:inf)", "(cat)nan", "(cat)1e999", "(cat:1e38)", "cat+" * 50, "(((((((((x" * 5, "\x00\ufffe\U0010ffff"):
         for dialect in ("a1111", "comfy", "compel"):
             r = post({"prompts": weird, "dialect": dialect})
             assert r.status_code in (200, 413, 422), (weird, dialect, r.text)
             if r.status_code == 200:
                 assert torch.isfinite(_tensor(r.json()["tensors"]["hidden"])).all(), (weird, dialect)
+    for path, body in (("/v1/tokenize", b'{"prompt": "a \\ud800 cat", "dialect": "compel"}'),
+                       ("/v1/encode", b'{"prompts": "a \\udfff", "dialect": "a1111"}'),
+                       ("/v1/embeddings", b'{"input": ["\\ud800"]}')):  # lone surrogates: valid JSON, no text
+        _error(client.post(path, content=body, headers={"Content-Type": "application/json"}), 422, "bad_input")
+    for huge in ("(a:1e308)", "(a:1e38)"):  # a conditioning with inf or NaN would be refused (non_finite)
+        r = post({"prompts": huge, "dialect": "a1111", "dtype": "float16"})
+        assert r.status_code == 422 or torch.isfinite(_tensor(r.json()["tensors"]["hidden"])).all()
     assert post({"prompts": "still alive", "dialect": "a1111"}).status_code == 200
 
 

@@ -225,6 +225,9 @@ class Server:
         for i, p in enumerate(prompts):
             if p is not None and len(p) > limits.max_chars:
                 raise limit_error("max_chars", limits.max_chars, f"{what}[{i}] ({len(p)} characters)")
+            if p is not None and not _encodable(p):
+                raise ApiError(422, "bad_input", f"{what}[{i}] holds a lone surrogate (\\ud800-\\udfff), which no "
+                               "text can contain")
 
     def check_tokens(self, count: int, what: str) -> None:
         if count > self.config.limits.max_tokens:
@@ -288,6 +291,10 @@ class Server:
             cond = await self.run(worker, Job("conditioning", key, prompts, payload))
             tensors = {"hidden": cond.hidden, "pooled": cond.pooled, "negative_hidden": cond.negative_hidden,
                        "negative_pooled": cond.negative_pooled}
+        for k, v in tensors.items():
+            if v is not None and not bool(torch.isfinite(v).all()):
+                raise ApiError(422, "non_finite", f"the {k} of these prompts holds inf or NaN (a weight too large "
+                               "for the dtype?)", tensor=k)
         dtype = DTYPES[body.dtype]
         tensors = {k: v.to(dtype).contiguous() for k, v in tensors.items() if v is not None}
         name = body.model or self.default
@@ -470,6 +477,14 @@ def _leaves(node: Any):
             yield from _leaves(part)
     else:
         yield node
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _tensor_json(t: torch.Tensor) -> dict:
