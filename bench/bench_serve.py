@@ -330,7 +330,7 @@ def main() -> None:
     rows = [
         {"what": f"load: {args.requests} requests, {args.clients} clients", "value":
          f"{load['answered']} answered, {load['lost']} lost, {load['wrong']} not bit-identical "
-         f"{load['wrong_by_route'] or ''} (max |diff| {load['max_abs_difference']:.1e}), {five} 5xx "
+         f"{load['wrong_by_route'] or ''} (max abs difference {load['max_abs_difference']:.1e}), {five} 5xx "
          f"(statuses {load['statuses']})"},
         {"what": "latency p50 / p99 / max", "value": f"{load['p50_ms']:.1f} / {load['p99_ms']:.1f} / "
                                                       f"{load['max_ms']:.1f} ms"},

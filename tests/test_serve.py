@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from sdclip.prompts import chunk  # noqa: E402
 from sdclip.prompts.render import to_json  # noqa: E402
 from sdclip.serve import Limits, ServeConfig, create_app  # noqa: E402
 from sdclip.serve import app as app_module  # noqa: E402
+from serving import free_port, wait_ready  # noqa: E402
 
 PROMPTS = ["a (red:1.2) star above a [blue] square", "a photo of a cat", "masterpiece, " * 30 + "a dog BREAK a cat",
            "a (fluffy)1.2 cat++ on a mat-", ""]
@@ -302,12 +302,6 @@ def test_docs_offline_metrics_and_models(client):
 
 # --- a real server: SIGTERM drains --------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> tuple[int, bytes]:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     try:
@@ -318,7 +312,7 @@ def _post(url: str, body: dict) -> tuple[int, bytes]:
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
-    port = _free_port()
+    port = free_port()
     token = tmp_path / "token"
     token.write_text("t0k\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
@@ -327,17 +321,9 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
+        def alive() -> None:
             assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                with urllib.request.urlopen(base + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_ready(base, 60, alive)
         heavy = {"prompts": [f"{i} " + "a (red:1.1) star, " * 40 for i in range(40)], "dialect": "a1111"}
         with ThreadPoolExecutor(12) as pool:
             futures = [pool.submit(_post, base + "/v1/encode", heavy) for _ in range(12)]

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import uvicorn  # noqa: E402
 
 import sdclip  # noqa: E402
 from sdclip.serve import ServeConfig, create_app  # noqa: E402
+from serving import free_port, wait_ready  # noqa: E402
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -33,25 +32,14 @@ SHOTS = Path(os.environ.get("SDCLIP_SCREENSHOTS", "out/screenshots"))
 
 @pytest.fixture(scope="module")
 def server():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = uvicorn.Config(create_app(ServeConfig(models={"sdclip-mini": sdclip.load()})), host="127.0.0.1",
                             port=port, log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/readyz", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "the server did not become ready"
-        time.sleep(0.05)
+    wait_ready(base, 30)
     yield base
     srv.should_exit = True
     thread.join(10)
