@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import sdclip
 from sdclip.errors import BadInput, SdclipError
+from sdclip.prompts import Blend, Conjunction, Schedule
 from sdclip.prompts import chunk as chunk_prompt
 
 from .batcher import Job, ModelWorker, QueueFull
@@ -467,8 +468,7 @@ class Server:
 
 
 def _leaves(node: Any):
-    from sdclip.prompts.types import Blend, Conjunction, Schedule
-
+    """Every chunked prompt of a tree (blends, ANDs, schedule entries)."""
     if isinstance(node, Schedule):
         for _, conj in node.entries:
             yield from _leaves(conj)

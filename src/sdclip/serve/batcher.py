@@ -27,7 +27,6 @@ from typing import Any, Callable, Hashable
 
 import sdclip
 from sdclip.cache import ConditioningCache
-from sdclip.model import TextOutput
 
 _CONDITIONERS = 32  # conditioners kept per model (one per distinct option set)
 
@@ -247,7 +246,7 @@ class ModelWorker:
         independent of batch companions, issue 16)."""
         assert self.te is not None
         options = jobs[0].payload["options"]
-        done: dict[tuple[str, ...], TextOutput] = {}
+        done: dict[tuple[str, ...], sdclip.TextOutput] = {}
         for job in jobs:
             key = tuple(job.prompts)
             try:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 import sdclip
-from sdclip.prompts.types import Blend, Chunked, Conjunction, Node, Schedule
+from sdclip.prompts import Blend, Chunked, Conjunction, Node, Schedule
 from sdclip.tokenizer import Tokenizer
 
 
