@@ -1,6 +1,6 @@
 """Every benchmark in one command: one markdown report and one JSON file.
 
-    python bench/run.py [--quick] [--only model workload load tokenizer clip] [--out bench/out]
+    python bench/run.py [--quick] [--only model workload load tokenizer clip serve] [--out bench/out]
 
 Each benchmark runs in its own process (no state shared between them) and writes `<name>.md` /
 `<name>.json` under --out; this script gathers them into `report.md` and `report.json`.  Ratios
@@ -27,6 +27,7 @@ BENCHES = {
     "load": ["bench_load.py"],            # (e) cold start from a 2 GB SD1 file, peak memory
     "tokenizer": ["bench_tokenizer.py"],  # (f) tokenizer vs CLIPTokenizerFast
     "clip": ["bench_clip.py"],            # CLIP training pairs/s and encode_image images/s
+    "serve": ["bench_serve.py"],          # sdclip serve under load: exactness, latency, overload, disconnects
 }
 
 

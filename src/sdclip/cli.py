@@ -646,6 +646,68 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+# --- serve: the HTTP server (sdclip[serve]; imported only when run) ---------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        from .serve import Limits, ServeConfig, serve
+    except ImportError as e:
+        raise SdclipError(f"sdclip serve needs FastAPI and uvicorn: pip install 'sdclip[serve]' ({e})") from None
+    models: dict[str, str] = {}
+    for item in args.model or [bundled.DEFAULT]:
+        name, sep, source = item.partition("=")
+        name, source = (name, source) if sep else (Path(item).stem if Path(item).suffix else item, item)
+        if not name or not source or name in models:
+            raise BadInput(f"--model {item!r}: give NAME=CHECKPOINT with a NAME used once")
+        models[name] = source
+    token = None
+    if args.token_file is not None:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise BadInput(f"--token-file {args.token_file}: cannot read it ({e})") from None
+        if not token:
+            raise BadInput(f"--token-file {args.token_file}: the file is empty")
+    limits = Limits(max_prompts=args.max_prompts, max_chars=args.max_chars, max_tokens=args.max_tokens,
+                    max_body_bytes=args.max_body_bytes)
+    serve(ServeConfig(models=models, embeddings=args.embeddings, dtype=args.dtype, device=args.device,
+                      max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
+                      limits=limits, token=token, cors=args.cors or []),
+          host=args.host, port=args.port, log_level=args.log_level, threads=args.threads)
+
+
+def _add_serve_command(sub) -> None:
+    p = sub.add_parser("serve", help="an HTTP server: conditioning, embeddings, tokenization, a prompt inspector",
+                       description="Serve /v1/encode (encode_prompts as safetensors or JSON), /v1/embeddings "
+                                   "(OpenAI-compatible), /v1/tokenize, /v1/compare, /healthz, /readyz, /metrics, "
+                                   "/docs and the prompt inspector at /.  Needs sdclip[serve].  SIGTERM lets the "
+                                   "requests in flight finish, then exits 0.")
+    p.add_argument("--model", "-m", action="append", metavar="[NAME=]MODEL", help="a checkpoint to serve, "
+                   "optionally named (repeat for several; the first is the default; default: sdclip-mini)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--embeddings", help="textual-inversion file or folder; requests use them by name")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model weights")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--max-batch", type=int, default=32, help="prompts per micro-batch (default 32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests "
+                   "(default 5 ms)")
+    p.add_argument("--queue-size", type=int, default=256, help="requests waiting per model before 503 (default 256)")
+    p.add_argument("--max-prompts", type=int, default=64, help="prompts per request (default 64)")
+    p.add_argument("--max-chars", type=int, default=4000, help="characters per prompt (default 4000)")
+    p.add_argument("--max-tokens", type=int, default=600, help="tokens per prompt as its dialect counts them "
+                   "(default 600)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size (default 1 MiB)")
+    p.add_argument("--token-file", help="require 'Authorization: Bearer TOKEN' with the token in this file "
+                   "(/healthz, the inspector page and /docs stay open)")
+    p.add_argument("--cors", action="append", metavar="ORIGIN", help="allow browser requests from ORIGIN "
+                   "(repeatable; default: no CORS headers)")
+    p.add_argument("--threads", type=int, help="torch threads for the models (default: the cores less one, "
+                   "left to the HTTP side)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(run=cmd_serve)
+
+
 def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
     p.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, default=None, help=help)
 
@@ -713,6 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prompt_commands(sub)
     _add_clip_commands(sub)
     _add_ti_commands(sub)
+    _add_serve_command(sub)
     return parser
 
 

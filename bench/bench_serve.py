@@ -1,0 +1,364 @@
+"""`sdclip serve` under load, loopback only, bounded in count and time (issue 13, item 4).
+
+    python bench/bench_serve.py [--requests 10000] [--clients 200] [--queue-size 256] [--out bench/out] [--quick]
+
+1. load: ``--clients`` concurrent clients send ``--requests`` requests mixing /v1/encode (A1111, ComfyUI,
+   diffusers; with and without negatives), /v1/embeddings and /v1/tokenize; every answer is checked against
+   the same request run in this process (``encode_prompts`` with no cache, ``TextEncoder.encode``, the
+   tokenizer and chunker): lost, wrong, 5xx counted; p50 / p99 latency and throughput;
+2. the engine's own throughput on the same work (in-process, batches of 64, a fresh conditioning cache): the
+   server's prompts/s over the engine's is the ratio the issue asks to be >= 0.8;
+3. overload: twice ``--queue-size`` heavy requests at once: 503s with Retry-After, no crash, then recovery
+   (a normal request answers, /readyz is 200, the queue is empty);
+4. disconnects: rounds of heavy requests whose clients go away mid-request; RSS and queue depth of the server
+   before and after.
+
+The server runs in its own process on 127.0.0.1 with the bundled sdclip-mini; this machine's cores are shared by
+the clients and the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import httpx
+import torch
+from safetensors.torch import load as load_safetensors
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "src"))
+from common import machine, write_results  # noqa: E402
+
+import sdclip  # noqa: E402
+from sdclip.cache import ConditioningCache  # noqa: E402
+from sdclip.prompts import chunk  # noqa: E402
+
+COLOURS = ["red", "blue", "green", "orange", "purple", "yellow", "white", "black"]
+SHAPES = ["star", "square", "circle", "cross", "triangle", "hexagon"]
+PREFIXES = ["", "masterpiece, best quality, ", "(masterpiece:1.2), highly detailed, sharp focus, ",
+            "a photo of ", "(cinematic lighting:1.1), 8k, "]
+NEGATIVES = [None, "blurry", "lowres, (bad anatomy:1.2), worst quality", "ugly"]
+
+
+def prompt(rng: random.Random) -> str:
+    text = f"{rng.choice(PREFIXES)}a ({rng.choice(COLOURS)}:{rng.choice([1.0, 1.1, 1.3])}) {rng.choice(SHAPES)}"
+    if rng.random() < 0.3:
+        text += f" above a [{rng.choice(COLOURS)}] {rng.choice(SHAPES)}"
+    if rng.random() < 0.05:
+        text += ", " + ", ".join(rng.choice(COLOURS) + " " + rng.choice(SHAPES) for _ in range(30))  # 2 chunks
+    return text
+
+
+def workload(n: int, seed: int = 0) -> list[tuple[str, dict]]:
+    """``n`` requests: 50 % encode, 30 % embeddings, 20 % tokenize, 1-4 prompts each."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.5:
+            k = rng.randint(1, 4)
+            body = {"prompts": [prompt(rng) for _ in range(k)], "dialect": rng.choice(["a1111", "comfy", "diffusers"]),
+                    "negative": rng.choice(NEGATIVES)}
+            out.append(("/v1/encode", body))
+        elif r < 0.8:
+            out.append(("/v1/embeddings", {"input": [prompt(rng).replace("(", "").replace(")", "")
+                                                     for _ in range(rng.randint(1, 4))]}))
+        else:
+            out.append(("/v1/tokenize", {"prompt": prompt(rng), "dialect": rng.choice(["a1111", "comfy", "compel"])}))
+    return out
+
+
+def key(path: str, body: dict) -> str:
+    return path + json.dumps(body, sort_keys=True)
+
+
+def reference(te: "sdclip.TextEncoder", path: str, body: dict) -> object:
+    """The in-process answer to one request."""
+    if path == "/v1/encode":
+        cond = sdclip.encode_prompts(te, body["prompts"], body["negative"], dialect=body["dialect"], cache=None)
+        return {"hidden": cond.hidden, "negative_hidden": cond.negative_hidden}
+    if path == "/v1/embeddings":
+        return te.encode(body["input"], hidden=False).pooled_projected
+    tok = te.tokenizers[0]
+    tree = chunk(body["prompt"], body["dialect"], tok, pad_id=te.towers[0].config.pad_id)
+    return tok.encode(body["prompt"]), [list(r) for r in tree.ids], [list(r) for r in tree.weights]
+
+
+def difference(path: str, response: httpx.Response, want: object) -> float:
+    """0.0 when the answer is the in-process one bit for bit, else the largest |difference| (inf: other shape)."""
+    if path == "/v1/encode":
+        got = load_safetensors(response.content)
+        if set(got) != set(want) or any(got[k].shape != want[k].shape for k in want):
+            return float("inf")
+        return max(float((got[k] - want[k]).abs().max()) for k in want)
+    data = response.json()
+    if path == "/v1/embeddings":
+        got = torch.tensor([d["embedding"] for d in data["data"]], dtype=torch.float32)
+        return float("inf") if got.shape != want.shape else float((got - want).abs().max())
+    leaf = data["chunks"]
+    same = (data["ids"], [c["ids"] for c in leaf["chunks"]], [c["weights"] for c in leaf["chunks"]]) == want
+    return 0.0 if same else float("inf")
+
+
+def engine_seconds(te: "sdclip.TextEncoder", requests: list[tuple[str, dict]], batch: int = 64) -> float:
+    """The same work in-process, batched: encode prompts grouped by dialect and negative, embeddings in batches,
+    tokenize one by one (a fresh conditioning cache: repeats inside the workload are free, as in the server)."""
+    cache = ConditioningCache()
+    groups: dict[tuple, list[str]] = {}
+    inputs, tokenize = [], []
+    for path, body in requests:
+        if path == "/v1/encode":
+            groups.setdefault((body["dialect"], body["negative"]), []).extend(body["prompts"])
+        elif path == "/v1/embeddings":
+            inputs.extend(body["input"])
+        else:
+            tokenize.append(body)
+    t0 = time.perf_counter()
+    for (dialect, negative), prompts in groups.items():
+        conditioner = sdclip.Conditioner(te, dialect, cache=cache)
+        for s in range(0, len(prompts), batch):
+            conditioner.encode(prompts[s:s + batch], negative)
+    for s in range(0, len(inputs), batch):
+        te.encode(inputs[s:s + batch], hidden=False)
+    tok = te.tokenizers[0]
+    for body in tokenize:
+        tok.encode(body["prompt"])
+        chunk(body["prompt"], body["dialect"], tok, pad_id=te.towers[0].config.pad_id)
+    return time.perf_counter() - t0
+
+
+def prompts_in(body: dict) -> int:
+    value = body.get("prompts", body.get("input", body.get("prompt")))
+    return 1 if isinstance(value, str) else len(value)
+
+
+async def send(client: httpx.AsyncClient, path: str, body: dict) -> httpx.Response:
+    headers = {"Accept": "application/octet-stream"} if path == "/v1/encode" else {}
+    return await client.post(path, json=body, headers=headers)
+
+
+async def load_phase(base: str, requests: list, wants: dict, clients: int) -> dict:
+    todo = list(enumerate(requests))
+    latencies, statuses, wrong, lost, worst = [], {}, {}, 0, 0.0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as client:
+        async def worker() -> None:
+            nonlocal lost, worst
+            while todo:
+                _, (path, body) = todo.pop()
+                t0 = time.perf_counter()
+                try:
+                    r = await send(client, path, body)
+                except httpx.HTTPError:
+                    lost += 1
+                    continue
+                latencies.append(time.perf_counter() - t0)
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                if r.status_code == 200:
+                    delta = difference(path, r, wants[key(path, body)])
+                    if delta:
+                        wrong[path] = wrong.get(path, 0) + 1
+                        worst = max(worst, delta)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    latencies.sort()
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
+    return {"wall_s": wall, "statuses": statuses, "wrong": sum(wrong.values()), "wrong_by_route": wrong,
+            "max_abs_difference": worst, "lost": lost, "answered": len(latencies),
+            "p50_ms": 1000 * pick(0.5), "p99_ms": 1000 * pick(0.99), "max_ms": 1000 * latencies[-1]}
+
+
+def heavy(i: int) -> dict:
+    """A request of 16 distinct one-chunk prompts."""
+    return {"prompts": [f"{i} {j} " + "a (red:1.1) star, blue square, " * 4 for j in range(16)], "dialect": "a1111"}
+
+
+async def overload_phase(base: str, n: int, te: "sdclip.TextEncoder") -> dict:
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as client:
+        rs = await asyncio.gather(*(client.post("/v1/encode", json=heavy(i), headers={"Accept": "application/octet-stream"})
+                                    for i in range(n)), return_exceptions=True)
+        statuses: dict[int, int] = {}
+        retry_after = True
+        checked = wrong = 0
+        for i, r in enumerate(rs):
+            if isinstance(r, Exception):
+                statuses[-1] = statuses.get(-1, 0) + 1
+                continue
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            if r.status_code == 503:
+                retry_after &= r.headers.get("retry-after") == "1"
+            elif r.status_code == 200 and checked < 8:  # a sample of the heavy answers
+                checked += 1
+                want = sdclip.encode_prompts(te, heavy(i)["prompts"], dialect="a1111", cache=None)
+                wrong += not torch.equal(load_safetensors(r.content)["hidden"], want.hidden)
+        after = await client.post("/v1/encode", json={"prompts": "a red star", "dialect": "a1111"})
+        ready = await client.get("/readyz")
+    return {"sent": n, "statuses": statuses, "retry_after_on_every_503": retry_after, "sample_checked": checked,
+            "sample_wrong": wrong, "recovered": after.status_code == 200 and ready.status_code == 200}
+
+
+async def disconnect_round(base: str, n: int, after_s: float) -> int:
+    """``n`` heavy requests whose clients give up after ``after_s``: returns how many were cut off."""
+    async with httpx.AsyncClient(base_url=base, limits=httpx.Limits(max_connections=n), timeout=300) as client:
+        tasks = [asyncio.create_task(client.post("/v1/encode", json=heavy(10_000 + i))) for i in range(n)]
+        await asyncio.sleep(after_s)
+        cut = sum(not t.done() for t in tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return cut
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def queue_depth(base: str) -> float:
+    text = httpx.get(base + "/metrics").text
+    return sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("sdclip_queue_depth{"))
+
+
+def settle(base: str, timeout: float = 60) -> float:
+    """Wait until the queue is empty and the server idle; returns the queue depth."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and queue_depth(base) > 0:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    return queue_depth(base)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=10_000)
+    ap.add_argument("--clients", type=int, default=200)
+    ap.add_argument("--queue-size", type=int, default=256)
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--max-wait-ms", type=float, default=2.0)
+    ap.add_argument("--threads", type=int, help="the server's torch threads (default: the cores less one)")
+    ap.add_argument("--out", default=str(HERE / "out"))
+    ap.add_argument("--quick", action="store_true", help="1,000 requests, 50 clients")
+    ap.add_argument("--load-only", action="store_true", help="skip the overload and disconnect phases")
+    args = ap.parse_args()
+    if args.quick:
+        args.requests, args.clients = 1000, 50
+    warnings.simplefilter("ignore", UserWarning)  # truncation notes of the long prompts
+    # the server's torch threads (its default: the cores less one); GEMMs round with the thread count, and the
+    # references must be computed as the server computes
+    threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(threads)
+    te = sdclip.load()
+    requests = workload(args.requests)
+    t0 = time.perf_counter()
+    wants = {}
+    for path, body in requests:
+        k = key(path, body)
+        if k not in wants:
+            wants[k] = reference(te, path, body)
+    print(f"references for {len(wants)} distinct requests: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "sdclip.cli", "serve", "--port", str(port), "--log-level",
+                               "warning", "--queue-size", str(args.queue_size), "--max-batch", str(args.max_batch),
+                               "--max-wait-ms", str(args.max_wait_ms), "--threads", str(threads)],
+                              env={**os.environ, "PYTHONPATH": str(HERE.parent / "src")})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(base + "/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the server did not start")
+            time.sleep(0.2)
+        baseline_rss = rss_kb(server.pid)
+        load = asyncio.run(load_phase(base, requests, wants, args.clients))
+        prompts = sum(prompts_in(b) for _, b in requests)
+        load["requests_per_s"] = args.requests / load["wall_s"]
+        load["prompts_per_s"] = prompts / load["wall_s"]
+        engine = min(engine_seconds(te, requests) for _ in range(2))
+        load["engine_prompts_per_s"] = prompts / engine
+        load["ratio_to_engine"] = load["prompts_per_s"] / load["engine_prompts_per_s"]
+        print(json.dumps(load), file=sys.stderr)
+        settle(base)
+        after_load_rss = rss_kb(server.pid)
+        overload = disconnect = None
+        if not args.load_only:
+            overload = asyncio.run(overload_phase(base, 2 * args.queue_size, te))
+            overload["server_alive"] = server.poll() is None
+            overload["queue_depth_after"] = settle(base)
+            print(json.dumps(overload), file=sys.stderr)
+            before_rss = rss_kb(server.pid)
+            cuts = [asyncio.run(disconnect_round(base, 100, 0.3)) for _ in range(5)]
+            depth = settle(base)
+            after_rss = rss_kb(server.pid)
+            disconnect = {"rounds": 5, "cut_off": cuts, "queue_depth_after": depth, "rss_before_mb": before_rss / 1024,
+                          "rss_after_mb": after_rss / 1024,
+                          "rss_growth_pct": 100 * (after_rss - before_rss) / before_rss,
+                          "server_alive": server.poll() is None,
+                          "still_answers": httpx.post(base + "/v1/tokenize", json={"prompt": "a"}).status_code == 200}
+            print(json.dumps(disconnect), file=sys.stderr)
+        server.send_signal(signal.SIGTERM)
+        exit_code = server.wait(60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+    five = sum(v for k, v in load["statuses"].items() if k >= 500)
+    rows = [
+        {"what": f"load: {args.requests} requests, {args.clients} clients", "value":
+         f"{load['answered']} answered, {load['lost']} lost, {load['wrong']} not bit-identical "
+         f"{load['wrong_by_route'] or ''} (max abs difference {load['max_abs_difference']:.1e}), {five} 5xx "
+         f"(statuses {load['statuses']})"},
+        {"what": "latency p50 / p99 / max", "value": f"{load['p50_ms']:.1f} / {load['p99_ms']:.1f} / "
+                                                      f"{load['max_ms']:.1f} ms"},
+        {"what": "throughput", "value": f"{load['requests_per_s']:.0f} requests/s, {load['prompts_per_s']:.0f} prompts/s"},
+        {"what": "engine in-process, same work, batches of 64", "value": f"{load['engine_prompts_per_s']:.0f} prompts/s"},
+        {"what": "server / engine", "value": f"{load['ratio_to_engine']:.2f}x (target >= 0.8x)"},
+    ]
+    if overload is not None and disconnect is not None:
+        rows += [
+        {"what": f"overload: {overload['sent']} heavy requests (16 prompts) at once, queue {args.queue_size}",
+         "value": f"statuses {overload['statuses']}, Retry-After on every 503: {overload['retry_after_on_every_503']}, "
+                  f"sample of answers checked {overload['sample_checked']} wrong {overload['sample_wrong']}, "
+                  f"alive {overload['server_alive']}, recovered {overload['recovered']}, queue after "
+                  f"{overload['queue_depth_after']:g}"},
+        {"what": "disconnects: 5 rounds x 100 heavy requests cut off after 0.3 s", "value":
+         f"cut off {disconnect['cut_off']}, queue after {disconnect['queue_depth_after']:g}, RSS "
+         f"{disconnect['rss_before_mb']:.0f} -> {disconnect['rss_after_mb']:.0f} MB "
+         f"({disconnect['rss_growth_pct']:+.1f} %), still answers {disconnect['still_answers']}"}]
+    rows += [
+        {"what": "server RSS: started / after the load", "value": f"{baseline_rss / 1024:.0f} / "
+                                                                   f"{after_load_rss / 1024:.0f} MB"},
+        {"what": "SIGTERM exit status", "value": str(exit_code)},
+    ]
+    text = write_results("serve", rows, ["what", "value"], args.out,
+                         {"load": load, "overload": overload, "disconnect": disconnect, "exit_code": exit_code,
+                          "machine": machine()})
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,501 @@
+"""The HTTP API: routes, request limits, errors, auth and CORS around one ``ModelWorker`` per model.
+
+Errors are JSON ``{"error": {"type": ..., "message": ..., ...}}``: 400/422 for bad requests, 401 without the
+token, 404 for an unknown model, 413 for a limit (with ``limit`` and ``value``), 503 + ``Retry-After`` when a
+model's queue is full or the model is not loaded yet.  Nothing a client sends can raise a 500 or stop a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal, Union
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import sdclip
+from sdclip.errors import BadInput, SdclipError
+from sdclip.prompts import Blend, Conjunction, Schedule
+from sdclip.prompts import chunk as chunk_prompt
+
+from .batcher import Job, ModelWorker, QueueFull
+from .inspect import compare_layers, describe_chunks
+from .metrics import Metrics
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+OPEN_PATHS = ("/healthz",)  # answered without the token
+STATIC_PATHS = ("/", "/docs", "/openapi.json", "/favicon.ico")  # no data: the page itself asks for the token
+
+
+@dataclass
+class Limits:
+    """What one request may ask for; each refusal names the limit and its value."""
+
+    max_prompts: int = 64  # prompts (and inputs) per request
+    max_chars: int = 4000  # characters per prompt
+    max_tokens: int = 600  # tokens per prompt, as its dialect counts them (A1111: 75 per full chunk)
+    max_body_bytes: int = 1 << 20
+
+
+@dataclass
+class ServeConfig:
+    """``models``: name -> checkpoint (file, folder, repo id, ``sdclip-mini``) or a loaded ``TextEncoder``; the
+    first is the default model."""
+
+    models: dict[str, Union[str, "sdclip.TextEncoder"]] = field(default_factory=lambda: {"sdclip-mini": "sdclip-mini"})
+    embeddings: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    queue_size: int = 256
+    limits: Limits = field(default_factory=Limits)
+    token: str | None = None
+    cors: list[str] = field(default_factory=list)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None, **extra: Any):
+        super().__init__(message)
+        self.status, self.kind, self.extra, self.headers = status, kind, extra, headers
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.kind, str(self), self.headers, **self.extra)
+
+
+def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None,
+                   **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": {"type": kind, "message": message, **extra}}, status, headers=headers)
+
+
+def limit_error(name: str, value: int, what: str) -> ApiError:
+    return ApiError(413, "limit_exceeded", f"{what} exceeds the limit {name} = {value}", limit=name, value=value)
+
+
+# --- request bodies -----------------------------------------------------------------------------------------
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    model: str | None = Field(None, description="a served model's name (default: the first --model)")
+
+
+class _Dialect(_Body):
+    dialect: str | None = Field("diffusers", description="a1111 | comfy | compel | diffusers (for /v1/encode, "
+                                "null: raw hidden states of one layer, as TextEncoder.encode)")
+    clip_skip: int | None = Field(None, ge=-64, le=64)
+    emphasis: Literal["original", "no-norm", "ignore", "none"] = "original"
+    steps: int = Field(20, ge=1, le=150, description="a1111: sampler steps of the prompt-editing schedule")
+    comma_backtrack: int = Field(20, ge=0, le=75)
+    truncate: bool = Field(True, description="compel: truncate_long_prompts")
+
+    def chunk_options(self) -> dict[str, Any]:
+        """The dialect options the client set: a dialect's chunker refuses those it does not take."""
+        return {k: getattr(self, k) for k in ("steps", "comma_backtrack", "truncate") if k in self.model_fields_set}
+
+
+class EncodeRequest(_Dialect):
+    prompts: str | list[str]
+    negative: str | list[str | None] | None = Field(None, description="one for all prompts, or one per prompt "
+                                                   "(null: none, which is the empty prompt or zeros as the front end does)")
+    step: int = Field(0, ge=0, le=1000, description="a1111: the sampler step whose prompt editing to encode")
+    embeddings: list[str] | None = Field(None, description="textual-inversion names from --embeddings (default: all)")
+    layer: int | None = Field(None, ge=-100, le=100, description="dialect null only: hidden-state index")
+    final_norm: bool | None = Field(None, description="dialect null only")
+    encoder: int = Field(1, ge=1, le=8, description="dialect null only: which text encoder (SDXL 2 = bigG)")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class EmbeddingsRequest(_Body):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # OpenAI clients send "user" and the like
+    input: str | list[str]
+    normalize: bool = Field(False, description="divide each vector by its L2 norm")
+    encoding_format: Literal["float", "base64"] = "float"
+    encoder: int = Field(1, ge=1, le=8)
+
+
+class TokenizeRequest(_Dialect):
+    prompt: str
+
+
+class CompareRequest(_Body):
+    a: str
+    b: str
+    encoder: int = Field(1, ge=1, le=8)
+
+
+# --- the application --------------------------------------------------------------------------------------
+
+class _BodyLimit:
+    """Refuses bodies over ``limit`` bytes (413), by Content-Length or while reading a chunked body, which it
+    buffers (at most ``limit`` bytes) before the application sees it."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        too_big = limit_error("max_body_bytes", self.limit, "the request body").response()
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await too_big(scope, receive, send)
+        messages: list[Message] = []
+        seen, more = 0, True
+        while more:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                return await too_big(scope, receive, send)
+            more = message.get("more_body", False)
+        replay = iter(messages)
+
+        async def replayed() -> Message:
+            return next(replay, None) or await receive()
+        await self.app(scope, replayed, send)
+
+
+class Server:
+    """The served models, their workers and the metrics; ``app`` is the FastAPI application."""
+
+    def __init__(self, config: ServeConfig):
+        if not config.models:
+            raise BadInput("no model to serve")
+        self.config = config
+        self.metrics = Metrics()
+        embeddings = sdclip.load_embeddings(config.embeddings) if config.embeddings else []
+        self.workers = {name: ModelWorker(name, self._loader(source), max_batch=config.max_batch,
+                                          max_wait_ms=config.max_wait_ms, queue_size=config.queue_size,
+                                          embeddings=embeddings, on_batch=self.metrics.batch)
+                        for name, source in config.models.items()}
+        self.default = next(iter(self.workers))
+        self.draining = False
+        self.metrics.gauge("sdclip_queue_depth", "gauge", "Requests waiting for a model's worker.", ("model",),
+                           lambda: [((n,), w.depth) for n, w in self.workers.items()])
+        for what in ("hits", "misses"):
+            self.metrics.gauge(f"sdclip_cache_{what}_total", "counter", f"Conditioning cache {what} by model.",
+                               ("model",), lambda what=what: [((n,), getattr(w.cache, what))
+                                                              for n, w in self.workers.items()])
+        self.metrics.gauge("sdclip_ready", "gauge", "1 once the model is loaded and warmed.", ("model",),
+                           lambda: [((n,), float(w.ready.is_set() and not w.failed)) for n, w in self.workers.items()])
+        self.app = self._build()
+
+    def _loader(self, source: Union[str, "sdclip.TextEncoder"]):
+        if isinstance(source, sdclip.TextEncoder):
+            return lambda: source
+        return lambda: sdclip.load(source, dtype=self.config.dtype, device=self.config.device)
+
+    # --- plumbing -------------------------------------------------------------------------------------------
+    def worker(self, name: str | None) -> ModelWorker:
+        name = self.default if name is None else name
+        worker = self.workers.get(name)
+        if worker is None:
+            raise ApiError(404, "unknown_model", f"no model named {name!r}; this server has "
+                           f"{', '.join(map(repr, self.workers))}", model=name)
+        if not worker.ready.is_set():
+            raise ApiError(503, "not_ready", f"model {name!r} is still loading", {"Retry-After": "1"})
+        if worker.failed:
+            raise ApiError(503, "model_failed", f"model {name!r} failed to load: {worker.failed}")
+        return worker
+
+    async def run(self, worker: ModelWorker, job: Job) -> Any:
+        try:
+            future = worker.submit(job)
+        except QueueFull as e:
+            raise ApiError(503, "overloaded", f"model {worker.name!r}: {e}; retry later", {"Retry-After": "1"},
+                           limit="queue_size", value=e.limit) from None
+        return await future
+
+    def check_prompts(self, prompts: list[str], what: str = "prompts") -> None:
+        limits = self.config.limits
+        if len(prompts) > limits.max_prompts:
+            raise limit_error("max_prompts", limits.max_prompts, f"{len(prompts)} {what}")
+        for i, p in enumerate(prompts):
+            if p is not None and len(p) > limits.max_chars:
+                raise limit_error("max_chars", limits.max_chars, f"{what}[{i}] ({len(p)} characters)")
+            if p is not None and not _encodable(p):
+                raise ApiError(422, "bad_input", f"{what}[{i}] holds a lone surrogate (\\ud800-\\udfff), which no "
+                               "text can contain")
+
+    def check_tokens(self, count: int, what: str) -> None:
+        if count > self.config.limits.max_tokens:
+            raise limit_error("max_tokens", self.config.limits.max_tokens, f"{what} ({count} tokens)")
+
+    def chunks(self, te: "sdclip.TextEncoder", text: str, body: _Dialect, what: str,
+               strict: bool = False) -> tuple[Any, int]:
+        """The prompt's chunk tree in its dialect, and its longest leaf's chunk count; refuses long prompts.
+        An option the dialect does not take is refused when ``strict``, else left out (the conditioner ignores
+        it, as ``encode_prompts`` does)."""
+        pad = te.towers[0].config.pad_id
+        try:
+            tree = chunk_prompt(text, body.dialect, te.tokenizers[0], pad_id=pad, **body.chunk_options())
+        except TypeError as e:
+            if strict:
+                raise ApiError(422, "bad_input", f"dialect {body.dialect!r} does not take that option ({e})") from None
+            tree = chunk_prompt(text, body.dialect, te.tokenizers[0], pad_id=pad)
+        leaves = list(_leaves(tree))
+        self.check_tokens(sum(leaf.token_count for leaf in leaves), what)
+        return tree, max(len(leaf.ids) for leaf in leaves)
+
+    # --- routes -----------------------------------------------------------------------------------------------
+    async def encode(self, body: EncodeRequest, request: Request) -> Response:
+        worker = self.worker(body.model)
+        te = worker.te
+        prompts = [body.prompts] if isinstance(body.prompts, str) else list(body.prompts)
+        if not prompts:
+            raise ApiError(422, "bad_input", "no prompts to encode")
+        one_negative = body.negative is None or isinstance(body.negative, str)
+        negatives = [body.negative] if one_negative else list(body.negative)
+        self.check_prompts(prompts)
+        self.check_prompts([n for n in negatives if n is not None], "negatives")
+        if body.dialect is None:
+            if body.negative is not None or body.embeddings is not None:
+                raise ApiError(422, "bad_input", "negative and embeddings need a dialect (dialect null encodes raw "
+                               "hidden states)")
+            for i, p in enumerate(prompts):
+                self.check_tokens(len(te.tokenizers[0].tokenize(p)), f"prompts[{i}]")
+            te.tower(body.encoder).resolve_layer(te.usages[body.encoder - 1].layer if body.layer is None
+                                                 else body.layer)
+            options = dict(encoder=body.encoder, layer=body.layer, final_norm=body.final_norm)
+            out = await self.run(worker, Job("hidden", tuple(options.items()), prompts, {"options": options}))
+            tensors = {"hidden": out.hidden, "pooled": out.pooled, "pooled_projected": out.pooled_projected}
+        else:
+            if body.layer is not None or body.final_norm is not None or body.encoder != 1:
+                raise ApiError(422, "bad_input", "layer, final_norm and encoder select raw hidden states; with a "
+                               "dialect the front end decides (use clip_skip)")
+            if not one_negative and len(negatives) != len(prompts):
+                raise ApiError(422, "bad_input", f"{len(negatives)} negative prompts for {len(prompts)} prompts; "
+                               "give one, or one each")
+            self._known_embeddings(body.embeddings)
+            chunks = [self.chunks(te, p, body, f"prompts[{i}]")[1] for i, p in enumerate(prompts)]
+            negative_chunks = [1 if n is None else self.chunks(te, n, body, f"negatives[{i}]")[1]
+                               for i, n in enumerate(negatives)]
+            options = dict(dialect=body.dialect, clip_skip=body.clip_skip, emphasis=body.emphasis, steps=body.steps,
+                           comma_backtrack=body.comma_backtrack, truncate=body.truncate,
+                           embedding_names=None if body.embeddings is None else sorted(body.embeddings))
+            key = (tuple((k, v if not isinstance(v, list) else tuple(v)) for k, v in options.items()), body.step)
+            payload = dict(options=options, step=body.step, negatives=negatives, one_negative=one_negative,
+                           chunks=chunks, negative_chunks=negative_chunks)
+            cond = await self.run(worker, Job("conditioning", key, prompts, payload))
+            tensors = {"hidden": cond.hidden, "pooled": cond.pooled, "negative_hidden": cond.negative_hidden,
+                       "negative_pooled": cond.negative_pooled}
+        for k, v in tensors.items():
+            if v is not None and not bool(torch.isfinite(v).all()):
+                raise ApiError(422, "non_finite", f"the {k} of these prompts holds inf or NaN (a weight too large "
+                               "for the dtype?)", tensor=k)
+        dtype = DTYPES[body.dtype]
+        tensors = {k: v.to(dtype).contiguous() for k, v in tensors.items() if v is not None}
+        name = body.model or self.default
+        if "application/octet-stream" in request.headers.get("accept", ""):
+            from safetensors.torch import save
+
+            metadata = {"model": name, "family": te.family, "dialect": str(body.dialect)}
+            return Response(save({k: v.cpu() for k, v in tensors.items()}, metadata),
+                            media_type="application/octet-stream")
+        return JSONResponse({"model": name, "family": te.family, "dialect": body.dialect,
+                             "tensors": {k: _tensor_json(v) for k, v in tensors.items()}})
+
+    def _known_embeddings(self, names: list[str] | None) -> None:
+        if names is None:
+            return
+        worker_embeddings = next(iter(self.workers.values())).embeddings
+        known = {e.name for e in worker_embeddings} | {e.token for e in worker_embeddings}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ApiError(422, "unknown_embedding", f"no embedding named {', '.join(map(repr, unknown))} in "
+                           f"--embeddings ({len(worker_embeddings)} loaded)")
+
+    async def embeddings(self, body: EmbeddingsRequest) -> dict:
+        worker = self.worker(body.model)
+        te = worker.te
+        inputs = [body.input] if isinstance(body.input, str) else list(body.input)
+        if not inputs:
+            raise ApiError(422, "bad_input", "input is empty")
+        self.check_prompts(inputs, "inputs")
+        te.tower(body.encoder)  # a missing encoder is a BadInput before queueing
+        tokenizer = te.tokenizers[body.encoder - 1]
+        counts = []
+        for i, p in enumerate(inputs):
+            counts.append(len(tokenizer.tokenize(p)))
+            self.check_tokens(counts[-1], f"input[{i}]")
+        options = dict(encoder=body.encoder, hidden=False)
+        out = await self.run(worker, Job("embeddings", tuple(options.items()), inputs, {"options": options}))
+        vectors = out.pooled_projected if out.pooled_projected is not None else out.pooled
+        vectors = vectors.float()
+        if body.normalize:
+            vectors = torch.nn.functional.normalize(vectors, dim=-1)
+        data = []
+        for i, v in enumerate(vectors.cpu()):
+            value: Any = base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() \
+                if body.encoding_format == "base64" else v.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        used = sum(min(n + 2, 77) for n in counts)  # the ids the encoder read: BOS, prompt, EOS
+        return {"object": "list", "data": data, "model": body.model or self.default,
+                "usage": {"prompt_tokens": used, "total_tokens": used}}
+
+    async def tokenize(self, body: TokenizeRequest) -> dict:
+        worker = self.worker(body.model)
+        te = worker.te
+        self.check_prompts([body.prompt], "prompt")
+        tokenizer = te.tokenizers[0]
+        tree, _ = self.chunks(te, body.prompt, body, "prompt", strict=True)
+        return {"model": body.model or self.default, "dialect": body.dialect,
+                "ids": tokenizer.encode(body.prompt),
+                "tokens": [{"id": t.id, "text": t.text, "start": t.start, "end": t.end}
+                           for t in tokenizer.tokens(body.prompt)],
+                "chunks": describe_chunks(tree, tokenizer)}
+
+    async def compare(self, body: CompareRequest) -> dict:
+        worker = self.worker(body.model)
+        self.check_prompts([body.a, body.b], "prompts")
+        for which, text in (("a", body.a), ("b", body.b)):
+            self.check_tokens(len(worker.te.tokenizers[0].tokenize(text)), which)
+        worker.te.tower(body.encoder)
+        return await self.run(worker, Job("call", None, [body.a, body.b],
+                                          {"fn": lambda te: compare_layers(te, body.a, body.b, body.encoder)}))
+
+    def readyz(self) -> JSONResponse:
+        states = {n: ("failed: " + w.failed if w.failed else "ready" if w.ready.is_set() else "loading")
+                  for n, w in self.workers.items()}
+        ok = all(s == "ready" for s in states.values()) and not self.draining
+        return JSONResponse({"ready": ok, "models": states}, 200 if ok else 503)
+
+    # --- assembly ---------------------------------------------------------------------------------------------
+    def _build(self) -> FastAPI:
+        from contextlib import asynccontextmanager
+
+        @asynccontextmanager
+        async def lifespan(app: FastAPI):
+            for w in self.workers.values():
+                w.start()
+            yield
+            self.draining = True
+            for w in self.workers.values():  # uvicorn has waited for in-flight requests; finish the queues
+                await asyncio.to_thread(w.stop, 30)
+
+        app = FastAPI(title="sdclip serve", version=sdclip.__version__, docs_url=None, redoc_url=None,
+                      lifespan=lifespan, description="Stable Diffusion conditioning, CLIP embeddings and prompt "
+                      "tokenization from one warm text encoder.")
+        static = resources.files("sdclip.serve") / "static"
+
+        @app.exception_handler(ApiError)
+        async def api_error(request: Request, e: ApiError):
+            return e.response()
+
+        @app.exception_handler(RequestValidationError)
+        async def invalid(request: Request, e: RequestValidationError):
+            errors = [{"loc": [str(x) for x in err.get("loc", ())], "message": err.get("msg", "")}
+                      for err in e.errors()]
+            first = errors[0] if errors else {"loc": [], "message": "invalid request"}
+            kind = "malformed_json" if any(err.get("type") == "json_invalid" for err in e.errors()) else "invalid_request"
+            return error_response(422, kind, f"{'.'.join(first['loc'])}: {first['message']}", errors=errors)
+
+        @app.exception_handler(BadInput)
+        async def bad_input(request: Request, e: BadInput):
+            return error_response(422, "bad_input", str(e))
+
+        @app.exception_handler(SdclipError)
+        async def sdclip_error(request: Request, e: SdclipError):
+            return error_response(422, "cannot_encode", str(e))
+
+        @app.exception_handler(Exception)
+        async def internal(request: Request, e: Exception):
+            return error_response(500, "internal", f"{type(e).__name__}: {e}")
+
+        @app.middleware("http")
+        async def observe(request: Request, call_next):
+            start = time.perf_counter()
+            path = request.url.path
+            if self.config.token is not None and path not in OPEN_PATHS and path not in STATIC_PATHS \
+                    and not path.startswith("/static/") and request.method != "OPTIONS":
+                given = request.headers.get("authorization", "")
+                expected = f"Bearer {self.config.token}"
+                if not hmac.compare_digest(given.encode(), expected.encode()):
+                    response: Response = error_response(401, "unauthorized", "missing or wrong bearer token",
+                                                        {"WWW-Authenticate": "Bearer"})
+                    self._count(request, response.status_code, start)
+                    return response
+            response = await call_next(request)
+            self._count(request, response.status_code, start)
+            return response
+
+        if self.config.cors:
+            from fastapi.middleware.cors import CORSMiddleware
+
+            app.add_middleware(CORSMiddleware, allow_origins=self.config.cors, allow_methods=["GET", "POST"],
+                               allow_headers=["Authorization", "Content-Type", "Accept"])
+        app.add_middleware(_BodyLimit, limit=self.config.limits.max_body_bytes)
+
+        app.post("/v1/encode", summary="Prompts -> conditioning (encode_prompts), as safetensors or JSON",
+                 responses={200: {"content": {"application/octet-stream": {}}}})(self.encode)
+        app.post("/v1/embeddings", summary="OpenAI-compatible embeddings: projected pooled vectors")(self.embeddings)
+        app.post("/v1/tokenize", summary="Token ids, tokens with offsets, a dialect's chunks and weights")(self.tokenize)
+        app.post("/v1/compare", summary="Per-token cosine similarity of two prompts at every layer")(self.compare)
+        app.get("/healthz", summary="The process answers")(lambda: {"ok": True})
+        app.get("/readyz", summary="Every model loaded and warmed")(self.readyz)
+        app.get("/metrics", summary="Prometheus metrics")(
+            lambda: Response(self.metrics.render(), media_type="text/plain; version=0.0.4"))
+        app.get("/v1/models", summary="The served models")(self.models)
+        app.get("/", include_in_schema=False)(lambda: FileResponse(str(static / "index.html")))
+        app.get("/docs", include_in_schema=False)(lambda: FileResponse(str(static / "docs.html")))
+        app.mount("/static", StaticFiles(directory=str(static)), name="static")
+        return app
+
+    def models(self) -> dict:
+        from sdclip.prompts import DIALECTS
+
+        return {"object": "list", "default": self.default, "dialects": list(DIALECTS),
+                "data": [{"id": n, "object": "model", "ready": w.ready.is_set() and not w.failed,
+                          "family": w.te.family if w.te is not None else None} for n, w in self.workers.items()]}
+
+    def _count(self, request: Request, status: int, start: float) -> None:
+        route = request.scope.get("route")
+        path = getattr(route, "path", None) or ("/static" if request.url.path.startswith("/static/") else "other")
+        self.metrics.request(path, status, time.perf_counter() - start)
+
+
+def _leaves(node: Any):
+    """Every chunked prompt of a tree (blends, ANDs, schedule entries)."""
+    if isinstance(node, Schedule):
+        for _, conj in node.entries:
+            yield from _leaves(conj)
+    elif isinstance(node, (Conjunction, Blend)):
+        for part in node.parts:
+            yield from _leaves(part)
+    else:
+        yield node
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _tensor_json(t: torch.Tensor) -> dict:
+    raw = t.cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+            "data": base64.b64encode(raw).decode()}
+
+
+def create_app(config: ServeConfig | None = None) -> FastAPI:
+    """The FastAPI application for ``config`` (the models load on their worker threads at startup)."""
+    return Server(config or ServeConfig()).app
+
+
+__all__ = ["ServeConfig", "Limits", "Server", "create_app"]
