@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .errors import BadInput
+from .families import Usage
 from .model import TextConfig, TextTransformer
 from .tensorfile import TensorFile
 
@@ -61,14 +62,6 @@ BLOCK_INDEX = {"hf": re.compile(r"encoder\.layers\.(\d+)\."), "openclip": re.com
 # name by width; OpenAI / HF towers (L, B) use quick_gelu and pad with EOS, OpenCLIP (H, bigG) gelu and 0
 ROLES = {512: "clip_b", 768: "clip_l", 1024: "clip_h", 1280: "clip_g"}
 FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "clip")
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Which hidden state a family feeds its U-Net: a Python-style layer index, final LN or not."""
-
-    layer: int = -1
-    final_norm: bool = True
 
 
 @dataclass

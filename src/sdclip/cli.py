@@ -113,8 +113,13 @@ def cmd_encode(args: argparse.Namespace) -> None:
 
 def _conditioning_options(args: argparse.Namespace) -> list[str]:
     """The conditioning options given (they need --dialect)."""
+    from .prompts import REGISTRY
+
     given = {"--negative": args.negative, "--negative-file": args.negative_file, "--embeddings": args.embeddings,
-             "--clip-skip": args.clip_skip, "--emphasis": args.emphasis}
+             "--clip-skip": args.clip_skip}
+    # a front end's options without a default are given only when set
+    given.update((o.flag, o.given(args)) for d in REGISTRY.values() for o in d.options if "default" not in o.argparse
+                 and o.stage == "encode")
     return [name for name, value in given.items() if value is not None]
 
 
@@ -134,38 +139,33 @@ def _encode_conditioning(args: argparse.Namespace, prompts: list[str]) -> None:
         raise BadInput(f"{args.negative_file}: {len(negative)} negative prompts for {len(prompts)} prompts "
                        f"(one per line, one per prompt)")
     te = _load_for_encode(args)
-    options = dict(clip_skip=args.clip_skip, emphasis=args.emphasis or "original", embeddings=args.embeddings,
-                   steps=args.steps, comma_backtrack=args.comma_backtrack, truncate=not args.no_truncate)
+    options = dict(clip_skip=args.clip_skip, embeddings=args.embeddings, **_dialect_options(args, "encode"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cond = sdclip.encode_prompts(te, prompts, negative, dialect=args.dialect, step=args.step, **options)
+        cond = sdclip.encode_prompts(te, prompts, negative, dialect=args.dialect, **options)
     for message in dict.fromkeys(str(w.message) for w in caught):
         print(f"sdclip: warning: {message}", file=sys.stderr)
     _write_tensors(args.out, {"hidden": cond.hidden, "pooled": cond.pooled, "negative_hidden": cond.negative_hidden,
                               "negative_pooled": cond.negative_pooled},
                    {"model": str(args.model or bundled.DEFAULT), "family": te.family, "dialect": args.dialect,
-                    "clip_skip": str(args.clip_skip), "emphasis": args.emphasis or "original",
+                    "clip_skip": str(args.clip_skip), "emphasis": options["emphasis"],
                     "quantize": str(args.quantize), "prompts": json.dumps(prompts), "negative": json.dumps(negative)})
 
 
 def _add_conditioning_args(p: argparse.ArgumentParser) -> None:
-    from .conditioning import EMPHASIS
-
     _add_dialect_args(p, None)
     p.add_argument("--negative", "-n", help="--dialect: one negative prompt for every prompt (default: none, which "
                    "is the empty prompt, or zeros where the front end uses zeros: A1111 and diffusers SDXL)")
     p.add_argument("--negative-file", help="--dialect: negative prompts, one per line (.jsonl: one JSON string per "
                    "line), one per prompt")
+    naming = _by_rule(lambda d: "by token" if d.embeddings_by_token else "prompts name them by file name",
+                      lambda d: d.title)
     p.add_argument("--embeddings", help="--dialect: textual-inversion file or folder (.pt .bin .safetensors "
-                   ".png .webp); A1111 / ComfyUI prompts name them by file name, diffusers / compel by token")
-    p.add_argument("--clip-skip", type=int, help="--dialect: the front end's clip skip (a1111 N, 1 = last layer; "
-                   "comfy CLIPSetLastLayer -N; diffusers / compel clip_skip k, 0 = default)")
-    p.add_argument("--emphasis", choices=EMPHASIS, help="--dialect a1111: emphasis mode (default original)")
-    p.add_argument("--step", type=int, default=0, help="--dialect a1111: the sampler step whose prompt editing "
-                   "to encode (default 0)")
-    p.add_argument("--comma-backtrack", type=int, default=20,
-                   help="--dialect a1111: comma padding backtrack (default 20, 0 = off)")
-    p.add_argument("--no-truncate", action="store_true", help="--dialect compel: truncate_long_prompts=False")
+                   ".png .webp); " + ", ".join(f"{who} {rule}" for rule, who in sorted(naming.items(), reverse=True)))
+    skips = _by_rule(lambda d: d.clip_skip_help, lambda d: d.name)
+    p.add_argument("--clip-skip", type=int, help="--dialect: the front end's clip skip ("
+                   + "; ".join(f"{who} {rule}" for rule, who in skips.items()) + ")")
+    _add_dialect_options(p, ("encode", "chunk"), "--dialect ")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -213,11 +213,7 @@ def _chunk_all(args: argparse.Namespace):
 
     tokenizer, pad_id = _dialect_tokenizer(args)
     dialect = args.dialect or "diffusers"
-    options = {"pad_id": pad_id}
-    if dialect == "a1111":
-        options.update(steps=args.steps, comma_backtrack=args.comma_backtrack)
-    elif dialect == "compel":
-        options.update(truncate=not args.no_truncate)
+    options = {"pad_id": pad_id, **_dialect_options(args, "chunk", dialect)}
     for prompt in read_prompts(args.prompts, args.file):
         yield chunk(prompt, dialect, tokenizer, **options), tokenizer
 
@@ -240,28 +236,58 @@ def cmd_parse(args: argparse.Namespace) -> None:
     from .prompts import parse
     from .prompts.render import describe_segments, to_json
 
-    options = {"steps": args.steps} if args.dialect == "a1111" else {}
+    options = _dialect_options(args, "parse", args.dialect)
     for n, prompt in enumerate(read_prompts(args.prompts, args.file)):
         node = parse(prompt, args.dialect, **options)
         print(json.dumps(to_json(node)) if args.json else ("\n" if n else "") + describe_segments(node))
 
 
-def _add_dialect_args(p: argparse.ArgumentParser, default: str | None) -> None:
-    from .prompts import DIALECTS
+def _by_rule(rule, label) -> dict[str, str]:
+    """The front ends grouped by one of their rules: rule -> "a / b" (their labels, in registry order)."""
+    from .prompts import REGISTRY
 
-    p.add_argument("--dialect", "-d", choices=[*DIALECTS, "plain"], default=default,
-                   help="whose prompt syntax and chunking: a1111, comfy, compel or diffusers (= plain)"
-                        + (f" (default {default})" if default else ""))
-    p.add_argument("--steps", type=int, default=20, help="a1111: sampling steps for AND / prompt editing (default 20)")
+    groups: dict[str, list[str]] = {}
+    for d in REGISTRY.values():
+        groups.setdefault(rule(d), []).append(label(d))
+    return {r: " / ".join(names) for r, names in groups.items()}
+
+
+_STAGES = {"parse": ("parse",), "chunk": ("parse", "chunk"), "encode": ("parse", "chunk", "encode")}
+
+
+def _dialect_options(args: argparse.Namespace, command: str, dialect: str | None = None) -> dict:
+    """The front-end options a ``command`` ("parse", "chunk" or "encode") passes on: ``dialect``'s, or with
+    ``None`` every front end's (``Conditioner`` takes them all)."""
+    from .prompts import REGISTRY, get
+
+    dialects = REGISTRY.values() if dialect is None else [get(dialect)]
+    return {o.name: o.read(args) for d in dialects for o in d.options if o.stage in _STAGES[command]}
+
+
+def _add_dialect_options(p: argparse.ArgumentParser, stages: tuple[str, ...], prefix: str = "") -> None:
+    """Each front end's command-line options of these stages, its help prefixed with the front end's name."""
+    from .prompts import REGISTRY
+
+    for d in REGISTRY.values():
+        for o in d.options:
+            if o.stage in stages:
+                p.add_argument(o.flag, help=f"{prefix}{d.name}: {o.help}", **o.argparse)
+
+
+def _add_dialect_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    from .prompts import REGISTRY
+
+    names = [d.name + "".join(f" (= {a})" for a in d.aliases) for d in REGISTRY.values()]
+    p.add_argument("--dialect", "-d", choices=[*REGISTRY, *(a for d in REGISTRY.values() for a in d.aliases)],
+                   default=default, help=f"whose prompt syntax and chunking: {', '.join(names[:-1])} or {names[-1]}"
+                                         + (f" (default {default})" if default else ""))
+    _add_dialect_options(p, ("parse",))
 
 
 def _add_chunk_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pad-id", type=int, help="pad id after EOS: 0 for SD2 and SDXL's bigG (default: EOS, as CLIP-L; "
                    "with --model, that model's)")
-    p.add_argument("--comma-backtrack", type=int, default=20,
-                   help="a1111: comma padding backtrack (default 20, 0 = off)")
-    p.add_argument("--no-truncate", action="store_true", help="compel: truncate_long_prompts=False (split long prompts "
-                   "into chunks at sentence, phrase or word ends)")
+    _add_dialect_options(p, ("chunk",))
 
 
 def _add_prompt_commands(sub) -> None:

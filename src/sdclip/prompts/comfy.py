@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 from ..errors import BadInput
+from ..families import Family
 from ..tokenizer import Tokenizer
+from .dialect import Dialect, last_layer_number
 from .plain import expand
 from .types import CHUNK_LENGTH, MAX_NESTING, ChunkBuilder, Chunked, Embeddings, Entry, Segment
 
@@ -194,3 +197,30 @@ def chunk(text: str, tokenizer: Tokenizer, *, pad_id: int | None = None,
             body = []
     out.add(body)
     return out.result(segments, sum(map(len, groups)), warnings=warnings)
+
+
+class Comfy(Dialect):
+    """ComfyUI (CLIPTextEncode): weights lerp from the empty prompt; ``CLIPSetLastLayer -N`` counts from the last
+    layer; ``embedding:name`` by file name, the vectors an encoder has no width for left out; encoders that chunk
+    a prompt to different lengths are cut to the shorter; prompts and negatives tiled to a common length by the
+    sampler."""
+
+    name = "comfy"
+    title = "ComfyUI"
+    clip_skip_help = "CLIPSetLastLayer -N"
+    weighting = "lerp"
+    negative_fill = "lcm"
+    unfit_embedding = "drop"
+    cut_to_shorter_encoder = True
+
+    def parse(self, text: str, **options: Any) -> list[Segment]:
+        return parse(text)
+
+    def chunk(self, text: str, tokenizer: Tokenizer, **options: Any) -> Chunked:
+        return chunk(text, tokenizer, **options)
+
+    def skipped_layers(self, clip_skip: int, family: Family) -> int | None:
+        return last_layer_number(self, clip_skip) - family.clip_skip_base
+
+
+DIALECT = Comfy()

@@ -177,3 +177,10 @@ class ChunkBuilder:
         """The finished, immutable chunks."""
         return Chunked(tuple(map(tuple, self.ids)), tuple(map(tuple, self.weights)), tuple(map(tuple, self.sources)),
                        tuple(segments), token_count, tuple(self.slots), tuple(lost), tuple(warnings))
+
+
+def empty_prompt(bos: int, eos: int, pad: int) -> Chunked:
+    """The empty prompt's one chunk (BOS, EOS, padding): what weights lerp from and short prompts are padded with."""
+    out = ChunkBuilder(bos, eos, pad)
+    out.add([])
+    return out.result([Segment("", 1.0)], 0)
