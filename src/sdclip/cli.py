@@ -358,14 +358,11 @@ def cmd_similarity(args: argparse.Namespace) -> None:
 
 
 def cmd_train_clip(args: argparse.Namespace) -> None:
-    import torch
-
     from .train import TrainConfig, train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _run_threads(args)
     config = TrainConfig(**{f: getattr(args, f) for f in TrainConfig.__dataclass_fields__})
-    if args.resume:
+    if _resumes(args):
         print(f"resuming {args.out} with the settings it was started with", file=sys.stderr)
     train(config, args.out, resume=args.resume, until=args.until)
     if args.until is None or args.until >= config.steps:
@@ -410,6 +407,25 @@ _TRAIN_HELP = {
 
 
 
+def _resumes(args: argparse.Namespace) -> bool:
+    """--resume of a run that has a checkpoint (one without starts over)."""
+    from .runs import CHECKPOINT
+
+    return args.resume and (Path(args.out) / CHECKPOINT).is_file()
+
+
+def _run_threads(args: argparse.Namespace) -> None:
+    """torch's thread count for a training command: --threads, else on --resume the run's own (results depend on
+    it: a resumed run is then bit-identical to one never stopped)."""
+    import torch
+
+    from .runs import saved_threads
+
+    threads = args.threads or (saved_threads(args.out) if args.resume else None)
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def _add_run_options(p: argparse.ArgumentParser, config: type, helps: dict[str, str], skip: tuple[str, ...] = ()) -> None:
     """A training command's options: one per field of its config dataclass (``--field-name``, typed and
     defaulted as the field), and --resume, --until, --threads."""
@@ -419,7 +435,8 @@ def _add_run_options(p: argparse.ArgumentParser, config: type, helps: dict[str, 
                            default=field.default, help=f"{helps.get(field.name, '')} (default {field.default})".strip())
     p.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
     p.add_argument("--until", type=int, help="stop after this step (with a checkpoint); --resume continues")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; --resume: the run's, "
+                   "saved in its checkpoint)")
 
 def _add_clip_commands(sub) -> None:
     p = sub.add_parser("zeroshot", help="images -> probability of each label (a contrastive CLIP model)",
@@ -501,26 +518,23 @@ def _image_paths(items: Sequence[str]) -> list[Path]:
 
 
 def cmd_ti_train(args: argparse.Namespace) -> None:
-    import torch
-
     from .embeddings import save_embedding
     from .inversion import InversionConfig, train_embedding
-    from .train import load_checkpoint
+    from .runs import load_checkpoint
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _run_threads(args)
     settings = {f: getattr(args, f) for f in InversionConfig.__dataclass_fields__
                 if f not in ("templates", "negatives")}
     if args.template:
         settings["templates"] = tuple(args.template)
     settings["negatives"] = tuple(n.strip() for n in (args.negatives or "").split(",") if n.strip())
-    if args.resume:
+    if _resumes(args):
         print(f"resuming {args.out} with the settings it was started with", file=sys.stderr)
     elif args.token is None:
         raise BadInput("--token is required: the new word as prompts will write it, e.g. --token '<my-thing>'")
     model = _clip_model(args.model)
     embedding = train_embedding(model, _image_paths(args.images), out=args.out, resume=args.resume, until=args.until,
-                                **({} if args.resume else settings))
+                                **settings)  # a resumed run uses its saved settings
     state = load_checkpoint(args.out)
     step = int(state["step"])
     if step < state["config"]["steps"]:
