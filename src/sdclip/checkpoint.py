@@ -60,8 +60,7 @@ NAMES: dict[str, dict[str, str | tuple[str, ...]]] = {
 }
 BLOCK_INDEX = {"hf": re.compile(r"encoder\.layers\.(\d+)\."), "openclip": re.compile(r"transformer\.resblocks\.(\d+)\.")}
 
-# name by width; OpenAI / HF towers (L, B) use quick_gelu and pad with EOS, OpenCLIP (H, bigG) gelu and 0
-ROLES = {512: "clip_b", 768: "clip_l", 1024: "clip_h", 1280: "clip_g"}
+ROLES = {width: a.role for width, a in families.ARCHITECTURES.items()}  # name by width
 FAMILIES = tuple(families.FAMILIES)
 
 
@@ -168,7 +167,7 @@ def find_towers(file: TensorFile) -> list[Tower]:
         shape = file.shape(t.prefix + NAMES[t.style]["token_embedding.weight"])  # type: ignore[operator]
         if len(shape) != 2:
             raise BadInput(f"{file.path}: {t.prefix}token embedding has shape {shape}, expected [vocab, width]")
-        t.role = ROLES.get(shape[1], f"clip_{shape[1]}")
+        t.role = families.architecture(shape[1]).role
     return sorted(towers, key=lambda t: file.shape(t.prefix + NAMES[t.style]["token_embedding.weight"])[1])  # type: ignore[operator]
 
 
@@ -254,11 +253,9 @@ def infer_config(tower: Tower, hf_config: dict | None = None, **overrides: Any) 
         projection = shape[0] if found[1] else shape[1]
     if hf_config and hf_config.get("hidden_act"):
         activation = hf_config["hidden_act"]
-    elif tower.role in ("clip_h", "clip_g"):
-        activation = "gelu"
     else:
-        activation = "quick_gelu"
-    pad = 0 if tower.role in ("clip_h", "clip_g") else 49407
+        activation = families.architecture(width).activation
+    pad = families.architecture(width).pad_id
     for name, found_value in (("hidden_size", width), ("num_hidden_layers", layers), ("intermediate_size", mlp)):
         stated = (hf_config or {}).get(name)
         if stated is not None and stated != found_value:  # e.g. a file that lost its last layers

@@ -494,8 +494,6 @@ _TI_HELP = {
     "contrast": "weight of the cross-entropy against --negatives (0: cosine only)",
     "batch_size": "templates per step", "checkpoint_every": "write checkpoint.pt every N steps",
 }
-_WIDTHS = {512: "CLIP ViT-B", 768: "CLIP ViT-L/14 (SD 1.x; SDXL's first encoder)", 1024: "OpenCLIP ViT-H/14 (SD 2.x)",
-           1280: "OpenCLIP ViT-bigG/14 (SDXL's second encoder)"}
 
 
 def _image_paths(items: Sequence[str]) -> list[Path]:
@@ -582,7 +580,9 @@ def cmd_ti_inspect(args: argparse.Namespace) -> None:
     fits = [(n, tower, e.for_encoder(tower.config.width)) for n, tower in enumerate(te.towers, 1)]
     fits = [(n, tower, v) for n, tower, v in fits if v is not None]
     if not fits:
-        needed = "; ".join(f"{v.shape[1]}: {_WIDTHS.get(v.shape[1], 'a CLIP text encoder of that width')}"
+        from .families import architecture
+
+        needed = "; ".join(f"{v.shape[1]}: {architecture(v.shape[1]).description}"
                            for v in e.vectors.values())
         message = (f"{label}'s text encoder{'s take' if len(te.towers) > 1 else ' takes'} width "
                    f"{' + '.join(str(t.config.width) for t in te.towers)}: the vectors do not fit; they need {needed}")

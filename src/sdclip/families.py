@@ -21,6 +21,31 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class Architecture:
+    """A CLIP text tower known by its width: its role name, what it is, and what its files leave unsaid."""
+
+    role: str  # how embeddings files and ``sdclip info`` name it
+    description: str
+    activation: str  # OpenAI / HF towers (B, L) use quick_gelu, OpenCLIP ones (H, bigG) gelu
+    pad_id: int  # ... and pad with EOS or with 0
+
+
+# The one width-to-architecture table: the tower's width says which CLIP text tower it is.
+ARCHITECTURES: dict[int, Architecture] = {
+    512: Architecture("clip_b", "CLIP ViT-B", "quick_gelu", 49407),
+    768: Architecture("clip_l", "CLIP ViT-L/14 (SD 1.x; SDXL's first encoder)", "quick_gelu", 49407),
+    1024: Architecture("clip_h", "OpenCLIP ViT-H/14 (SD 2.x)", "gelu", 0),
+    1280: Architecture("clip_g", "OpenCLIP ViT-bigG/14 (SDXL's second encoder)", "gelu", 0),
+}
+
+
+def architecture(width: int) -> Architecture:
+    """The architecture of a tower of this width (an unknown width: named by it, OpenAI-style defaults)."""
+    return ARCHITECTURES.get(width) or Architecture(f"clip_{width}", "a CLIP text encoder of that width",
+                                                    "quick_gelu", 49407)
+
+
+@dataclass(frozen=True)
 class Family:
     """One Stable Diffusion family (or plain CLIP): how its files look and what its U-Net reads."""
 
