@@ -30,7 +30,7 @@ import hashlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, NamedTuple, Sequence, TypeVar
 
 import torch
 
@@ -191,7 +191,12 @@ class _Encoder:
     pooled: bool
 
 
-Row = tuple[tuple[int, ...], tuple[tuple[int, str, int], ...], "tuple[int, ...] | None"]  # ids, slots, mask
+class Row(NamedTuple):
+    """One row of 77 ids to encode: embedding vectors to put in, and an attention mask (None: attend to all)."""
+
+    ids: tuple[int, ...]
+    slots: tuple[tuple[int, str, int], ...]  # (position, embedding name, vector)
+    mask: tuple[int, ...] | None
 
 
 class _Rows:
@@ -205,24 +210,24 @@ class _Rows:
     def add(self, ids: Sequence[int], slots: Sequence[tuple[int, str, int]] = (),
             mask: Sequence[int] | None = None) -> int:
         """Row number of [77] ids with (position, embedding, vector) slots and an attention mask (1 = attend)."""
-        key = (tuple(ids), tuple(slots), None if mask is None or all(mask) else tuple(mask))
+        key = Row(tuple(ids), tuple(slots), None if mask is None or all(mask) else tuple(mask))
         return self.index.setdefault(key, len(self.index))
 
     def run(self) -> None:
         rows = list(self.index)
-        ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
+        ids = torch.tensor([r.ids for r in rows], dtype=torch.long)
         kw = dict(encoder=self.encoder.number, layer=self.usage.layer, final_norm=self.usage.final_norm,
                   pooled=self.encoder.pooled)
-        simple = [i for i, r in enumerate(rows) if not r[1] and r[2] is None]
-        special = [i for i, r in enumerate(rows) if r[1] or r[2] is not None]
+        simple = [i for i, r in enumerate(rows) if not r.slots and r.mask is None]
+        special = [i for i, r in enumerate(rows) if r.slots or r.mask is not None]
         parts = []
         if simple:
             parts.append((simple, self.te.encode_ids(ids[simple], **kw)))
         if special:
             embeds = put_vectors(self.te.tower(self.encoder.number).token_embedding(ids[special].to(self.te.device)),
                                  [(n, position, self.encoder.table[name][vector])  # type: ignore[index]
-                                  for n, i in enumerate(special) for position, name, vector in rows[i][1]])
-            masks = [rows[i][2] for i in special]
+                                  for n, i in enumerate(special) for position, name, vector in rows[i].slots])
+            masks = [rows[i].mask for i in special]
             mask = None if all(m is None for m in masks) else torch.tensor(
                 [m if m is not None else [1] * CHUNK_LENGTH for m in masks])
             parts.append((special, self.te.encode_ids(ids[special], token_embeds=embeds, attention_mask=mask, **kw)))

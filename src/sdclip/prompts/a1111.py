@@ -455,7 +455,7 @@ def chunk(text: str, tokenizer: Tokenizer, *, pad_id: int | None = None, embeddi
                 next_chunk()
             match = next(((m, name) for m, name in table.get(tok, ()) if toks[pos:pos + len(m)] == m), None)
             if match is None:
-                body.append((tok, seg.weight, si, None))
+                body.append(Entry(tok, seg.weight, si))
                 pos += 1
                 continue
             m, name = match

@@ -453,7 +453,7 @@ def _split_point(body: list[Entry], tokenizer: Tokenizer, mode: str, room: int) 
     word end within the first 75 tokens (from ``mode`` down), else at 75."""
     if len(body) <= room or mode == "brutal":
         return room
-    texts = [tokenizer.token_text(e[0]) if e[3] is None else "" for e in body[:room]]
+    texts = [tokenizer.token_text(e.id) if e.embedding is None else "" for e in body[:room]]
     tests = {"sentences": lambda t: t == ".</w>", "phrases": lambda t: t in (".</w>", ",</w>", ";</w>", ":</w>"),
              "words": lambda t: t.endswith("</w>")}
     for m in SPLIT_MODES[SPLIT_MODES.index(mode):-1]:
@@ -497,7 +497,7 @@ def chunk_segments(segments: list[Segment], tokenizer: Tokenizer, *, pad_id: int
         start += cut
         if truncate or start >= len(body):
             break
-    return out.result(segments, token_count, lost=[(e[2], e[0]) for e in lost + body[start:]])
+    return out.result(segments, token_count, lost=[(e.segment, e.id) for e in lost + body[start:]])
 
 
 def chunk(prompt: str, tokenizer: Tokenizer, **options) -> Node[Chunked]:

@@ -48,9 +48,9 @@ def expand(items: list[int | str], embeddings: Embeddings | None, weight: float 
     for item in items:
         if isinstance(item, str):
             n = vector_count(embeddings[item])  # type: ignore[index]
-            out.extend((PLACEHOLDER_ID, weight, source, (item, v)) for v in range(n))
+            out.extend(Entry(PLACEHOLDER_ID, weight, source, (item, v)) for v in range(n))
         else:
-            out.append((item, weight, source, None))
+            out.append(Entry(item, weight, source))
     return out
 
 
@@ -62,7 +62,7 @@ def chunk(text: str, tokenizer: Tokenizer, *, pad_id: int | None = None,
     room = CHUNK_LENGTH - 2
     out = ChunkBuilder(tokenizer.bos_id, tokenizer.eos_id, tokenizer.eos_id if pad_id is None else pad_id)
     out.add(entries[:room])
-    return out.result(parse(text), len(entries), lost=[(e[2], e[0]) for e in entries[room:]])
+    return out.result(parse(text), len(entries), lost=[(e.segment, e.id) for e in entries[room:]])
 
 
 class Diffusers(Dialect):
