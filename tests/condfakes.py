@@ -3,7 +3,6 @@ transformers configs the peer tests build their models from."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from transformers import CLIPTextConfig
 
@@ -47,11 +46,3 @@ def hf_config(width: int = 64, layers: int = 3, projection: int = 0, act: str = 
                           num_attention_heads=4, max_position_embeddings=77, hidden_act=act, projection_dim=projection,
                           bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and many times faster than on two of a busy machine's cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -8,8 +8,9 @@ import torch
 import condfakes
 import sdclip
 import sdclip.cli
-from condfakes import one_thread  # noqa: F401  (autouse)
 from sdclip.accel import CudaGraphEncoder, quantize_int8
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = ["a photo of an astronaut riding a horse on mars", "masterpiece, best quality, 1girl, solo", "", "a cat"]
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import condfakes
-from condfakes import one_thread  # noqa: F401  (autouse)
 from sdclip import Conditioner
 from sdclip.cache import ConditioningCache
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = ["a (red:1.3) fox", "masterpiece, best quality, a cat", "a (red:1.3) fox"]
 

@@ -17,11 +17,13 @@ import condfakes
 import layouts
 import sdclip
 from clipfakes import randomize
-from condfakes import TOK, one_thread  # noqa: F401  (one_thread: autouse)
+from condfakes import TOK
 from sdclip import BadInput, Conditioner, encode_prompts, layer_for, prompts
 from sdclip.cli import main
 from sdclip.checkpoint import Usage
 from sdclip.prompts.types import Conjunction, Schedule
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = 1e-6
 

@@ -19,8 +19,10 @@ import condfakes
 import layouts
 import sdclip
 from clipfakes import randomize
-from condfakes import TOK, one_thread  # noqa: F401  (one_thread: autouse)
+from condfakes import TOK
 from sdclip import BadInput, Conditioner, encode_prompts, load_embeddings, read_embedding
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 WIDTH = 64
 

@@ -19,7 +19,6 @@ import condfakes
 import layouts
 import sdclip
 from clipfakes import randomize
-from condfakes import one_thread  # noqa: F401  (one_thread: autouse)
 from sdclip import BadInput, Embedding, encode_prompts, read_embedding, save_embedding, train_embedding
 from sdclip import bundled
 from sdclip.cli import main
@@ -28,6 +27,8 @@ from sdclip.inversion import conditioning, initial_vectors
 from sdclip.model import TextConfig
 from sdclip.shapes import ZERO_SHOT_TEMPLATES, eval_set, labels, phrase, pictures
 from sdclip.vision import VisionConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOKEN = "<blob>"
 

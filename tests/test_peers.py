@@ -30,11 +30,11 @@ import condfakes  # noqa: E402
 import layouts  # noqa: E402
 import sdclip  # noqa: E402
 from clipfakes import randomize  # noqa: E402
-from condfakes import one_thread  # noqa: F401,E402  (one_thread: autouse)
 from sdclip import Conditioner, encode_prompts  # noqa: E402
 
 TOLERANCE = 1e-5
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # numpy / pyparsing notices inside peers
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # numpy / pyparsing notices inside peers
               pytest.mark.filterwarnings("ignore:.*truncated:UserWarning")]  # the long prompts, as diffusers warns
 diffusers_logging.set_verbosity_error()  # truncation notices for the long prompts
 transformers_logging.set_verbosity_error()

@@ -13,25 +13,20 @@ from __future__ import annotations
 import hashlib
 import html
 import importlib.util
-import os
-import sys
 import unicodedata
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
+import ftfy
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-import ftfy  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from corpus import corpus, edge_cases, generated_prompts
 
-sys.path.insert(0, str(Path(__file__).parent))
-from corpus import corpus, edge_cases, generated_prompts  # noqa: E402
-
-import sdclip.tokenizer as tokmod  # noqa: E402
-from sdclip.errors import BadInput  # noqa: E402
-from sdclip.tokenizer import Token, Tokenizer  # noqa: E402
+import sdclip.tokenizer as tokmod
+from sdclip.errors import BadInput
+from sdclip.tokenizer import Token, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

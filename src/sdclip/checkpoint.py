@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from .errors import BadInput
+from . import families
+from .families import Usage
 from .model import TextConfig, TextTransformer
 from .tensorfile import TensorFile
 
@@ -58,17 +60,8 @@ NAMES: dict[str, dict[str, str | tuple[str, ...]]] = {
 }
 BLOCK_INDEX = {"hf": re.compile(r"encoder\.layers\.(\d+)\."), "openclip": re.compile(r"transformer\.resblocks\.(\d+)\.")}
 
-# name by width; OpenAI / HF towers (L, B) use quick_gelu and pad with EOS, OpenCLIP (H, bigG) gelu and 0
-ROLES = {512: "clip_b", 768: "clip_l", 1024: "clip_h", 1280: "clip_g"}
-FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd3", "clip")
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Which hidden state a family feeds its U-Net: a Python-style layer index, final LN or not."""
-
-    layer: int = -1
-    final_norm: bool = True
+ROLES = {width: a.role for width, a in families.ARCHITECTURES.items()}  # name by width
+FAMILIES = tuple(families.FAMILIES)
 
 
 @dataclass
@@ -174,35 +167,25 @@ def find_towers(file: TensorFile) -> list[Tower]:
         shape = file.shape(t.prefix + NAMES[t.style]["token_embedding.weight"])  # type: ignore[operator]
         if len(shape) != 2:
             raise BadInput(f"{file.path}: {t.prefix}token embedding has shape {shape}, expected [vocab, width]")
-        t.role = ROLES.get(shape[1], f"clip_{shape[1]}")
+        t.role = families.architecture(shape[1]).role
     return sorted(towers, key=lambda t: file.shape(t.prefix + NAMES[t.style]["token_embedding.weight"])[1])  # type: ignore[operator]
 
 
-def family_of(towers: list[Tower]) -> str:
-    """The Stable Diffusion family a single file belongs to, from where its towers sit."""
-    prefixes = [t.prefix for t in towers]
+def family_of(towers: list[Tower], pipeline: str | None = None) -> str:
+    """The Stable Diffusion family of a single file (from where its towers sit) or of a diffusers folder (from
+    its pipeline class): ``families.FAMILIES``."""
     roles = [t.role for t in towers]
-    if all(p.startswith("cond_stage_model.") for p in prefixes) and len(towers) == 1:
-        return {"clip_l": "sd1", "clip_h": "sd2"}.get(roles[0], "clip")
-    if all(p.startswith("conditioner.embedders.") for p in prefixes):
-        if roles == ["clip_l", "clip_g"]:
-            return "sdxl"
-        if roles == ["clip_g"]:
-            return "sdxl-refiner"
-    if all(p.startswith("text_encoders.") for p in prefixes):
-        return "sd3"
-    return "clip"
+    if pipeline is not None:
+        return families.of_pipeline(pipeline, roles).name
+    return families.of_file([t.prefix for t in towers], roles).name
 
 
 def usage_for(family: str, tower: Tower) -> Usage:
-    """Each family's Stable Diffusion default (../shared/reference/clip-text-encoders.md §4)."""
-    if family in ("sdxl", "sdxl-refiner", "sd3"):
-        return Usage(-2, False)  # penultimate layer, no final LN, for both encoders
-    if family == "sd2" and tower.style == "openclip" and not tower.dropped_block:
-        # SD2 reads the 23rd of OpenCLIP-H's 24 blocks: the penultimate of a full tower, the last of
-        # diffusers' 23-layer one and of a kohya file once its placeholder 24th block is left out
-        return Usage(-2, True)
-    return Usage(-1, True)
+    """Each family's Stable Diffusion default (../shared/reference/clip-text-encoders.md §4); a tower saved
+    without its unused last block (diffusers' 23-layer SD2 encoder, kohya's placeholder left out) has its own."""
+    row = families.FAMILIES[family]
+    trimmed = tower.style != "openclip" or tower.dropped_block
+    return row.trimmed if row.trimmed is not None and trimmed else row.usage
 
 
 # --- reading one tower -----------------------------------------------------------------------
@@ -271,11 +254,9 @@ def infer_config(tower: Tower, hf_config: dict | None = None, **overrides: Any) 
         projection = shape[0] if found[1] else shape[1]
     if hf_config and hf_config.get("hidden_act"):
         activation = hf_config["hidden_act"]
-    elif tower.role in ("clip_h", "clip_g"):
-        activation = "gelu"
     else:
-        activation = "quick_gelu"
-    pad = 0 if tower.role in ("clip_h", "clip_g") else 49407
+        activation = families.architecture(width).activation
+    pad = families.architecture(width).pad_id
     for name, found_value in (("hidden_size", width), ("num_hidden_layers", layers), ("intermediate_size", mlp)):
         stated = (hf_config or {}).get(name)
         if stated is not None and stated != found_value:  # e.g. a file that lost its last layers
@@ -462,11 +443,10 @@ def layout_name(family: str, towers: list[Tower], file: TensorFile) -> str:
         return "OpenAI CLIP TorchScript archive"
     styles = {t.style for t in towers}
     prefixes = [t.prefix for t in towers]
-    if family in ("sd1", "sd2", "sdxl", "sdxl-refiner"):
-        old = " (old layout without text_model.)" if family == "sd1" and "text_model." not in prefixes[0] else ""
-        return f"{family.upper().replace('-REFINER', ' refiner')} single file{old}"
-    if family == "sd3":
-        return "SD3-style text_encoders.* file"
+    layout = families.FAMILIES[family].layout
+    if layout is not None:
+        old = any(t.style == "hf" and "text_model." not in t.prefix for t in towers)
+        return layout + (" (old layout without text_model.)" if old else "")
     if styles == {"openclip"}:
         return "open_clip / OpenAI state dict" if prefixes in ([""], ["text."], ["module."]) else "OpenCLIP layout"
     if prefixes == ["text_model."]:

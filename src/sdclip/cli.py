@@ -132,8 +132,13 @@ def cmd_encode(args: argparse.Namespace) -> None:
 
 def _conditioning_options(args: argparse.Namespace) -> list[str]:
     """The conditioning options given (they need --dialect)."""
+    from .prompts import REGISTRY
+
     given = {"--negative": args.negative, "--negative-file": args.negative_file, "--embeddings": args.embeddings,
-             "--clip-skip": args.clip_skip, "--emphasis": args.emphasis}
+             "--clip-skip": args.clip_skip}
+    # a front end's options without a default are given only when set
+    given.update((o.flag, o.given(args)) for d in REGISTRY.values() for o in d.options if "default" not in o.argparse
+                 and o.stage == "encode")
     return [name for name, value in given.items() if value is not None]
 
 
@@ -154,39 +159,34 @@ def _encode_conditioning(args: argparse.Namespace, prompts: list[str]) -> None:
         raise BadInput(f"{args.negative_file}: {len(negative)} negative prompts for {len(prompts)} prompts "
                        f"(one per line, one per prompt)")
     te = _load_for_encode(args)
-    options = dict(clip_skip=args.clip_skip, emphasis=args.emphasis or "original", embeddings=args.embeddings,
-                   steps=args.steps, comma_backtrack=args.comma_backtrack, truncate=not args.no_truncate,
-                   max_prompt_chars=args.max_prompt_chars)
+    options = dict(clip_skip=args.clip_skip, embeddings=args.embeddings, max_prompt_chars=args.max_prompt_chars,
+                   **_dialect_options(args, "encode"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cond = sdclip.encode_prompts(te, prompts, negative, dialect=args.dialect, step=args.step, **options)
+        cond = sdclip.encode_prompts(te, prompts, negative, dialect=args.dialect, **options)
     for message in dict.fromkeys(str(w.message) for w in caught):
         print(f"sdclip: warning: {message}", file=sys.stderr)
     _write_tensors(args.out, {"hidden": cond.hidden, "pooled": cond.pooled, "negative_hidden": cond.negative_hidden,
                               "negative_pooled": cond.negative_pooled},
                    {"model": str(args.model or bundled.DEFAULT), "family": te.family, "dialect": args.dialect,
-                    "clip_skip": str(args.clip_skip), "emphasis": args.emphasis or "original",
+                    "clip_skip": str(args.clip_skip), "emphasis": options["emphasis"],
                     "quantize": str(args.quantize), "prompts": json.dumps(prompts), "negative": json.dumps(negative)})
 
 
 def _add_conditioning_args(p: argparse.ArgumentParser) -> None:
-    from .conditioning import EMPHASIS
-
     _add_dialect_args(p, None)
     p.add_argument("--negative", "-n", help="--dialect: one negative prompt for every prompt (default: none, which "
                    "is the empty prompt, or zeros where the front end uses zeros: A1111 and diffusers SDXL)")
     p.add_argument("--negative-file", help="--dialect: negative prompts, one per line (.jsonl: one JSON string per "
                    "line), one per prompt")
+    naming = _by_rule(lambda d: "by token" if d.embeddings_by_token else "prompts name them by file name",
+                      lambda d: d.title)
     p.add_argument("--embeddings", help="--dialect: textual-inversion file or folder (.pt .bin .safetensors "
-                   ".png .webp); A1111 / ComfyUI prompts name them by file name, diffusers / compel by token")
-    p.add_argument("--clip-skip", type=int, help="--dialect: the front end's clip skip (a1111 N, 1 = last layer; "
-                   "comfy CLIPSetLastLayer -N; diffusers / compel clip_skip k, 0 = default)")
-    p.add_argument("--emphasis", choices=EMPHASIS, help="--dialect a1111: emphasis mode (default original)")
-    p.add_argument("--step", type=int, default=0, help="--dialect a1111: the sampler step whose prompt editing "
-                   "to encode (default 0)")
-    p.add_argument("--comma-backtrack", type=int, default=20,
-                   help="--dialect a1111: comma padding backtrack (default 20, 0 = off)")
-    p.add_argument("--no-truncate", action="store_true", help="--dialect compel: truncate_long_prompts=False")
+                   ".png .webp); " + ", ".join(f"{who} {rule}" for rule, who in sorted(naming.items(), reverse=True)))
+    skips = _by_rule(lambda d: d.clip_skip_help, lambda d: d.name)
+    p.add_argument("--clip-skip", type=int, help="--dialect: the front end's clip skip ("
+                   + "; ".join(f"{who} {rule}" for rule, who in skips.items()) + ")")
+    _add_dialect_options(p, ("encode", "chunk"), "--dialect ")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -234,11 +234,7 @@ def _chunk_all(args: argparse.Namespace):
 
     tokenizer, pad_id = _dialect_tokenizer(args)
     dialect = args.dialect or "diffusers"
-    options = {"pad_id": pad_id, "max_prompt_chars": args.max_prompt_chars}
-    if dialect == "a1111":
-        options.update(steps=args.steps, comma_backtrack=args.comma_backtrack)
-    elif dialect == "compel":
-        options.update(truncate=not args.no_truncate)
+    options = {"pad_id": pad_id, "max_prompt_chars": args.max_prompt_chars, **_dialect_options(args, "chunk", dialect)}
     for prompt in read_prompts(args.prompts, args.file, args.max_prompt_chars):
         yield chunk(prompt, dialect, tokenizer, **options), tokenizer
 
@@ -261,28 +257,58 @@ def cmd_parse(args: argparse.Namespace) -> None:
     from .prompts import parse
     from .prompts.render import describe_segments, to_json
 
-    options = {"steps": args.steps} if args.dialect == "a1111" else {}
+    options = _dialect_options(args, "parse", args.dialect)
     for n, prompt in enumerate(read_prompts(args.prompts, args.file, args.max_prompt_chars)):
         node = parse(prompt, args.dialect, max_prompt_chars=args.max_prompt_chars, **options)
         print(json.dumps(to_json(node)) if args.json else ("\n" if n else "") + describe_segments(node))
 
 
-def _add_dialect_args(p: argparse.ArgumentParser, default: str | None) -> None:
-    from .prompts import DIALECTS
+def _by_rule(rule, label) -> dict[str, str]:
+    """The front ends grouped by one of their rules: rule -> "a / b" (their labels, in registry order)."""
+    from .prompts import REGISTRY
 
-    p.add_argument("--dialect", "-d", choices=[*DIALECTS, "plain"], default=default,
-                   help="whose prompt syntax and chunking: a1111, comfy, compel or diffusers (= plain)"
-                        + (f" (default {default})" if default else ""))
-    p.add_argument("--steps", type=int, default=20, help="a1111: sampling steps for AND / prompt editing (default 20)")
+    groups: dict[str, list[str]] = {}
+    for d in REGISTRY.values():
+        groups.setdefault(rule(d), []).append(label(d))
+    return {r: " / ".join(names) for r, names in groups.items()}
+
+
+_STAGES = {"parse": ("parse",), "chunk": ("parse", "chunk"), "encode": ("parse", "chunk", "encode")}
+
+
+def _dialect_options(args: argparse.Namespace, command: str, dialect: str | None = None) -> dict:
+    """The front-end options a ``command`` ("parse", "chunk" or "encode") passes on: ``dialect``'s, or with
+    ``None`` every front end's (``Conditioner`` takes them all)."""
+    from .prompts import REGISTRY, get
+
+    dialects = REGISTRY.values() if dialect is None else [get(dialect)]
+    return {o.name: o.read(args) for d in dialects for o in d.options if o.stage in _STAGES[command]}
+
+
+def _add_dialect_options(p: argparse.ArgumentParser, stages: tuple[str, ...], prefix: str = "") -> None:
+    """Each front end's command-line options of these stages, its help prefixed with the front end's name."""
+    from .prompts import REGISTRY
+
+    for d in REGISTRY.values():
+        for o in d.options:
+            if o.stage in stages:
+                p.add_argument(o.flag, help=f"{prefix}{d.name}: {o.help}", **o.argparse)
+
+
+def _add_dialect_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    from .prompts import REGISTRY
+
+    names = [d.name + "".join(f" (= {a})" for a in d.aliases) for d in REGISTRY.values()]
+    p.add_argument("--dialect", "-d", choices=[*REGISTRY, *(a for d in REGISTRY.values() for a in d.aliases)],
+                   default=default, help=f"whose prompt syntax and chunking: {', '.join(names[:-1])} or {names[-1]}"
+                                         + (f" (default {default})" if default else ""))
+    _add_dialect_options(p, ("parse",))
 
 
 def _add_chunk_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pad-id", type=int, help="pad id after EOS: 0 for SD2 and SDXL's bigG (default: EOS, as CLIP-L; "
                    "with --model, that model's)")
-    p.add_argument("--comma-backtrack", type=int, default=20,
-                   help="a1111: comma padding backtrack (default 20, 0 = off)")
-    p.add_argument("--no-truncate", action="store_true", help="compel: truncate_long_prompts=False (split long prompts "
-                   "into chunks at sentence, phrase or word ends)")
+    _add_dialect_options(p, ("chunk",))
 
 
 def _add_prompt_commands(sub) -> None:
@@ -353,14 +379,11 @@ def cmd_similarity(args: argparse.Namespace) -> None:
 
 
 def cmd_train_clip(args: argparse.Namespace) -> None:
-    import torch
-
     from .train import TrainConfig, train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _run_threads(args)
     config = TrainConfig(**{f: getattr(args, f) for f in TrainConfig.__dataclass_fields__})
-    if args.resume:
+    if _resumes(args):
         print(f"resuming {args.out} with the settings it was started with", file=sys.stderr)
     train(config, args.out, resume=args.resume, until=args.until)
     if args.until is None or args.until >= config.steps:
@@ -405,6 +428,25 @@ _TRAIN_HELP = {
 
 
 
+def _resumes(args: argparse.Namespace) -> bool:
+    """--resume of a run that has a checkpoint (one without starts over)."""
+    from .runs import CHECKPOINT
+
+    return args.resume and (Path(args.out) / CHECKPOINT).is_file()
+
+
+def _run_threads(args: argparse.Namespace) -> None:
+    """torch's thread count for a training command: --threads, else on --resume the run's own (results depend on
+    it: a resumed run is then bit-identical to one never stopped)."""
+    import torch
+
+    from .runs import saved_threads
+
+    threads = args.threads or (saved_threads(args.out) if args.resume else None)
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def _add_run_options(p: argparse.ArgumentParser, config: type, helps: dict[str, str], skip: tuple[str, ...] = ()) -> None:
     """A training command's options: one per field of its config dataclass (``--field-name``, typed and
     defaulted as the field), and --resume, --until, --threads."""
@@ -414,7 +456,8 @@ def _add_run_options(p: argparse.ArgumentParser, config: type, helps: dict[str, 
                            default=field.default, help=f"{helps.get(field.name, '')} (default {field.default})".strip())
     p.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
     p.add_argument("--until", type=int, help="stop after this step (with a checkpoint); --resume continues")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; --resume: the run's, "
+                   "saved in its checkpoint)")
 
 def _add_clip_commands(sub) -> None:
     p = sub.add_parser("zeroshot", help="images -> probability of each label (a contrastive CLIP model)",
@@ -472,8 +515,6 @@ _TI_HELP = {
     "contrast": "weight of the cross-entropy against --negatives (0: cosine only)",
     "batch_size": "templates per step", "checkpoint_every": "write checkpoint.pt every N steps",
 }
-_WIDTHS = {512: "CLIP ViT-B", 768: "CLIP ViT-L/14 (SD 1.x; SDXL's first encoder)", 1024: "OpenCLIP ViT-H/14 (SD 2.x)",
-           1280: "OpenCLIP ViT-bigG/14 (SDXL's second encoder)"}
 
 
 def _image_paths(items: Sequence[str]) -> list[Path]:
@@ -496,26 +537,23 @@ def _image_paths(items: Sequence[str]) -> list[Path]:
 
 
 def cmd_ti_train(args: argparse.Namespace) -> None:
-    import torch
-
     from .embeddings import save_embedding
     from .inversion import InversionConfig, train_embedding
-    from .train import load_checkpoint
+    from .runs import load_checkpoint
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _run_threads(args)
     settings = {f: getattr(args, f) for f in InversionConfig.__dataclass_fields__
                 if f not in ("templates", "negatives")}
     if args.template:
         settings["templates"] = tuple(args.template)
     settings["negatives"] = tuple(n.strip() for n in (args.negatives or "").split(",") if n.strip())
-    if args.resume:
+    if _resumes(args):
         print(f"resuming {args.out} with the settings it was started with", file=sys.stderr)
     elif args.token is None:
         raise BadInput("--token is required: the new word as prompts will write it, e.g. --token '<my-thing>'")
     model = _clip_model(args.model)
     embedding = train_embedding(model, _image_paths(args.images), out=args.out, resume=args.resume, until=args.until,
-                                **({} if args.resume else settings))
+                                **settings)  # a resumed run uses its saved settings
     state = load_checkpoint(args.out)
     step = int(state["step"])
     if step < state["config"]["steps"]:
@@ -563,7 +601,9 @@ def cmd_ti_inspect(args: argparse.Namespace) -> None:
     fits = [(n, tower, e.for_encoder(tower.config.width)) for n, tower in enumerate(te.towers, 1)]
     fits = [(n, tower, v) for n, tower, v in fits if v is not None]
     if not fits:
-        needed = "; ".join(f"{v.shape[1]}: {_WIDTHS.get(v.shape[1], 'a CLIP text encoder of that width')}"
+        from .families import architecture
+
+        needed = "; ".join(f"{v.shape[1]}: {architecture(v.shape[1]).description}"
                            for v in e.vectors.values())
         message = (f"{label}'s text encoder{'s take' if len(te.towers) > 1 else ' takes'} width "
                    f"{' + '.join(str(t.config.width) for t in te.towers)}: the vectors do not fit; they need {needed}")

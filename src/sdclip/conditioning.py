@@ -30,45 +30,44 @@ import hashlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, NamedTuple, Sequence, TypeVar
 
 import torch
 
 from .cache import ConditioningCache, default_cache
-from .checkpoint import Usage
 from .embeddings import EmbeddingSource, by_name, load_embeddings, put_vectors
 from .encoder import TextEncoder
 from .errors import BadInput
 from .limits import MAX_PROMPT_CHARS, check_prompt
-from .prompts import DIALECTS, a1111, comfy, compel, plain
-from .prompts.types import CHUNK_LENGTH, Blend, Chunked, Conjunction, Node, Schedule, map_leaves
+from .families import CLIP, FAMILIES, Family, Usage
+from .prompts import Dialect, check_options
+from .prompts import get as get_dialect
+from .prompts.a1111 import EMPHASIS  # noqa: F401 (kept importable from here)
+from .prompts.types import CHUNK_LENGTH, Blend, Chunked, Conjunction, Node, Schedule, empty_prompt, map_leaves
 from .tokenizer import Tokenizer
 
-EMPHASIS = ("original", "no-norm", "ignore", "none")
 _T = TypeVar("_T")
 Deferred = Callable[[], _T]  # a result that exists once the encoding call has run
 
 
 # --- families and layers ---------------------------------------------------------------------------
 
+def family_of(te: TextEncoder) -> Family:
+    """The family table's row for this text encoder (a family sdclip does not know: plain CLIP's)."""
+    return FAMILIES.get(te.family, CLIP)
+
+
 def unet_encoders(te: TextEncoder) -> tuple[int, ...]:
     """The encoders whose hidden states a family's U-Net reads (joined on the channel axis)."""
-    return (1, 2) if te.family in ("sdxl", "sd3") and len(te.towers) == 2 else (1,)
+    return tuple(n for n in family_of(te).unet if n <= len(te.towers))
 
 
 def pooled_encoders(te: TextEncoder) -> tuple[int, ...]:
     """The encoders whose projected pooled output the U-Net reads (SD1 and SD2 read none)."""
-    return {"sdxl": (2,), "sdxl-refiner": (1,), "sd3": (1, 2)}.get(te.family, ())
+    return family_of(te).pooled
 
 
-def _dialect(name: str) -> str:
-    name = "diffusers" if name == "plain" else name
-    if name not in DIALECTS:
-        raise BadInput(f"unknown prompt dialect {name!r}; choose one of {', '.join(DIALECTS)}")
-    return name
-
-
-def layer_for(te: TextEncoder, encoder: int, dialect: str, clip_skip: int | None) -> Usage:
+def layer_for(te: TextEncoder, encoder: int, dialect: str | Dialect, clip_skip: int | None) -> Usage:
     """The hidden state a front end feeds the U-Net from ``encoder`` with its clip-skip setting, as sdclip's one
     definition: a Python-style index into this tower's hidden states, and whether the final LayerNorm follows.
 
@@ -79,26 +78,16 @@ def layer_for(te: TextEncoder, encoder: int, dialect: str, clip_skip: int | None
     23-layer diffusers folders and 24-block single files agree.
     """
     usage = te.usages[encoder - 1]
-    dialect = _dialect(dialect)
+    front = dialect if isinstance(dialect, Dialect) else get_dialect(dialect)
     if clip_skip is None:
         return usage
-    if dialect in ("diffusers", "compel"):
-        if clip_skip < 0:
-            raise BadInput(f"{dialect} clip_skip counts skipped layers from 0, got {clip_skip}")
-        skipped = clip_skip
-    else:
-        clip_skip = abs(clip_skip)  # ComfyUI writes CLIPSetLastLayer -2
-        if clip_skip < 1:
-            raise BadInput(f"{dialect} clip skip counts from 1 (the last layer), got {clip_skip}")
-        if dialect == "a1111" and te.family not in ("sd1", "clip"):
-            if clip_skip != 1:
-                warnings.warn(f"A1111 ignores clip skip for {te.family} models", stacklevel=3)
-            return usage
-        skipped = clip_skip - (1 if te.family in ("sd1", "clip") else 2)
+    skipped = front.skipped_layers(clip_skip, family_of(te))
+    if skipped is None:
+        return usage
     layer = usage.layer - skipped
     layers = te.tower(encoder).config.layers
     if not -layers - 1 <= layer < 0:
-        raise BadInput(f"clip skip {clip_skip} ({dialect}) asks for hidden state {layer} of encoder {encoder}, "
+        raise BadInput(f"clip skip {abs(clip_skip)} ({front.name}) asks for hidden state {layer} of encoder {encoder}, "
                        f"which this {layers}-layer tower does not have")
     return Usage(layer, usage.final_norm)
 
@@ -203,7 +192,12 @@ class _Encoder:
     pooled: bool
 
 
-Row = tuple[tuple[int, ...], tuple[tuple[int, str, int], ...], "tuple[int, ...] | None"]  # ids, slots, mask
+class Row(NamedTuple):
+    """One row of 77 ids to encode: embedding vectors to put in, and an attention mask (None: attend to all)."""
+
+    ids: tuple[int, ...]
+    slots: tuple[tuple[int, str, int], ...]  # (position, embedding name, vector)
+    mask: tuple[int, ...] | None
 
 
 class _Rows:
@@ -217,24 +211,24 @@ class _Rows:
     def add(self, ids: Sequence[int], slots: Sequence[tuple[int, str, int]] = (),
             mask: Sequence[int] | None = None) -> int:
         """Row number of [77] ids with (position, embedding, vector) slots and an attention mask (1 = attend)."""
-        key = (tuple(ids), tuple(slots), None if mask is None or all(mask) else tuple(mask))
+        key = Row(tuple(ids), tuple(slots), None if mask is None or all(mask) else tuple(mask))
         return self.index.setdefault(key, len(self.index))
 
     def run(self) -> None:
         rows = list(self.index)
-        ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
+        ids = torch.tensor([r.ids for r in rows], dtype=torch.long)
         kw = dict(encoder=self.encoder.number, layer=self.usage.layer, final_norm=self.usage.final_norm,
                   pooled=self.encoder.pooled)
-        simple = [i for i, r in enumerate(rows) if not r[1] and r[2] is None]
-        special = [i for i, r in enumerate(rows) if r[1] or r[2] is not None]
+        simple = [i for i, r in enumerate(rows) if not r.slots and r.mask is None]
+        special = [i for i, r in enumerate(rows) if r.slots or r.mask is not None]
         parts = []
         if simple:
             parts.append((simple, self.te.encode_ids(ids[simple], **kw)))
         if special:
             embeds = put_vectors(self.te.tower(self.encoder.number).token_embedding(ids[special].to(self.te.device)),
                                  [(n, position, self.encoder.table[name][vector])  # type: ignore[index]
-                                  for n, i in enumerate(special) for position, name, vector in rows[i][1]])
-            masks = [rows[i][2] for i in special]
+                                  for n, i in enumerate(special) for position, name, vector in rows[i].slots])
+            masks = [rows[i].mask for i in special]
             mask = None if all(m is None for m in masks) else torch.tensor(
                 [m if m is not None else [1] * CHUNK_LENGTH for m in masks])
             parts.append((special, self.te.encode_ids(ids[special], token_embeds=embeds, attention_mask=mask, **kw)))
@@ -332,40 +326,40 @@ class Conditioner:
         self.te = te
         self.max_prompt_chars = max_prompt_chars
         self.cache = cache
-        self.dialect = _dialect(dialect)
-        if emphasis not in EMPHASIS:
-            raise BadInput(f"unknown emphasis {emphasis!r}; choose one of {', '.join(EMPHASIS)}")
-        self.emphasis = emphasis
-        self.schedule_options = dict(steps=steps, hires_steps=hires_steps, old_scheduling=old_scheduling)
-        self.comma_backtrack, self.truncate, self.split = comma_backtrack, truncate, split
+        self.front_end = get_dialect(dialect)  # every rule in which front ends differ
+        self.dialect = self.front_end.name
+        self.options = dict(emphasis=emphasis, steps=steps, hires_steps=hires_steps, old_scheduling=old_scheduling,
+                            comma_backtrack=comma_backtrack, truncate=truncate, split=split)
+        check_options(**self.options)
         numbers = unet_encoders(te)
-        self.usages = [layer_for(te, n, self.dialect, clip_skip) for n in numbers]
-        # diffusers encodes the negative prompt without clip_skip
-        self.negative_usages = [te.usages[n - 1] for n in numbers] if self.dialect == "diffusers" else self.usages
+        self.usages = [layer_for(te, n, self.front_end, clip_skip) for n in numbers]
+        self.negative_usages = (self.usages if self.front_end.clip_skip_on_negative
+                                else [te.usages[n - 1] for n in numbers])
         self.unfit: dict[str, str] = {}  # diffusers / compel names whose vectors do not fit: an error if used
         tables = self._tables(load_embeddings(embeddings) if embeddings is not None else [], numbers)
         self.encoders = [_Encoder(n, te.tokenizers[n - 1], te.towers[n - 1].config.pad_id, table,
                                   n in pooled_encoders(te)) for n, table in zip(numbers, tables)]
-        self._options = (self.dialect, tuple(self.usages), tuple(self.negative_usages), emphasis,
-                         tuple(self.schedule_options.items()), comma_backtrack, truncate, split,
+        self._options = (self.dialect, tuple(self.usages), tuple(self.negative_usages), tuple(self.options.items()),
                          tuple(tuple(sorted((k, _digest(v)) for k, v in t.items())) for t in tables))
 
     def _tables(self, embeddings: list, numbers: tuple[int, ...]) -> list[dict[str, object]]:
-        """Each encoder's textual-inversion lookup.  A1111 skips a file that does not fit every encoder (with a
-        warning), ComfyUI drops its vectors per encoder at encode time, diffusers and compel refuse it."""
+        """Each encoder's textual-inversion lookup.  A file that does not fit every encoder is skipped with a
+        warning (A1111), its vectors dropped per encoder at encode time (ComfyUI) or refused once a prompt uses it
+        (diffusers, compel): the front end's ``unfit_embedding``."""
         widths = [self.te.tower(n).config.width for n in numbers]
         tables: list[dict[str, object]] = [{} for _ in numbers]
-        for name, e in by_name(embeddings, token=self.dialect in ("diffusers", "compel")).items():
+        unfit = self.front_end.unfit_embedding
+        for name, e in by_name(embeddings, token=self.front_end.embeddings_by_token).items():
             vectors = [e.for_encoder(w) for w in widths]
             vectors = [None if v is None else v.to(self.te.device, self.te.dtype) for v in vectors]
-            if self.dialect == "comfy" or all(v is not None for v in vectors):
+            if unfit == "drop" or all(v is not None for v in vectors):
                 for table, v in zip(tables, vectors):
                     table[name] = v if v is not None else e.count
             else:
                 message = (f"embedding {name!r} ({e.path}) has vectors of width {e.describe_widths()}; this "
                            f"{self.te.family} model's text encoders take {' + '.join(map(str, widths))}")
-                if self.dialect == "a1111":
-                    warnings.warn(message + "; skipped, as A1111 skips it", stacklevel=3)
+                if unfit == "skip":
+                    warnings.warn(message + f"; skipped, as {self.front_end.title} skips it", stacklevel=3)
                 else:
                     self.unfit[name] = message
         return tables
@@ -389,7 +383,7 @@ class Conditioner:
             raise BadInput(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one each")
         call = _Call(self.te)
         wanted = [("+", p) for p in dict.fromkeys(prompts)] + [("-", n) for n in dict.fromkeys(negatives)]
-        if self.dialect != "diffusers":  # diffusers: 77 always, no padding with the empty prompt
+        if self.front_end.uses_empty_prompt:
             wanted.append(("empty", ""))
         key = (lambda role, text: (self.te.fingerprint, self._options, role, text, step))
         done = {w: self.cache.get(key(*w)) for w in wanted} if self.cache is not None else dict.fromkeys(wanted)
@@ -410,9 +404,9 @@ class Conditioner:
             pos = [done["+", p] for p in prompts]
             neg = [done["-", n] for n in negatives]
             hidden = [e.hidden for e in pos]
-            if self.dialect == "a1111":  # prompts of a batch: the last vector repeated; cond / uncond: empty chunks
-                hidden = _fill(hidden, "last")
-            both = _fill(hidden + [e.hidden for e in neg], "lcm" if self.dialect == "comfy" else "empty", padding)
+            if self.front_end.batch_fill is not None:
+                hidden = _fill(hidden, self.front_end.batch_fill)
+            both = _fill(hidden + [e.hidden for e in neg], self.front_end.negative_fill, padding)
             pooled, negative_pooled = self._project(pos), self._project(neg)
             return Conditioning(torch.stack(both[:len(pos)]), pooled, torch.stack(both[len(pos):]), negative_pooled)
 
@@ -450,39 +444,41 @@ class Conditioner:
     def _plan(self, call: _Call, prompt: str, usages: list[Usage], negative: bool) -> Deferred[Node[_Leaf]]:
         if not isinstance(prompt, str) and not (negative and prompt is None):
             raise BadInput(f"a prompt must be a string, got {type(prompt).__name__}")
-        zeros = negative and self.te.family in ("sdxl", "sdxl-refiner") and (
-            (self.dialect == "a1111" and not prompt) or (self.dialect == "diffusers" and prompt is None
-                                                         and self.te.family == "sdxl"))
-        if zeros:  # A1111's empty SDXL negative; diffusers' force_zeros_for_empty_prompt
+        if negative and self.front_end.zero_negative(prompt, family_of(self.te)):
             width = sum(self.te.tower(e.number).config.width for e in self.encoders)
             return lambda: _Leaf(torch.zeros(CHUNK_LENGTH, width, dtype=self.te.dtype, device=self.te.device), [], True)
         prompt = check_prompt(prompt or "", self.max_prompt_chars)
         for name, message in self.unfit.items():
             if name in prompt:
                 raise BadInput(message + f"; {self.dialect} cannot use it")
-        if self.dialect == "a1111":
-            return self._plan_a1111(call, prompt, usages, split_and=not negative)
-        if self.dialect == "compel":
-            return self._plan_compel(call, prompt, usages)
-        chunk = comfy.chunk if self.dialect == "comfy" else plain.chunk
-        leaf = [self._checked(chunk(prompt, e.tokenizer, pad_id=e.pad, embeddings=e.table), prompt)
-                for e in self.encoders]
+        if self.front_end.structure == "schedule":
+            return self._plan_schedule(call, prompt, usages, negative)
+        if self.front_end.structure == "blend":
+            return self._plan_blend(call, prompt, usages)
+        leaf = [self._checked(self._leaf(prompt, e), prompt) for e in self.encoders]
         group = self._plan_group(call, [leaf], usages)
         return lambda: self._join(*group()[0])
+
+    def _leaf(self, leaf: object, encoder: _Encoder) -> Chunked:
+        """One leaf of a prompt chunked by the front end for one encoder."""
+        return self.front_end.leaf(leaf, encoder.tokenizer, encoder.pad, encoder.table, **self.options)
 
     def _checked(self, chunked: Chunked, prompt: str) -> Chunked:
         """Pass on what the front end would log: unknown embeddings, text cut off."""
         for w in chunked.warnings:
             warnings.warn(w, stacklevel=5)
-        if chunked.lost and self.dialect == "diffusers":
+        if chunked.lost and self.front_end.warn_truncation:
             warnings.warn(f"{len(chunked.lost)} tokens of {prompt[:40]!r}... were truncated: CLIP reads 77 "
-                          f"(diffusers truncates too)", stacklevel=5)
+                          f"({self.dialect} truncates too)", stacklevel=5)
         return chunked
+
+    @staticmethod
+    def _empty_chunk(encoder: _Encoder) -> Chunked:
+        return empty_prompt(encoder.tokenizer.bos_id, encoder.tokenizer.eos_id, encoder.pad)
 
     def _plan_empty(self, call: _Call, usages: list[Usage]) -> Deferred[_Leaf]:
         """The empty prompt (BOS, EOS, padding): what weights lerp from and short prompts are padded with."""
-        leaf = [plain.chunk("", e.tokenizer, pad_id=e.pad) for e in self.encoders]
-        group = self._plan_group(call, [leaf], usages)
+        group = self._plan_group(call, [[self._empty_chunk(e) for e in self.encoders]], usages)
         return lambda: self._join(*group()[0])
 
     def _plan_group(self, call: _Call, group: list[list[Chunked]],
@@ -513,18 +509,18 @@ class Conditioner:
         return build
 
     def _empty_row(self, rows: _Rows) -> int | None:
-        """The empty prompt's row on this encoder, for dialects that weight or pad with it."""
-        if self.dialect == "diffusers":
+        """The empty prompt's row on this encoder, for front ends that weight or pad with it."""
+        if not self.front_end.uses_empty_prompt:
             return None
-        return rows.add(plain.chunk("", rows.encoder.tokenizer, pad_id=rows.encoder.pad).ids[0])
+        return rows.add(self._empty_chunk(rows.encoder).ids[0])
 
     def _weight(self, z: torch.Tensor, weights: torch.Tensor, empty: torch.Tensor | None) -> torch.Tensor:
-        """The dialect's weighting of encoded chunks z [R, k, 77, C] with per-token weights [R, k, 77]."""
-        if self.dialect == "a1111":
+        """The front end's weighting of encoded chunks z [R, k, 77, C] with per-token weights [R, k, 77]."""
+        if self.front_end.weighting == "emphasis":
             # each chunk index on its own, contiguous as A1111 holds it: its mean is then summed in A1111's order
-            return torch.stack([emphasize(z[:, c].contiguous(), weights[:, c], self.emphasis)
+            return torch.stack([emphasize(z[:, c].contiguous(), weights[:, c], self.options["emphasis"])
                                 for c in range(z.shape[1])], 1)
-        if self.dialect in ("comfy", "compel"):
+        if self.front_end.weighting == "lerp":
             return lerp_from_empty(z, empty, weights)
         return z
 
@@ -532,28 +528,23 @@ class Conditioner:
         """The encoders side by side on the channel axis; the pooled outputs of those the U-Net reads."""
         lengths = {h.shape[0] for h in hidden}
         if len(lengths) > 1:
-            if self.dialect != "comfy":
+            if not self.front_end.cut_to_shorter_encoder:
                 raise BadInput(f"the encoders' tokenizers chunk this prompt into {sorted(lengths)} tokens; "
                                f"{self.dialect} fails on such a prompt too")
             hidden = [h[:min(lengths)] for h in hidden]  # ComfyUI cuts to the shorter
         return _Leaf(torch.cat(hidden, -1), [p for p in pooled if p is not None])
 
-    def _plan_a1111(self, call: _Call, prompt: str, usages: list[Usage], split_and: bool) -> Deferred[Node[_Leaf]]:
-        """A1111: each ``AND`` sub-prompt's schedule texts are encoded together (emphasis restores the mean over
-        all of them); negative prompts are not split at ``AND``."""
-        o = self.schedule_options
-        subs = [text for text, _ in a1111.split_and(prompt)] if split_and else [prompt]
+    def _plan_schedule(self, call: _Call, prompt: str, usages: list[Usage], negative: bool) -> Deferred[Node[_Leaf]]:
+        """A1111's structure: each ``AND`` sub-prompt's schedule texts are encoded together (emphasis restores the
+        mean over all of them); negative prompts are not split at ``AND``."""
+        front, o = self.front_end, self.options
+        subs = front.parts(prompt, negative)
         groups = {}
         for text in dict.fromkeys(subs):
-            texts = [t for _, t in a1111.schedule_text(text, **o)]
-            leaves = [[a1111.chunk(t, e.tokenizer, pad_id=e.pad, embeddings=e.table, emphasis=self.emphasis != "none",
-                                   comma_backtrack=self.comma_backtrack) for e in self.encoders] for t in texts]
+            texts = front.timeline(text, **o)
+            leaves = [[self._leaf(t, e) for e in self.encoders] for t in texts]
             groups[text] = (texts, self._plan_group(call, leaves, usages))
-        if split_and:
-            tree = a1111.schedule(prompt, **o)
-        else:
-            timeline = a1111.schedule_text(prompt, **o)
-            tree = Schedule(timeline[-1][0], tuple((until, Conjunction((text,), (1.0,))) for until, text in timeline))
+        tree = front.schedule_of(prompt, negative, **o)
 
         def build() -> Node[_Leaf]:
             done = {sub: {t: self._join(*r) for t, r in zip(texts, group())} for sub, (texts, group) in groups.items()}
@@ -564,12 +555,12 @@ class Conditioner:
             return Schedule(tree.steps, entries)
         return build
 
-    def _plan_compel(self, call: _Call, prompt: str, usages: list[Usage]) -> Deferred[_Leaf]:
-        """compel: weighted leaves, ``.blend()`` (weighted sum) and ``.and()`` (concatenation, each part lerped
-        from the empty prompt by its weight); pooled from the raw prompt text, truncated."""
-        tree = map_leaves(compel.parse(prompt), lambda segments: [self._checked(compel.chunk_segments(
-            segments, e.tokenizer, pad_id=e.pad, embeddings=e.table, truncate=self.truncate, split=self.split),
-            prompt) for e in self.encoders])
+    def _plan_blend(self, call: _Call, prompt: str, usages: list[Usage]) -> Deferred[_Leaf]:
+        """compel's structure: weighted leaves, ``.blend()`` (weighted sum) and ``.and()`` (concatenation, each
+        part lerped from the empty prompt by its weight); pooled from the front end's ``pooled_leaf``."""
+        front = self.front_end
+        tree = map_leaves(front.tree(prompt, **self.options),
+                          lambda segments: [self._checked(self._leaf(segments, e), prompt) for e in self.encoders])
         empty = self._plan_empty(call, usages)
 
         def plan(node: object) -> Deferred[torch.Tensor]:
@@ -577,16 +568,16 @@ class Conditioner:
                 parts = [plan(p) for p in node.parts]
                 combine = _blend if isinstance(node, Blend) else _concatenate
                 return lambda: combine([p() for p in parts], node, empty().hidden)  # type: ignore[arg-type]
-            return self._plan_compel_leaf(call, node, usages)  # type: ignore[arg-type]
+            return self._plan_blend_leaf(call, node, usages)  # type: ignore[arg-type]
 
         hidden = plan(tree)
         if not any(e.pooled for e in self.encoders):
             return lambda: _Leaf(hidden(), [])
-        raw = [plain.chunk(prompt, e.tokenizer, pad_id=e.pad, embeddings=e.table) for e in self.encoders]
+        raw = [front.pooled_leaf(prompt, e.tokenizer, e.pad, e.table) for e in self.encoders]
         pooled = self._plan_group(call, [raw], usages)
         return lambda: _Leaf(hidden(), self._join(*pooled()[0]).pooled)
 
-    def _plan_compel_leaf(self, call: _Call, leaf: list[Chunked], usages: list[Usage]) -> Deferred[torch.Tensor]:
+    def _plan_blend_leaf(self, call: _Call, leaf: list[Chunked], usages: list[Usage]) -> Deferred[torch.Tensor]:
         """One compel prompt: weights lerp from the empty prompt; each fragment of weight w < 1 also encodes the
         prompt with that fragment masked out, and the encodings are averaged with weights 1 and tan((1-w) pi/2)."""
         base = self._plan_group(call, [leaf], usages)
@@ -594,7 +585,7 @@ class Conditioner:
         empties = [self._empty_row(r) for r in rows]
         masked = []  # per fragment: its pull, and per encoder the masked rows
         for s, segment in enumerate(leaf[0].segments):
-            masks = [_compel_mask(c, s, self.truncate) for c in leaf]
+            masks = [_compel_mask(c, s, self.options["truncate"]) for c in leaf]
             if segment.weight >= 1 or any(m is None for m in masks):
                 continue
             masked.append((_downweight_factor(segment.weight),

@@ -218,15 +218,6 @@ def _open(source: str | Path) -> tuple[list[tuple[TensorFile, dict | None, Path 
     return [(open_tensor_file(_weights_in(path)), _text_config(path), path)], None, str(source)
 
 
-def _pipeline_family(pipeline: str, towers: list[Tower]) -> str:
-    roles = [t.role for t in towers]
-    if "StableDiffusion3" in pipeline:
-        return "sd3"
-    if "XL" in pipeline:
-        return "sdxl" if len(towers) == 2 else "sdxl-refiner"
-    return {"clip_l": "sd1", "clip_h": "sd2"}.get(roles[0], "clip") if len(towers) == 1 else "clip"
-
-
 def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
          tokenizer_mode: str = "hf", quantize: str | None = None, compile: bool = False, **overrides: Any
          ) -> TextEncoder:
@@ -259,7 +250,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "float3
         if not towers:
             raise BadInput(f"{source}: no CLIP text encoder found (looked for '*embeddings.token_embedding.weight' "
                            f"and OpenCLIP '*token_embedding.weight' + 'transformer.resblocks.*' tensors)")
-        family = _pipeline_family(pipeline, towers) if pipeline is not None else family_of(towers)
+        family = family_of(towers, pipeline)
         shared: dict[str, Tokenizer] = {}  # the bundled vocabulary, built once per mode
         modules, tokenizers = [], []
         for tower, hf_config, tok_dir in zip(towers, configs, tok_dirs):

@@ -26,12 +26,10 @@ it stopped: the templates of step s (and the generator a ``loss_fn`` gets) depen
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, TextIO, Union
 
@@ -46,8 +44,8 @@ from .embeddings import ANY, SDXL_ROLES, Embedding, inject
 from .encoder import TextEncoder
 from .errors import BadInput, SdclipError
 from .model import TextTransformer
+from .runs import Progress, Run
 from .tokenizer import Tokenizer
-from .train import Progress, load_checkpoint, plot, read_metrics
 
 # caption templates in the spirit of the textual-inversion paper's: the word as an object in varied photos
 TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a close-up photo of a {}", "a cropped photo of the {}",
@@ -60,7 +58,8 @@ Model = Union[CLIPModel, TextEncoder]
 class InversionConfig:
     """Everything that determines a run (saved in its checkpoint; a resumed run uses it)."""
 
-    token: str = "<concept>"  # the new word as prompts write it (A1111 / ComfyUI call it by file name)
+    token: str = "<concept>"  # the new word as prompts write it (A1111 / ComfyUI call it by file name: the token
+    # without <>, so it may hold no / or \ and may not be . or ..: the file stays inside the run folder)
     vectors: int = 1  # prompt positions the word takes
     init_word: str = "*"  # the vectors start as this word's token embeddings, repeated or averaged to fit
     templates: tuple[str, ...] = TEMPLATES  # "{}" = the word
@@ -77,6 +76,10 @@ class InversionConfig:
         if not self.token or self.token != self.token.strip() or any(c.isspace() for c in self.token) \
                 or "{" in self.token:
             raise BadInput(f"the token must be one word without spaces or braces, e.g. <my-thing>; got {self.token!r}")
+        if any(c in self.name for c in "/\\\0") or self.name in (".", ".."):
+            # the embedding file is named after the token: it must stay inside the run folder
+            raise BadInput(f"the token {self.token!r} cannot name a file (its name is the token without <>): no / "
+                           f"or \\, and not . or ..")
         if not 1 <= self.vectors <= 64:
             raise BadInput(f"vectors must be 1 to 64 (they share the prompt's 75 positions), got {self.vectors}")
         if not self.init_word.strip():
@@ -218,12 +221,6 @@ def _weights(model: Model) -> list[torch.nn.Parameter]:
     return [p for m in modules for p in m.parameters()]
 
 
-def _save(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # an interrupted save leaves the previous checkpoint whole
-
-
 def train_embedding(model: Model, images: Images | None = None, *, loss_fn: LossFn | None = None,
                     out: str | Path | None = None, resume: bool = False, until: int | None = None,
                     log: TextIO | None = sys.stderr, **settings) -> Embedding:
@@ -246,15 +243,14 @@ def train_embedding(model: Model, images: Images | None = None, *, loss_fn: Loss
     if images is not None and not isinstance(model, CLIPModel):
         raise BadInput("the CLIP objective needs a full CLIP model (text and image towers, CLIPModel.load); for a "
                        "text encoder alone give a loss_fn")
-    out = Path(out) if out is not None else None
+    run = Run(out, log) if out is not None else None
     state = None
     if resume:
-        if out is None:
+        if run is None:
             raise BadInput("resume needs the run folder (out)")
-        state = load_checkpoint(out)
-        known = {f.name for f in fields(InversionConfig)}
-        config = InversionConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                    for k, v in state["config"].items() if k in known})
+        state = run.resume_state()
+    if state is not None:
+        config = Run.config(InversionConfig, state)
     else:
         try:
             config = InversionConfig(**settings)
@@ -282,22 +278,30 @@ def train_embedding(model: Model, images: Images | None = None, *, loss_fn: Loss
     for p in frozen:
         p.requires_grad_(False)
     try:
-        _run(config, vectors, optimizer, objective, start, stop, out, state is not None, log)
+        _steps(config, vectors, optimizer, objective, start, stop, run, state is not None, log)
     finally:
         for p in frozen:
             p.requires_grad_(True)
     return Embedding(config.name, config.token, {role: v.detach().clone() for role, v in vectors.items()})
 
 
-def _run(config: InversionConfig, vectors: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-         objective: Callable, start: int, stop: int, out: Path | None, resumed: bool, log: TextIO | None) -> None:
+def _steps(config: InversionConfig, vectors: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+           objective: Callable, start: int, stop: int, run: Run | None, resumed: bool, log: TextIO | None) -> None:
     """The steps ``start`` .. ``stop``, with metrics, progress and checkpoints."""
-    metrics_path = None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics_path = out / "metrics.jsonl"
-        rows = [r for r in read_metrics(metrics_path) if r["step"] <= start] if resumed else []
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # drop what followed the checkpoint
+    if run is not None:
+        run.start(start, resumed)
+        try:
+            _loop(config, vectors, optimizer, objective, start, stop, run, log)
+        finally:
+            run.close()
+        if stop == config.steps:
+            run.plot("loss.png")
+    else:
+        _loop(config, vectors, optimizer, objective, start, stop, None, log)
+
+
+def _loop(config: InversionConfig, vectors: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+          objective: Callable, start: int, stop: int, run: Run | None, log: TextIO | None) -> None:
     progress = Progress(config.steps, log, "prompts") if log is not None else None
     images = getattr(objective, "images", None)
     began = time.monotonic()
@@ -310,22 +314,18 @@ def _run(config: InversionConfig, vectors: dict[str, torch.nn.Parameter], optimi
         optimizer.step()
         done = step + 1
         norm = torch.cat([v.detach().norm(dim=-1) for v in vectors.values()]).mean().item()
-        if metrics_path is not None:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps({"step": done, "loss": loss.item(), "norm": norm, **extra,
-                                    "elapsed": time.monotonic() - began}) + "\n")
+        if run is not None:
+            run.record({"step": done, "loss": loss.item(), "norm": norm, **extra, "elapsed": time.monotonic() - began})
         if progress is not None:
             per_step = (time.monotonic() - began) / (done - start)
             progress.update(done, loss.item(), config.batch_size / per_step, time.monotonic() - began,
                             (stop - done) * per_step, force=done == stop)
-        if out is not None and (done % config.checkpoint_every == 0 or done == stop):
-            _save(out / "checkpoint.pt", {"step": done, "config": asdict(config), "optimizer": optimizer.state_dict(),
-                                          "vectors": {k: v.detach().cpu() for k, v in vectors.items()},
-                                          "images": None if images is None else images.cpu()})
+        if run is not None and (done % config.checkpoint_every == 0 or done == stop):
+            run.save(done, config, optimizer=optimizer.state_dict(),
+                     vectors={k: v.detach().cpu() for k, v in vectors.items()},
+                     images=None if images is None else images.cpu())
     if progress is not None:
         progress.close()
-    if metrics_path is not None and stop == config.steps:
-        plot(read_metrics(metrics_path), out / "loss.png")  # type: ignore[operator]
 
 
 def nearest_tokens(vectors: torch.Tensor, tower: TextTransformer, tokenizer: Tokenizer, k: int = 5

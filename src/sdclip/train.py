@@ -10,20 +10,17 @@ depends only on the seed and ``s``, and the checkpoint holds everything else.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Iterator, TextIO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .clip import CLIPModel
@@ -32,6 +29,7 @@ from .errors import BadInput
 from .images import pixel_values
 from .loss import clamp_logit_scale_, contrastive_loss
 from .model import TextConfig
+from .runs import Progress, Run
 from .shapes import ZERO_SHOT_TEMPLATES, Shapes, eval_set, labels, phrase
 from .vision import VisionConfig, VisionTransformer
 
@@ -196,56 +194,6 @@ class _ZeroShot:
         return out
 
 
-class Progress:
-    """One status line on stderr: step, loss, pairs/s (or ``unit``/s), elapsed and ETA (a line per 10 s off a
-    TTY)."""
-
-    def __init__(self, total: int, stream: TextIO, unit: str = "pairs"):
-        self.total, self.stream, self.unit = total, stream, unit
-        self.tty = stream.isatty()
-        self.last = 0.0
-
-    def update(self, step: int, loss: float, rate: float, elapsed: float, eta: float, force: bool = False) -> None:
-        now = time.monotonic()
-        if not (self.tty or force or now - self.last >= 10):
-            return
-        self.last = now
-        done = int(24 * step / self.total)
-        line = (f"[{'#' * done}{'.' * (24 - done)}] step {step}/{self.total}  loss {loss:.4f}  "
-                f"{rate:.1f} {self.unit}/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}")
-        self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
-
-
-def _save_checkpoint(path: Path, model: CLIPModel, optimizer: torch.optim.Optimizer, config: TrainConfig,
-                     step: int, average: AveragedModel | None) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "config": asdict(config), "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "ema": None if average is None else average.state_dict()}, tmp)
-    os.replace(tmp, path)  # an interrupted save leaves the previous checkpoint whole
-
-
-def load_checkpoint(folder: str | Path) -> dict[str, Any]:
-    """A run's ``checkpoint.pt``, read with ``weights_only`` (tensors and plain data only)."""
-    path = Path(folder) / "checkpoint.pt"
-    if not path.is_file():
-        raise BadInput(f"{folder}: no checkpoint.pt to resume from")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds on a damaged file
-        raise BadInput(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-
-
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False, until: int | None = None,
           log: TextIO = sys.stderr) -> CLIPModel:
     """Train (or, with ``resume``, continue the run in ``out`` with its saved configuration).
@@ -254,17 +202,14 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, until: 
     written when the run reaches ``config.steps``.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = None
-    if resume:
-        state = load_checkpoint(out)
-        known = {f.name for f in fields(TrainConfig)}
-        config = TrainConfig(**{k: v for k, v in state["config"].items() if k in known})
+    run = Run(out, log)
+    state = run.resume_state() if resume else None
+    if state is not None:
+        config = Run.config(TrainConfig, state)
     data = open_dataset(config.data, config.image_size, config.seed, config.partial_captions)
     model = CLIPModel.create(*config.towers(), seed=config.seed).requires_grad_(True)
     optimizer = _optimizer(model, config)
     start = 0
-    metrics_path = out / "metrics.jsonl"
     if state is None and config.patch_init == "whiten":
         sample = [data[i][0] for i in range(min(_WHITEN_SAMPLE, len(data)))]
         whiten_patches_(model.vision, pixel_values(sample, config.image_size))
@@ -277,21 +222,15 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, until: 
         if average is not None:
             average.load_state_dict(state["ema"])
         start = int(state["step"])
-        rows = read_metrics(metrics_path)  # drop what was logged after the checkpoint
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= start))
-    elif metrics_path.exists():
-        metrics_path.unlink()
     stop = min(until if until is not None else config.steps, config.steps)
     zero_shot = _ZeroShot(config) if config.eval_every and isinstance(data, Shapes) else None
     progress = Progress(config.steps, log)
     batches = _Batches(data, model, config)
     recent: list[float] = []
     began = time.monotonic()
-    with metrics_path.open("a") as metrics:
-        def record(row: dict) -> None:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
-
+    run.start(start, resumed=state is not None)
+    record = run.record
+    try:
         evaluated = model if average is None else average.module  # what the run saves
         if zero_shot is not None and start == 0:
             record({"step": 0, **zero_shot(evaluated)})
@@ -320,75 +259,14 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, until: 
             if zero_shot is not None and (done % config.eval_every == 0 or done == config.steps):
                 record({"step": done, **zero_shot(evaluated)})
             if done % config.checkpoint_every == 0 or done == stop:
-                _save_checkpoint(out / "checkpoint.pt", model, optimizer, config, done, average)
+                run.save(done, config, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                         ema=None if average is None else average.state_dict())
             tick = time.monotonic()
+    finally:
+        run.close()
     batches.pool.shutdown()
     progress.close()
     if stop == config.steps:
         evaluated.save(out, dtype=config.save_dtype)
-        plot(read_metrics(metrics_path), out / "training.png")
+        run.plot("training.png")
     return evaluated.requires_grad_(False)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-# --- the plot ----------------------------------------------------------------------------------
-
-def plot(rows: list[dict], path: str | Path, width: int = 900, height: int = 360) -> None:
-    """Loss (left) and zero-shot accuracy (right) against steps, drawn with Pillow."""
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    panels = [("training loss", [("loss", (170, 190, 230), losses),
-                                 ("mean of 20", (30, 70, 170), _smooth(losses, 20))], None)]
-    accuracy = [("seen", (30, 140, 60), [(r["step"], r["zero_shot_seen"]) for r in rows if "zero_shot_seen" in r]),
-                ("held out", (200, 90, 20), [(r["step"], r["zero_shot_held_out"]) for r in rows
-                                            if "zero_shot_held_out" in r])]
-    if accuracy[0][2]:
-        panels.append(("zero-shot accuracy", accuracy, (0.0, 1.0)))
-    w = width // len(panels)
-    last = max([r["step"] for r in rows] + [1])
-    for k, (title, series, fixed) in enumerate(panels):
-        _panel(draw, (k * w + 55, 30, (k + 1) * w - 20, height - 40), title, series, fixed, last)
-    image.save(path)
-
-
-def _smooth(points: list[tuple[float, float]], n: int) -> list[tuple[float, float]]:
-    values = [v for _, v in points]
-    return [(s, sum(values[max(0, i - n + 1):i + 1]) / len(values[max(0, i - n + 1):i + 1]))
-            for i, (s, _) in enumerate(points)]
-
-
-def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
-           series: list[tuple[str, tuple[int, int, int], list[tuple[float, float]]]],
-           fixed: tuple[float, float] | None, xs_max: int) -> None:
-    x0, y0, x1, y1 = box
-    points = [p for _, _, ps in series for p in ps]
-    draw.rectangle(box, outline=(120, 120, 120))
-    draw.text((x0, y0 - 20), title, fill="black")
-    if not points:
-        return
-    lo, hi = fixed or (min(y for _, y in points), max(y for _, y in points))
-    hi = hi if hi > lo else lo + 1
-    for t in range(5):  # y ticks
-        v = lo + (hi - lo) * t / 4
-        y = y1 - (y1 - y0) * t / 4
-        draw.line((x0 - 4, y, x0, y), fill=(120, 120, 120))
-        draw.text((x0 - 50, y - 6), f"{v:.2f}" if fixed or abs(hi) < 100 else f"{v:.0f}", fill="black")
-    draw.text((x1 - 60, y1 + 8), f"step {int(xs_max)}", fill="black")
-    draw.text((x0, y1 + 8), "0", fill="black")
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        return x0 + (x1 - x0) * x / xs_max, y1 - (y1 - y0) * (y - lo) / (hi - lo)
-
-    for n, (name, colour, ps) in enumerate(series):
-        if len(ps) > 1:
-            draw.line([at(x, y) for x, y in ps], fill=colour, width=2)
-        elif ps:
-            cx, cy = at(*ps[0])
-            draw.ellipse((cx - 2, cy - 2, cx + 2, cy + 2), fill=colour)
-        draw.text((x1 - 90, y0 + 6 + 14 * n), name + (f" {ps[-1][1]:.3f}" if ps else ""), fill=colour)

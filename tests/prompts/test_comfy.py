@@ -130,10 +130,20 @@ def test_embedding():
 def test_embedding_name_endings():
     c = comfy.chunk("embedding:emb, b", TOK, embeddings=EMB)  # "emb," is retried without the comma
     assert body(c) == [[PLACEHOLDER_ID] * 3 + [COMMA, B]]
-    c = comfy.chunk("embedding:emb<lora:x:1>", TOK, embeddings=EMB)  # the name ends at < or [
-    assert body(c)[0][:3] == [PLACEHOLDER_ID] * 3 and body(c)[0][3:] == TOK.tokenize("<lora:x:1>")
+    c = comfy.chunk("embedding:emb<lora:x:1>", TOK, embeddings=EMB)  # ComfyUI ends a name at whitespace only
+    assert body(c) == [[]] and c.warnings == ("embedding:emb<lora:x:1> does not exist, ignoring",)
+    c = comfy.chunk("embedding:emb[x]", TOK, embeddings=EMB)
+    assert body(c) == [[]] and not c.slots
     c = comfy.chunk("(embedding:emb:1.2)", TOK, embeddings=EMB)
     assert c.weights[0][1:4] == (1.2,) * 3
+
+
+def test_embedding_split_after_a_space_or_newline_only():
+    """ComfyUI splits a piece before ``embedding:`` after " " or "\\n" (re.split(' embedding:|\\nembedding:'))."""
+    assert slots(comfy.chunk("a\nembedding:emb b", TOK, embeddings=EMB)) == [(0, 2 + v, "emb", v) for v in range(3)]
+    for text in ("a\tembedding:emb b", "a\rembedding:emb b", "a,embedding:emb b", "a\u3000embedding:emb b"):
+        c = comfy.chunk(text, TOK, embeddings=EMB)  # no split: "embedding:emb" stays text
+        assert not c.slots and body(c) == [TOK.tokenize(text)], repr(text)
 
 
 def test_unknown_embedding_is_dropped_with_a_warning():

@@ -21,19 +21,27 @@ from ..errors import BadInput
 from ..limits import MAX_PROMPT_CHARS, check_prompt
 from ..tokenizer import Tokenizer
 from . import a1111, comfy, compel, plain
+from .dialect import Dialect, Option
 from .types import (BREAK, Blend, Chunked, Conjunction, EmbeddingSlot, Node, Schedule, Segment, map_leaves)
 
-DIALECTS = ("a1111", "comfy", "compel", "diffusers")
-_ALIASES = {"plain": "diffusers"}
-_PARSE = {"a1111": a1111.parse_prompt, "comfy": comfy.parse, "compel": compel.parse, "diffusers": plain.parse}
-_CHUNK = {"a1111": a1111.chunk_prompt, "comfy": comfy.chunk, "compel": compel.chunk, "diffusers": plain.chunk}
+# The front ends, one object each (see ``dialect``): adding one is a module and a line here.
+REGISTRY: dict[str, Dialect] = {d.name: d for d in (a1111.DIALECT, comfy.DIALECT, compel.DIALECT, plain.DIALECT)}
+DIALECTS = tuple(REGISTRY)
+ALIASES = {alias: d.name for d in REGISTRY.values() for alias in d.aliases}
 
 
-def _dialect(name: str) -> str:
-    name = _ALIASES.get(name, name)
-    if name not in DIALECTS:
+def get(name: str) -> Dialect:
+    """The front end called ``name`` (or one of its aliases)."""
+    found = REGISTRY.get(ALIASES.get(name, name)) if isinstance(name, str) else None
+    if found is None:
         raise BadInput(f"unknown prompt dialect {name!r}; choose one of {', '.join(DIALECTS)}")
-    return name
+    return found
+
+
+def check_options(**options) -> None:
+    """Refuse an option value a front end cannot take (every front end checks its own)."""
+    for d in REGISTRY.values():
+        d.check(**options)
 
 
 def _text(prompt: object, max_prompt_chars: int | None) -> str:
@@ -46,15 +54,15 @@ def parse(prompt: str, dialect: str, *, max_prompt_chars: int | None = MAX_PROMP
           **options) -> Node[list[Segment]]:
     """The prompt's weighted segments as ``dialect`` reads it (a tree for blends, AND, schedules).  A prompt
     longer than ``max_prompt_chars`` is refused before it is parsed (None: no limit)."""
-    return _PARSE[_dialect(dialect)](_text(prompt, max_prompt_chars), **options)
+    return get(dialect).parse(_text(prompt, max_prompt_chars), **options)
 
 
 def chunk(prompt: str, dialect: str, tokenizer: Tokenizer, *, max_prompt_chars: int | None = MAX_PROMPT_CHARS,
           **options) -> Node[Chunked]:
     """The token ids, per-token weights and embedding slots ``dialect`` feeds the text encoder (``max_prompt_chars``
     as in ``parse``)."""
-    return _CHUNK[_dialect(dialect)](_text(prompt, max_prompt_chars), tokenizer, **options)
+    return get(dialect).chunk(_text(prompt, max_prompt_chars), tokenizer, **options)
 
 
-__all__ = ["DIALECTS", "parse", "chunk", "Segment", "BREAK", "Chunked", "EmbeddingSlot", "Blend", "Conjunction",
+__all__ = ["DIALECTS", "REGISTRY", "Dialect", "Option", "get", "check_options", "parse", "chunk", "Segment", "BREAK", "Chunked", "EmbeddingSlot", "Blend", "Conjunction",
            "Schedule", "Node", "map_leaves"]

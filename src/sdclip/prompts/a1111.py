@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from ..errors import BadInput
+from ..families import Family
 from ..tokenizer import Tokenizer
+from .dialect import Dialect, Option, last_layer_number
 from .plain import expand
 from .types import (BREAK, CHUNK_LENGTH, MAX_NESTING, ChunkBuilder, Chunked, Conjunction, Embeddings, Entry, Node,
                     Schedule, Segment, map_leaves, vector_count)
@@ -452,7 +455,7 @@ def chunk(text: str, tokenizer: Tokenizer, *, pad_id: int | None = None, embeddi
                 next_chunk()
             match = next(((m, name) for m, name in table.get(tok, ()) if toks[pos:pos + len(m)] == m), None)
             if match is None:
-                body.append((tok, seg.weight, si, None))
+                body.append(Entry(tok, seg.weight, si))
                 pos += 1
                 continue
             m, name = match
@@ -477,3 +480,79 @@ def chunk_prompt(prompt: str, tokenizer: Tokenizer, *, steps: int = DEFAULT_STEP
     if len(sched.entries) == 1 and sched.entries[0][1].weights == (1.0,):
         return chunk(sched.entries[0][1].parts[0], tokenizer, **options)
     return map_leaves(sched, lambda text: chunk(text, tokenizer, **options))
+
+
+# --- the front end ------------------------------------------------------------------------------------
+EMPHASIS = ("original", "no-norm", "ignore", "none")  # A1111's emphasis settings
+
+
+class A1111(Dialect):
+    """AUTOMATIC1111: ``AND`` and prompt editing (each sub-prompt's texts encoded together); emphasis multiplies
+    and restores the mean; a batch's prompts filled with their last vector, prompts and negatives with empty
+    chunks; ``clip_skip=N`` counts from the last layer (SD1 only); embeddings by file name, skipped unless they
+    fit every encoder; SDXL's empty negative is zeros."""
+
+    name = "a1111"
+    title = "A1111"
+    clip_skip_help = "N, 1 = last layer"
+    options = (
+        Option("steps", "--steps", "parse", "sampling steps for AND / prompt editing (default 20)",
+               {"type": int, "default": DEFAULT_STEPS}),
+        Option("emphasis", "--emphasis", "encode", "emphasis mode (default original)", {"choices": EMPHASIS},
+               value=lambda args: args.emphasis or "original"),
+        Option("step", "--step", "encode", "the sampler step whose prompt editing to encode (default 0)",
+               {"type": int, "default": 0}),
+        Option("comma_backtrack", "--comma-backtrack", "chunk", "comma padding backtrack (default 20, 0 = off)",
+               {"type": int, "default": 20}),
+    )
+    structure = "schedule"
+    weighting = "emphasis"
+    batch_fill = "last"
+    unfit_embedding = "skip"
+
+    def parse(self, text: str, **options: Any) -> Node[list[Segment]]:
+        return parse_prompt(text, **options)
+
+    def chunk(self, text: str, tokenizer: Tokenizer, **options: Any) -> Node[Chunked]:
+        return chunk_prompt(text, tokenizer, **options)
+
+    def leaf(self, leaf: str, tokenizer: Tokenizer, pad_id: int, embeddings: Embeddings, *,
+             emphasis: str = "original", comma_backtrack: int = 20, **options: Any) -> Chunked:
+        return chunk(leaf, tokenizer, pad_id=pad_id, embeddings=embeddings, emphasis=emphasis != "none",
+                     comma_backtrack=comma_backtrack)
+
+    def check(self, emphasis: str = "original", **options: Any) -> None:
+        """Refuse an unknown emphasis setting."""
+        if emphasis not in EMPHASIS:
+            raise BadInput(f"unknown emphasis {emphasis!r}; choose one of {', '.join(EMPHASIS)}")
+
+    def parts(self, prompt: str, negative: bool) -> list[str]:
+        """The ``AND`` sub-prompts (negative prompts are not split)."""
+        return [text for text, _ in split_and(prompt)] if not negative else [prompt]
+
+    def timeline(self, text: str, *, steps: int = DEFAULT_STEPS, hires_steps: int | None = None,
+                 old_scheduling: bool = False, **options: Any) -> list[str]:
+        """One sub-prompt's texts over the sampler steps: A1111 encodes them together."""
+        return [t for _, t in schedule_text(text, steps, hires_steps, old_scheduling)]
+
+    def schedule_of(self, prompt: str, negative: bool, *, steps: int = DEFAULT_STEPS, hires_steps: int | None = None,
+                    old_scheduling: bool = False, **options: Any) -> Schedule[str]:
+        """The prompt's schedule of sub-prompt texts (a negative prompt: one part)."""
+        if not negative:
+            return schedule(prompt, steps, hires_steps, old_scheduling)
+        timeline = schedule_text(prompt, steps, hires_steps, old_scheduling)
+        return Schedule(timeline[-1][0], tuple((until, Conjunction((text,), (1.0,))) for until, text in timeline))
+
+    def skipped_layers(self, clip_skip: int, family: Family) -> int | None:
+        n = last_layer_number(self, clip_skip)
+        if not family.a1111_clip_skip:
+            if n != 1:
+                warnings.warn(f"A1111 ignores clip skip for {family.name} models", stacklevel=4)
+            return None
+        return n - family.clip_skip_base
+
+    def zero_negative(self, negative: str | None, family: Family) -> bool:
+        return not negative and family.a1111_zero_negative
+
+
+DIALECT = A1111()

@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 from ..errors import BadInput
+from ..families import Family
 from ..tokenizer import Tokenizer
+from .dialect import Dialect, last_layer_number
 from .plain import expand
 from .types import CHUNK_LENGTH, MAX_NESTING, ChunkBuilder, Chunked, Embeddings, Entry, Segment
 
 _CLOSE, _OPEN = "\0\1", "\0\2"  # ComfyUI's stand-ins for \) and \( while brackets are read
 EMBEDDING = "embedding:"
-_EMBEDDING_SPLIT = re.compile(r"(?<=\s)" + re.escape(EMBEDDING))
+# ComfyUI splits before "embedding:" after a space or a newline only (the space or newline goes)
+_EMBEDDING_SPLIT = re.compile("[ \n]" + re.escape(EMBEDDING))
 _EXTENSIONS = (".safetensors", ".pt", ".bin")
 MAX_WORD = 8  # token groups shorter than this move whole to the next chunk
 
@@ -131,15 +135,13 @@ def _lookup(embeddings: Embeddings, name: str) -> str | None:
 
 
 def _find_embedding(embeddings: Embeddings, text: str) -> tuple[str | None, str, str]:
-    """ComfyUI's reading of the text after ``embedding:``: (found name or None, name as written, text left)."""
+    """ComfyUI's reading of the text after ``embedding:``: (found name or None, name as written, text left).  The
+    name is the first whitespace-separated word, whatever it holds (``embedding:x<lora:y:1>`` names
+    ``x<lora:y:1>``); one ending in commas is retried without them."""
     words = text.split()
     if not words:
         raise BadInput("'embedding:' without a name (ComfyUI fails on this)")
     name, rest = words[0], " ".join(words[1:])
-    cut = re.search(r"[<\[]", name)
-    if cut is not None:
-        rest = name[cut.start():] + (" " + rest if rest else "")
-        name = name[:cut.start()]
     found = _lookup(embeddings, name)
     if found is None:
         stripped = name.strip(",")
@@ -152,8 +154,8 @@ def chunk(text: str, tokenizer: Tokenizer, *, pad_id: int | None = None,
           embeddings: Embeddings | None = None) -> Chunked:
     """Token ids and weights as ComfyUI's ``SDTokenizer.tokenize_with_weights`` builds them.
 
-    Each weighted piece is tokenized on its own (split before every ``embedding:`` that follows
-    whitespace); a group of tokens shorter than 8 that does not fit in the current chunk moves whole to
+    Each weighted piece is tokenized on its own (split before every ``embedding:`` that follows a
+    space or a newline, not other whitespace, as ComfyUI splits); a group of tokens shorter than 8 that does not fit in the current chunk moves whole to
     the next one, longer groups are cut.  Chunks are BOS + up to 75 tokens + EOS, padded with
     ``pad_id`` (EOS by default as for CLIP-L; SD2 and SDXL bigG pad with 0).  With ``embeddings``,
     ``embedding:name`` (extension optional) takes the embedding's vectors; an unknown name is dropped
@@ -194,3 +196,30 @@ def chunk(text: str, tokenizer: Tokenizer, *, pad_id: int | None = None,
             body = []
     out.add(body)
     return out.result(segments, sum(map(len, groups)), warnings=warnings)
+
+
+class Comfy(Dialect):
+    """ComfyUI (CLIPTextEncode): weights lerp from the empty prompt; ``CLIPSetLastLayer -N`` counts from the last
+    layer; ``embedding:name`` by file name, the vectors an encoder has no width for left out; encoders that chunk
+    a prompt to different lengths are cut to the shorter; prompts and negatives tiled to a common length by the
+    sampler."""
+
+    name = "comfy"
+    title = "ComfyUI"
+    clip_skip_help = "CLIPSetLastLayer -N"
+    weighting = "lerp"
+    negative_fill = "lcm"
+    unfit_embedding = "drop"
+    cut_to_shorter_encoder = True
+
+    def parse(self, text: str, **options: Any) -> list[Segment]:
+        return parse(text)
+
+    def chunk(self, text: str, tokenizer: Tokenizer, **options: Any) -> Chunked:
+        return chunk(text, tokenizer, **options)
+
+    def skipped_layers(self, clip_skip: int, family: Family) -> int | None:
+        return last_layer_number(self, clip_skip) - family.clip_skip_base
+
+
+DIALECT = Comfy()

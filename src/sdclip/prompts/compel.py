@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import re
 import string
+from typing import Any
 
 from ..errors import BadInput
 from ..tokenizer import Tokenizer
+from .dialect import Dialect, Option
+from .plain import chunk as plain_chunk
 from .plain import expand, name_pattern, units
 from .types import (CHUNK_LENGTH, MAX_NESTING, Blend, ChunkBuilder, Chunked, Conjunction, Embeddings, Entry, Node,
                     Segment, map_leaves)
@@ -450,7 +453,7 @@ def _split_point(body: list[Entry], tokenizer: Tokenizer, mode: str, room: int) 
     word end within the first 75 tokens (from ``mode`` down), else at 75."""
     if len(body) <= room or mode == "brutal":
         return room
-    texts = [tokenizer.token_text(e[0]) if e[3] is None else "" for e in body[:room]]
+    texts = [tokenizer.token_text(e.id) if e.embedding is None else "" for e in body[:room]]
     tests = {"sentences": lambda t: t == ".</w>", "phrases": lambda t: t in (".</w>", ",</w>", ";</w>", ":</w>"),
              "words": lambda t: t.endswith("</w>")}
     for m in SPLIT_MODES[SPLIT_MODES.index(mode):-1]:
@@ -494,9 +497,44 @@ def chunk_segments(segments: list[Segment], tokenizer: Tokenizer, *, pad_id: int
         start += cut
         if truncate or start >= len(body):
             break
-    return out.result(segments, token_count, lost=[(e[2], e[0]) for e in lost + body[start:]])
+    return out.result(segments, token_count, lost=[(e.segment, e.id) for e in lost + body[start:]])
 
 
 def chunk(prompt: str, tokenizer: Tokenizer, **options) -> Node[Chunked]:
     """``chunk_segments`` for every prompt in ``parse(prompt)``'s tree."""
     return map_leaves(parse(prompt), lambda segs: chunk_segments(segs, tokenizer, **options))
+
+
+class Compel(Dialect):
+    """compel: ``.blend()`` and ``.and()`` trees; weights lerp from the empty prompt and a fragment below 1 is
+    also down-weighted by masking it out; ``clip_skip`` skips layers; embeddings by token, refused when they do
+    not fit every encoder; padded with empty-prompt chunks; pooled output from the raw prompt text."""
+
+    name = "compel"
+    title = "compel"
+    options = (Option("truncate", "--no-truncate", "chunk", "truncate_long_prompts=False (split long prompts into "
+                      "chunks at sentence, phrase or word ends)", {"action": "store_true"},
+                      value=lambda args: not args.no_truncate),)
+    structure = "blend"
+    weighting = "lerp"
+    embeddings_by_token = True
+
+    def parse(self, text: str, **options: Any) -> Node[list[Segment]]:
+        return parse(text)
+
+    def chunk(self, text: str, tokenizer: Tokenizer, **options: Any) -> Node[Chunked]:
+        return chunk(text, tokenizer, **options)
+
+    def tree(self, prompt: str, **options: Any) -> Node[list[Segment]]:
+        return parse(prompt)
+
+    def leaf(self, leaf: list[Segment], tokenizer: Tokenizer, pad_id: int, embeddings: Embeddings, *,
+             truncate: bool = True, split: str = "sentences", **options: Any) -> Chunked:
+        return chunk_segments(leaf, tokenizer, pad_id=pad_id, embeddings=embeddings, truncate=truncate, split=split)
+
+    def pooled_leaf(self, prompt: str, tokenizer: Tokenizer, pad_id: int, embeddings: Embeddings) -> Chunked:
+        """compel pools the raw prompt text, truncated to 77 tokens."""
+        return plain_chunk(prompt, tokenizer, pad_id=pad_id, embeddings=embeddings)
+
+
+DIALECT = Compel()

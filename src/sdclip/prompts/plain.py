@@ -9,8 +9,11 @@ adds ``<cat-toy>_1``, ``<cat-toy>_2``, ... and rewrites the prompt).  compel use
 from __future__ import annotations
 
 import re
+from typing import Any
 
+from ..families import Family
 from ..tokenizer import Tokenizer
+from .dialect import Dialect
 from .types import CHUNK_LENGTH, PLACEHOLDER_ID, ChunkBuilder, Chunked, Embeddings, Entry, Segment, vector_count
 
 
@@ -45,9 +48,9 @@ def expand(items: list[int | str], embeddings: Embeddings | None, weight: float 
     for item in items:
         if isinstance(item, str):
             n = vector_count(embeddings[item])  # type: ignore[index]
-            out.extend((PLACEHOLDER_ID, weight, source, (item, v)) for v in range(n))
+            out.extend(Entry(PLACEHOLDER_ID, weight, source, (item, v)) for v in range(n))
         else:
-            out.append((item, weight, source, None))
+            out.append(Entry(item, weight, source))
     return out
 
 
@@ -59,4 +62,30 @@ def chunk(text: str, tokenizer: Tokenizer, *, pad_id: int | None = None,
     room = CHUNK_LENGTH - 2
     out = ChunkBuilder(tokenizer.bos_id, tokenizer.eos_id, tokenizer.eos_id if pad_id is None else pad_id)
     out.add(entries[:room])
-    return out.result(parse(text), len(entries), lost=[(e[2], e[0]) for e in entries[room:]])
+    return out.result(parse(text), len(entries), lost=[(e.segment, e.id) for e in entries[room:]])
+
+
+class Diffusers(Dialect):
+    """diffusers pipelines: one 77-token chunk, no weighting, no empty-prompt padding; ``clip_skip`` skips layers
+    for the prompt only; embeddings by token, refused when they do not fit every encoder; SDXL's missing negative
+    is zeros (``force_zeros_for_empty_prompt``)."""
+
+    name = "diffusers"
+    title = "diffusers"
+    aliases = ("plain",)
+    uses_empty_prompt = False
+    embeddings_by_token = True
+    clip_skip_on_negative = False
+    warn_truncation = True
+
+    def parse(self, text: str, **options: Any) -> list[Segment]:
+        return parse(text)
+
+    def chunk(self, text: str, tokenizer: Tokenizer, **options: Any) -> Chunked:
+        return chunk(text, tokenizer, **options)
+
+    def zero_negative(self, negative: str | None, family: Family) -> bool:
+        return negative is None and family.force_zeros_for_empty_prompt
+
+
+DIALECT = Diffusers()

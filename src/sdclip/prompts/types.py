@@ -14,7 +14,7 @@ the tree, so the encoder can walk one shape whatever the dialect.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Generic, Mapping, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Callable, Generic, Mapping, NamedTuple, Sequence, TypeVar, Union
 
 if TYPE_CHECKING:
     import torch
@@ -148,8 +148,13 @@ def vector_count(value: object) -> int:
     return 1 if len(shape) == 1 else int(shape[0])
 
 
-Entry = tuple[int, float, int, "tuple[str, int] | None"]
-"""One prompt position while chunking: (token id, weight, segment index, (embedding, vector) or None)."""
+class Entry(NamedTuple):
+    """One prompt position while chunking."""
+
+    id: int  # token id (``PLACEHOLDER_ID`` for an embedding vector)
+    weight: float
+    segment: int  # index of the segment it came from
+    embedding: tuple[str, int] | None = None  # (embedding name, vector) for an embedding vector
 
 
 @dataclass
@@ -167,13 +172,20 @@ class ChunkBuilder:
     def add(self, body: list[Entry]) -> None:
         """Append one chunk: BOS, the body (at most 75 entries), EOS, padding."""
         n, pad = len(self.ids), CHUNK_LENGTH - 2 - len(body)
-        self.ids.append([self.bos, *(e[0] for e in body), self.eos, *[self.pad] * pad])
-        self.weights.append([1.0, *(e[1] for e in body), 1.0, *[1.0] * pad])
-        self.sources.append([-1, *(e[2] for e in body), -1, *[-1] * pad])
-        self.slots.extend(EmbeddingSlot(n, p + 1, *e[3]) for p, e in enumerate(body) if e[3] is not None)
+        self.ids.append([self.bos, *(e.id for e in body), self.eos, *[self.pad] * pad])
+        self.weights.append([1.0, *(e.weight for e in body), 1.0, *[1.0] * pad])
+        self.sources.append([-1, *(e.segment for e in body), -1, *[-1] * pad])
+        self.slots.extend(EmbeddingSlot(n, p + 1, *e.embedding) for p, e in enumerate(body) if e.embedding is not None)
 
     def result(self, segments: list[Segment], token_count: int, lost: Sequence[tuple[int, int]] = (),
                warnings: Sequence[str] = ()) -> Chunked:
         """The finished, immutable chunks."""
         return Chunked(tuple(map(tuple, self.ids)), tuple(map(tuple, self.weights)), tuple(map(tuple, self.sources)),
                        tuple(segments), token_count, tuple(self.slots), tuple(lost), tuple(warnings))
+
+
+def empty_prompt(bos: int, eos: int, pad: int) -> Chunked:
+    """The empty prompt's one chunk (BOS, EOS, padding): what weights lerp from and short prompts are padded with."""
+    out = ChunkBuilder(bos, eos, pad)
+    out.add([])
+    return out.result([Segment("", 1.0)], 0)
