@@ -28,13 +28,16 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TextIO
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TextIO
 
 import torch
 
 from . import atomic
 from .dataset import Columns, Row, expand, read_rows, require_pyarrow
 from .errors import BadInput, SdclipError
+
+if TYPE_CHECKING:
+    import sdclip
 
 FORMAT = "sdclip-cache"
 FORMAT_VERSION = 1
@@ -105,11 +108,12 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class RowEncoder:
     """The model and options that turn a list of captions into per-row tensors; one per process / actor."""
 
-    def __init__(self, options: CacheOptions):
+    def __init__(self, options: CacheOptions, te: "sdclip.TextEncoder | None" = None):
         import sdclip
 
         self.options = options
-        self.te = sdclip.load(options.model, dtype="float32", device=options.device, tokenizer_mode=options.mode)
+        self.te = te if te is not None else sdclip.load(options.model, dtype="float32", device=options.device,
+                                                        tokenizer_mode=options.mode)
         self.conditioner = None if options.raw else sdclip.Conditioner(
             self.te, options.dialect, clip_skip=options.clip_skip, emphasis=options.emphasis,
             embeddings=options.embeddings, steps=options.steps, comma_backtrack=options.comma_backtrack,
@@ -345,15 +349,21 @@ Producer = Callable[[Iterator[ShardWork]], Iterator[dict]]
 
 def run(inputs: Sequence[str], out: str | Path, options: CacheOptions, *, engine: str = "local",
         address: str | None = None, workers: int = 1, strict: bool = False,
-        progress: TextIO | None = sys.stderr) -> dict:
-    """Run (or resume) a cache job; returns the report (rows, unique, duplicates, errors, seconds, rows/s)."""
+        progress: TextIO | None = sys.stderr, te: "sdclip.TextEncoder | None" = None) -> dict:
+    """Run (or resume) a cache job; returns the report (rows, unique, duplicates, errors, seconds, rows/s).
+
+    ``te``: a text encoder already in memory (float32), used instead of loading ``options.model`` (local
+    engine only: Ray actors load the model themselves)."""
     started = time.monotonic()
     options.check()
     require_pyarrow()
     paths = expand(inputs)
     columns = Columns(options.caption_column, options.id_column)
     folder = CacheDir(out)
-    encoder = RowEncoder(options)
+    if te is not None and engine != "local":
+        raise BadInput("a text encoder in memory runs on the local engine; give Ray a model path")
+    in_memory = te is not None
+    encoder = RowEncoder(options, te)
     te = encoder.te
     if options.format == "kohya":
         if te.family != "sdxl":
@@ -361,7 +371,7 @@ def run(inputs: Sequence[str], out: str | Path, options: CacheOptions, *, engine
                            f"a {te.family} model (use --format sdclip)")
         if not all(p.is_dir() for p in paths):
             raise BadInput("--format kohya writes an .npz beside each image: give kohya folders as inputs")
-    manifest = _start(folder, options, paths, te)
+    manifest = _start(folder, options, paths, te, in_memory)
     total = sum(1 for _ in read_rows(paths, columns, options.max_chars))
     bar = Progress(total, progress) if progress is not None else None
     plan = Plan(options.shard_rows)
@@ -410,12 +420,12 @@ def run(inputs: Sequence[str], out: str | Path, options: CacheOptions, *, engine
     return report
 
 
-def _start(folder: CacheDir, options: CacheOptions, paths: Sequence[Path], te) -> dict:
+def _start(folder: CacheDir, options: CacheOptions, paths: Sequence[Path], te, in_memory: bool) -> dict:
     """The manifest to work under: a new one, or the existing one when it was made by this very job."""
     import sdclip
 
     job = options.identity(paths)
-    model = {"source": str(options.model or "sdclip-mini"), "fingerprint": te.fingerprint, "family": te.family}
+    model = {"source": "in memory" if in_memory else str(options.model or "sdclip-mini"), "fingerprint": te.fingerprint, "family": te.family}
     existing = folder.read_manifest()
     if existing is not None:
         if existing.get("format") != FORMAT:
@@ -428,6 +438,9 @@ def _start(folder: CacheDir, options: CacheOptions, paths: Sequence[Path], te) -
             raise BadInput(f"{folder.root} holds a cache made with other {', '.join(different)} "
                            f"({'; '.join(_differs(k, existing, job, model) for k in different[:4])}); "
                            f"nothing was changed: use another --out, or the same options to resume")
+        for stale in [*folder.root.glob(".*.tmp"), *folder.root.glob("shards/.*.tmp"),
+                      *folder.root.glob("commits/.*.tmp")]:
+            stale.unlink(missing_ok=True)  # temp files of a killed run (never at a final path)
         return existing
     if folder.root.exists() and (not folder.root.is_dir() or any(folder.root.iterdir())):
         raise BadInput(f"{folder.root}: exists and is not an sdclip cache (no manifest.json); refusing to write "
