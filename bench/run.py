@@ -27,6 +27,7 @@ BENCHES = {
     "load": ["bench_load.py"],            # (e) cold start from a 2 GB SD1 file, peak memory
     "tokenizer": ["bench_tokenizer.py"],  # (f) tokenizer vs CLIPTokenizerFast
     "clip": ["bench_clip.py"],            # CLIP training pairs/s and encode_image images/s
+    "cache": ["bench_cache.py"],          # sdclip cache: local engine vs raw encode, dedup, Ray, RSS on 1M rows
 }
 
 

@@ -318,30 +318,21 @@ class Plan:
 
 # --- the job ------------------------------------------------------------------------------------------------
 
-class Progress:
-    """One status line on stderr: rows done of all, rows/s, ETA (a line per 10 s when not a terminal)."""
+class _Rate:
+    """rows/s and ETA for ``train.Progress`` (one status line on stderr)."""
 
     def __init__(self, total: int, stream: TextIO):
-        self.total, self.stream, self.start, self.last = total, stream, time.monotonic(), 0.0
-        self.tty = stream.isatty()
+        from .train import Progress
+
+        self.bar, self.total, self.start = Progress(total, stream, unit="rows", counting="rows"), total, time.monotonic()
 
     def update(self, done: int, force: bool = False) -> None:
-        now = time.monotonic()
-        if not (force or (self.tty and now - self.last >= 0.2) or now - self.last >= 10):
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else 0.0
-        bar = int(24 * done / max(self.total, 1))
-        line = (f"[{'#' * bar}{'.' * (24 - bar)}] {done}/{self.total} rows  {rate:.1f} rows/s  "
-                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
-        self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
-        self.stream.flush()
+        elapsed = time.monotonic() - self.start
+        rate = done / max(elapsed, 1e-9)
+        self.bar.update(done, None, rate, elapsed, (self.total - done) / rate if rate > 0 else 0.0, force)
 
     def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.bar.close()
 
 
 Producer = Callable[[Iterator[ShardWork]], Iterator[dict]]
@@ -373,7 +364,7 @@ def run(inputs: Sequence[str], out: str | Path, options: CacheOptions, *, engine
             raise BadInput("--format kohya writes an .npz beside each image: give kohya folders as inputs")
     manifest = _start(folder, options, paths, te, in_memory)
     total = sum(1 for _ in read_rows(paths, columns, options.max_chars))
-    bar = Progress(total, progress) if progress is not None else None
+    bar = _Rate(total, progress) if progress is not None else None
     plan = Plan(options.shard_rows)
 
     def todo() -> Iterator[ShardWork]:
@@ -413,7 +404,7 @@ def run(inputs: Sequence[str], out: str | Path, options: CacheOptions, *, engine
     report = {"rows": plan.counts.rows, "unique": plan.counts.unique, "duplicates": plan.counts.duplicates,
               "errors": errors, "encoded": encoded, "shards": len(records), "seconds": round(seconds, 3),
               "rows_per_s": round(plan.counts.rows / max(seconds, 1e-9), 1), "out": str(folder.root)}
-    manifest.update(state="complete", rows=plan.counts.rows, unique=plan.counts.unique,
+    manifest.update(state="complete", outputs=_outputs(folder, records), rows=plan.counts.rows, unique=plan.counts.unique,
                     duplicates=plan.counts.duplicates, errors=errors,
                     shards=[{k: r[k] for k in ("shard", "rows", "sha256")} for r in records])
     folder.write_manifest(manifest)
@@ -445,13 +436,21 @@ def _start(folder: CacheDir, options: CacheOptions, paths: Sequence[Path], te, i
     if folder.root.exists() and (not folder.root.is_dir() or any(folder.root.iterdir())):
         raise BadInput(f"{folder.root}: exists and is not an sdclip cache (no manifest.json); refusing to write "
                        f"into it: give a new or empty folder")
-    outputs = ["hidden", "pooled"] + (["pooled_projected"] if options.raw else [])
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "sdclip": sdclip.__version__, "model": model,
-                "job": job, "state": "running", "outputs": outputs, "index": "index.parquet",
-                "errors_file": "errors.jsonl"}
+                "job": job, "state": "running", "index": "index.parquet", "errors_file": "errors.jsonl"}
     folder.root.mkdir(parents=True, exist_ok=True)
     folder.write_manifest(manifest)
     return manifest
+
+
+def _outputs(folder: CacheDir, records: list[dict]) -> list[str]:
+    """The per-row tensors the shards hold (hidden, and pooled / pooled_projected where the model has them)."""
+    from safetensors import safe_open
+
+    if not records:
+        return []
+    with safe_open(str(folder.shard_path(0)), framework="pt") as f:
+        return [k for k in ("hidden", "pooled", "pooled_projected") if k in f.keys()]
 
 
 def _differs(key: str, existing: dict, job: dict, model: dict) -> str:
