@@ -14,21 +14,21 @@ import tarfile
 import time
 from pathlib import Path
 
+import condfakes
+import layouts
 import numpy as np
 import pytest
 import torch
-
-import condfakes
-import layouts
-import sdclip
 from condfakes import one_thread  # noqa: F401  (autouse)
 from references import Arch, build
+
+import sdclip
 from sdclip import cachejob
 from sdclip.cli import main
 from sdclip.dataset import Columns, expand, read_rows
 
 pa = pytest.importorskip("pyarrow")
-import pyarrow.parquet as pq  # noqa: E402
+import pyarrow.parquet as pq
 
 CAPTIONS = ["a red circle", "a blue square on a green field", "a red circle", "a yellow star",
             "two small purple triangles", "a blue square on a green field", "an orange hexagon", "a grey cross",

@@ -12,14 +12,14 @@ open, so a pass over the cache reads each shard once.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch.utils.data import Dataset
 
-from .cachejob import CacheDir, FORMAT
+from .cachejob import FORMAT, CacheDir
 from .dataset import require_pyarrow
 from .errors import BadInput, SdclipError
 

@@ -26,9 +26,10 @@ import json
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 
@@ -108,7 +109,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class RowEncoder:
     """The model and options that turn a list of captions into per-row tensors; one per process / actor."""
 
-    def __init__(self, options: CacheOptions, te: "sdclip.TextEncoder | None" = None):
+    def __init__(self, options: CacheOptions, te: sdclip.TextEncoder | None = None):
         import sdclip
 
         self.options = options
@@ -340,7 +341,7 @@ Producer = Callable[[Iterator[ShardWork]], Iterator[dict]]
 
 def run(inputs: Sequence[str], out: str | Path, options: CacheOptions, *, engine: str = "local",
         address: str | None = None, workers: int = 1, strict: bool = False,
-        progress: TextIO | None = sys.stderr, te: "sdclip.TextEncoder | None" = None) -> dict:
+        progress: TextIO | None = sys.stderr, te: sdclip.TextEncoder | None = None) -> dict:
     """Run (or resume) a cache job; returns the report (rows, unique, duplicates, errors, seconds, rows/s).
 
     ``te``: a text encoder already in memory (float32), used instead of loading ``options.model`` (local
@@ -587,7 +588,8 @@ def verify(out: str | Path) -> dict:
         if i in seen:
             problems.append(f"id {i!r}: more than once in the index")
         seen.add(i)
-    errors = sum(1 for _ in open(folder.root / "errors.jsonl", encoding="utf-8"))
+    with open(folder.root / "errors.jsonl", encoding="utf-8") as f:
+        errors = sum(1 for _ in f)
     if len(ids) + errors != manifest["rows"]:
         problems.append(f"index has {len(ids)} rows and errors.jsonl {errors}; the manifest says {manifest['rows']}")
     if problems:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import asdict
-from typing import Iterator
 
 from .cachejob import CacheDir, CacheOptions, RowEncoder, ShardWork, produce_shard
 from .errors import BadInput, SdclipError
@@ -23,7 +23,7 @@ from .errors import BadInput, SdclipError
 def _ray():
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError:
         raise BadInput("--engine ray needs Ray Data: pip install 'sdclip[ray]'") from None
     return ray

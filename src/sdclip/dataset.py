@@ -26,9 +26,9 @@ import glob
 import io
 import json
 import tarfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from .errors import BadInput
 
@@ -182,10 +182,10 @@ def _column(path: Path, header: Sequence[str], wanted: str | None) -> str:
 
 
 def _read_parquet(path: Path, columns: Columns) -> Iterator[Row]:
-    pq = require_pyarrow().parquet
+    pa = require_pyarrow()
     try:
-        file = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises its own types for a broken file
+        file = pa.parquet.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
         raise BadInput(f"{path}: not a parquet file ({e})") from None
     caption = _column(path, file.schema_arrow.names, columns.caption)
     wanted = [caption] + ([columns.id] if columns.id is not None else [])
@@ -253,7 +253,7 @@ def require_pyarrow():
     """pyarrow (the parquet index and inputs): an optional extra, with a clear error when missing."""
     try:
         import pyarrow
-        import pyarrow.parquet  # noqa: F401
+        import pyarrow.parquet
     except ImportError:
         raise BadInput("parquet needs pyarrow: pip install 'sdclip[cache]'") from None
     return pyarrow
