@@ -206,6 +206,11 @@ def test_sdxl_rows_hold_pooled_and_to_diffusers(tmp_path: Path, sdxl):
     assert len(cache) == 5 and cache[0].id == f"{tmp_path}/caps.txt:1"
     loader = torch.utils.data.DataLoader(cache, batch_size=2, collate_fn=list)
     assert sum(len(b) for b in loader) == 5
+    import pickle
+    copy = pickle.loads(pickle.dumps(cache))  # what a DataLoader worker gets
+    assert torch.equal(copy[1].hidden, row.hidden)
+    with pytest.raises(KeyError):
+        cache["no such id"]
 
 
 # --- the folder: index, manifest, errors, verify, refusing other jobs --------------------------------------------

@@ -90,6 +90,10 @@ class CacheReader(Dataset):
     def __iter__(self) -> Iterator[CachedRow]:
         return (self[i] for i in range(len(self)))
 
+    def __getstate__(self) -> dict:
+        """DataLoader workers get a copy without open shard handles (each opens its own)."""
+        return {**self.__dict__, "_open": OrderedDict()}
+
     def _shard(self, number: int):
         from safetensors import safe_open
 

@@ -368,10 +368,14 @@ def run(inputs: Sequence[str], out: str | Path, options: CacheOptions, *, engine
     bar = _Rate(total, progress) if progress is not None else None
     plan = Plan(options.shard_rows)
 
+    def counted(rows: Iterator[Row]) -> Iterator[Row]:
+        for n, row in enumerate(rows, 1):
+            if bar is not None and n % 1024 == 0:
+                bar.update(n)
+            yield row
+
     def todo() -> Iterator[ShardWork]:
-        for work in plan.shards(read_rows(paths, columns, options.max_chars), strict):
-            if bar is not None:
-                bar.update(plan.counts.rows)
+        for work in plan.shards(counted(read_rows(paths, columns, options.max_chars)), strict):
             record = folder.commit_of(work.number)
             if record is not None and record.get("captions") == work.digest and folder.shard_path(work.number).is_file():
                 continue  # committed by an earlier run
