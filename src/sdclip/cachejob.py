@@ -534,8 +534,10 @@ def _write_kohya(folder: CacheDir, paths, columns, options: CacheOptions, plan: 
     path ``os.path.splitext(image)[0] + "_te_outputs.npz"``; ``load_outputs_npz`` reads exactly those three keys
     and ``is_disk_cached_outputs_expected`` checks they are there.  hidden_state1: CLIP-L ``hidden_states[11]``
     (penultimate, no final LayerNorm); hidden_state2: bigG ``hidden_states[-2]``; pool2: bigG's projected EOS
-    state.  dtype: the text encoder's (bfloat16 is stored as float32).  These are the halves of diffusers
-    SDXL conditioning's ``hidden`` on the channel axis and its ``pooled``."""
+    state.  dtype: the text encoder's (bfloat16 is stored as float32); the older writer, ``library/train_util.py``
+    ``save_text_encoder_outputs_to_disk`` / ``load_text_encoder_outputs_from_disk``, stores float32 and reads
+    the same three keys with ``torch.from_numpy``.  These are the halves of diffusers SDXL conditioning's
+    ``hidden`` on the channel axis and its ``pooled``."""
     import numpy as np
     from safetensors import safe_open
 
