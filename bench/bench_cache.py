@@ -85,7 +85,9 @@ def throughput(n: int, repeats: int, work: Path) -> tuple[list[dict], dict]:
         out.append({"contender": "ray engine (2 actors)", "rows": n, "seconds (median)": round(median(t_ray["ray"]), 3),
                     "rows/s": round(n / median(t_ray["ray"]), 1), "vs raw": round(n / median(t_ray["ray"]) / base, 3)})
         extra["ray_vs_local"] = round(ratio, 3)
-    except Exception as e:  # Ray missing, or it could not start on this machine
+    except Exception as e:  # noqa: BLE001 - Ray missing, or it could not start on this machine
+        if "ray" in sys.modules:
+            sys.modules["ray"].shutdown()  # what a failed start left running
         extra["ray_vs_local"] = f"not measured: {type(e).__name__}: {str(e)[:160]}"
     return out, extra
 

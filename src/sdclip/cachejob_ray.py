@@ -71,7 +71,8 @@ class RayProducer:
                     ray.init(include_dashboard=False, log_to_driver=False)
                 else:
                     ray.init(address=self.address, log_to_driver=False)
-            except (ConnectionError, RuntimeError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its node misses start-up
+                ray.shutdown()  # the processes a failed start left behind
                 raise SdclipError(f"cannot start or join Ray{f' at {self.address}' if self.address else ''}: {e}") \
                     from None
             started = True
@@ -100,7 +101,7 @@ class RayProducer:
         try:
             for row in ds.iter_rows():
                 yield json.loads(row["record"])
-        except Exception as e:  # a failed actor: Ray wraps the cause
+        except Exception as e:  # noqa: BLE001 - a failed actor: Ray wraps the cause in its own types
             cause = getattr(e, "cause", None) or e
             if isinstance(cause, (BadInput, SdclipError)):
                 raise type(cause)(str(cause)) from None
