@@ -355,3 +355,49 @@ def test_ray_engine_is_bit_and_index_identical_to_local_and_resumes(tmp_path: Pa
     assert report["encoded"] == 3
     for name in names:
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+
+class _FakeRayData:
+    """Ray Data's calls as the Ray engine makes them, run in this process: one ShardEncoder per 'actor', each
+    batch one row.  Checks sdclip's side of the engine (windows, actors, commits, resume) where Ray cannot start."""
+
+    def __init__(self):
+        self.calls = []
+        self.data = self
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def from_items(self, items, override_num_blocks=None):
+        self.items = items
+        return self
+
+    def map_batches(self, cls, *, batch_size, concurrency, num_cpus, num_gpus, fn_constructor_kwargs):
+        self.calls.append((batch_size, concurrency, num_cpus, num_gpus))
+        self.actor = cls(**fn_constructor_kwargs)
+        return self
+
+    def iter_rows(self):
+        for item in self.items:
+            out = self.actor({k: np.array([v], dtype=object) for k, v in item.items()})
+            yield {"record": out["record"][0]}
+
+
+def test_ray_engine_actors_without_ray(tmp_path: Path, monkeypatch):
+    from sdclip import cachejob_ray
+
+    fake = _FakeRayData()
+    monkeypatch.setattr(cachejob_ray, "_ray", lambda: fake)
+    threads = torch.get_num_threads()
+    inputs = _txt(tmp_path)
+    _run([inputs], tmp_path / "local", _options())
+    report = _run([inputs], tmp_path / "ray", _options(), engine="ray", workers=2)
+    torch.set_num_threads(threads)  # the actor set the driver's count again
+    assert report["encoded"] == 9 and fake.calls == [(1, 2, 1, 0)]
+    names = ["index.parquet", "errors.jsonl"] + [f"shards/shard-{i:06d}.safetensors" for i in range(3)]
+    for name in names:
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+    (tmp_path / "ray" / "commits" / "shard-000002.json").unlink()
+    assert _run([inputs], tmp_path / "ray", _options(), engine="ray", workers=2)["encoded"] == 3
+    for name in names:
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
