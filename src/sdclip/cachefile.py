@@ -77,7 +77,8 @@ class CacheReader(Dataset):
         f = self._shard(value["shard"])
         r = value["row"]
         length = int(f.get_slice("length")[r:r + 1][0])
-        tensors = {name: f.get_slice(name)[r:r + 1][0] for name in ("pooled", "pooled_projected") if name in f.keys()}
+        held = set(f.keys())  # a safe_open handle, not a dict
+        tensors = {name: f.get_slice(name)[r:r + 1][0] for name in ("pooled", "pooled_projected") if name in held}
         return CachedRow(value["id"], value["caption"], f.get_slice("hidden")[r:r + 1][0, :length], **tensors,
                          token_count=value["token_count"], truncated=value["truncated"])
 

@@ -409,7 +409,8 @@ def run(inputs: Sequence[str], out: str | Path, options: CacheOptions, *, engine
     report = {"rows": plan.counts.rows, "unique": plan.counts.unique, "duplicates": plan.counts.duplicates,
               "errors": errors, "encoded": encoded, "shards": len(records), "seconds": round(seconds, 3),
               "rows_per_s": round(plan.counts.rows / max(seconds, 1e-9), 1), "out": str(folder.root)}
-    manifest.update(state="complete", outputs=_outputs(folder, records), rows=plan.counts.rows, unique=plan.counts.unique,
+    manifest.update(state="complete", outputs=_outputs(folder, records), rows=plan.counts.rows,
+                    unique=plan.counts.unique,
                     duplicates=plan.counts.duplicates, errors=errors,
                     shards=[{k: r[k] for k in ("shard", "rows", "sha256")} for r in records])
     folder.write_manifest(manifest)
@@ -421,7 +422,8 @@ def _start(folder: CacheDir, options: CacheOptions, paths: Sequence[Path], te, i
     import sdclip
 
     job = options.identity(paths)
-    model = {"source": "in memory" if in_memory else str(options.model or "sdclip-mini"), "fingerprint": te.fingerprint, "family": te.family}
+    model = {"source": "in memory" if in_memory else str(options.model or "sdclip-mini"),
+             "fingerprint": te.fingerprint, "family": te.family}
     existing = folder.read_manifest()
     if existing is not None:
         if existing.get("format") != FORMAT:
@@ -455,7 +457,8 @@ def _outputs(folder: CacheDir, records: list[dict]) -> list[str]:
     if not records:
         return []
     with safe_open(str(folder.shard_path(0)), framework="pt") as f:
-        return [k for k in ("hidden", "pooled", "pooled_projected") if k in f.keys()]
+        held = set(f.keys())  # a safe_open handle, not a dict
+        return [k for k in ("hidden", "pooled", "pooled_projected") if k in held]
 
 
 def _differs(key: str, existing: dict, job: dict, model: dict) -> str:

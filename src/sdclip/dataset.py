@@ -203,7 +203,7 @@ def _read_parquet(path: Path, columns: Columns) -> Iterator[Row]:
 def _read_tar(path: Path, columns: Columns) -> Iterator[Row]:
     """A webdataset shard: members grouped by key (path up to the first dot of the name), in tar order."""
     try:
-        tar = tarfile.open(path, "r:*")
+        tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by the with below; the try names the file
     except (OSError, tarfile.TarError) as e:
         raise BadInput(f"{path}: not a tar file ({e})") from None
     with tar:
