@@ -28,6 +28,7 @@ BENCHES = {
     "tokenizer": ["bench_tokenizer.py"],  # (f) tokenizer vs CLIPTokenizerFast
     "clip": ["bench_clip.py"],            # CLIP training pairs/s and encode_image images/s
     "serve": ["bench_serve.py"],          # sdclip serve under load: exactness, latency, overload, disconnects
+    "cache": ["bench_cache.py"],          # sdclip cache: local engine vs raw encode, dedup, Ray, RSS on 1M rows
 }
 
 

@@ -7,6 +7,7 @@
     (torch.Size([1, 77, 768]), torch.Size([1, 768]))
 """
 
+from .cachefile import open_cache
 from .checkpoint import CheckpointInfo, Usage
 from .clip import CLIPModel
 from .conditioning import Conditioner, Conditioning, Encoded, encode_prompts, layer_for
@@ -21,4 +22,4 @@ __version__ = "0.1.0"
 __all__ = ["load", "TextEncoder", "Tokenizer", "Token", "TextConfig", "TextTransformer", "TextOutput",
            "CheckpointInfo", "Usage", "SdclipError", "BadInput", "__version__", "encode_prompts", "Conditioner",
            "Conditioning", "Encoded", "layer_for", "Embedding", "read_embedding", "load_embeddings", "save_embedding",
-           "train_embedding", "PromptBatch", "CLIPModel"]
+           "train_embedding", "PromptBatch", "CLIPModel", "open_cache"]

@@ -816,7 +816,70 @@ def build_parser() -> argparse.ArgumentParser:
     _add_clip_commands(sub)
     _add_ti_commands(sub)
     _add_serve_command(sub)
+    _add_cache_command(sub)
     return parser
+
+
+# --- cache: a caption dataset -> cached conditioning (sdclip.cachejob) ----------------------------------
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    from . import cachejob
+
+    if args.inputs[0] == "verify" and len(args.inputs) == 2 and args.out is None:
+        print(json.dumps(cachejob.verify(args.inputs[1])))
+        return
+    if args.out is None:
+        raise BadInput("--out DIR is required (or: sdclip cache verify DIR)")
+    if args.negative is not None or args.negative_file is not None:
+        raise BadInput("a cache holds captions' conditioning; --negative / --negative-file do not apply")
+    if args.dialect is not None and (args.layer is not None or args.final_norm is not None or args.encoder is not None):
+        raise BadInput("--layer, --final-norm and --encoder select raw hidden states; with --dialect the front end "
+                       "decides (use --clip-skip)")
+    _check_device(args.device)
+    options = cachejob.CacheOptions(
+        model=args.model, dialect=args.dialect or "diffusers", clip_skip=args.clip_skip, embeddings=args.embeddings,
+        dialect_options=_dialect_options(args, "encode", args.dialect or "diffusers"), layer=args.layer,
+        final_norm=args.final_norm, encoder=args.encoder, dtype=args.dtype, device=args.device, mode=args.mode,
+        batch_size=args.batch_size, shard_rows=args.shard_rows, format=args.format,
+        caption_column=args.caption_column, id_column=args.id_column, max_chars=args.max_chars)
+    report = cachejob.run(args.inputs, args.out, options, engine=args.engine, address=args.address,
+                          workers=args.workers, strict=args.strict)
+    print(json.dumps(report))
+
+
+def _add_cache_command(sub) -> None:
+    p = sub.add_parser("cache", help="caption dataset -> cached conditioning on disk (resumable; local or Ray)",
+                       description="Encode every caption of INPUT... (.txt, .jsonl, .csv, .parquet, webdataset .tar, "
+                                   "kohya folders; globs) once and store the conditioning in --out: safetensors "
+                                   "shards, index.parquet, manifest.json, errors.jsonl (format sdclip; read with "
+                                   "sdclip.open_cache), or kohya's SDXL _te_outputs.npz beside each image.  Killed, "
+                                   "the same command resumes.  `sdclip cache verify DIR` checks a finished cache.  "
+                                   "A JSON report goes to stdout, progress to stderr.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="caption files, globs or kohya folders")
+    p.add_argument("--model", "-m", help="checkpoint file, folder or hub id (default: the bundled sdclip-mini)")
+    p.add_argument("--out", "-o", help="output folder (new, or a cache this same command started)")
+    p.add_argument("--layer", type=int, help="raw hidden states of this layer (as encode without --dialect)")
+    _bool_flag(p, "final-norm", "raw hidden states: apply the final LayerNorm")
+    p.add_argument("--encoder", type=int, help="raw hidden states of this encoder (SDXL: 1 = CLIP-L, 2 = bigG)")
+    p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"],
+                   help="stored dtype (encoding runs in float32; default float16)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--mode", choices=sdclip.tokenizer.MODES, default="hf", help="tokenizer text cleaning (see tokenize)")
+    _add_conditioning_args(p)
+    p.add_argument("--batch-size", type=int, default=64, help="unique captions per encoder call (default 64)")
+    p.add_argument("--shard-rows", type=int, default=4096, help="unique captions per shard (default 4096)")
+    p.add_argument("--format", choices=["sdclip", "kohya"], default="sdclip",
+                   help="sdclip (default) or kohya (SDXL: <image stem>_te_outputs.npz beside each image)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local", help="local (default) or ray (Ray Data; "
+                   "pip install 'sdclip[ray]')")
+    p.add_argument("--address", help="ray: join this cluster (e.g. auto or HEAD:6379; default: a local Ray)")
+    p.add_argument("--workers", type=int, default=1, help="ray: encoder actors, one model each (default 1)")
+    p.add_argument("--caption-column", "--caption-key", dest="caption_column",
+                   help=".csv / .parquet column, .jsonl key of the caption (default caption, then text)")
+    p.add_argument("--id-column", help=".csv / .parquet column, .jsonl key of the row id (default FILE:N)")
+    p.add_argument("--max-chars", type=int, default=20_000, help="a longer caption is a bad row (default 20000)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad row (default: errors.jsonl)")
+    p.set_defaults(run=cmd_cache)
 
 
 def _fail(message: str, code: int) -> int:

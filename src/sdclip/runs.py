@@ -128,19 +128,22 @@ class Progress:
     """One status line on stderr: step, loss, pairs/s (or ``unit``/s), elapsed and ETA (a line per 10 s off a
     TTY)."""
 
-    def __init__(self, total: int, stream: TextIO, unit: str = "pairs"):
-        self.total, self.stream, self.unit = total, stream, unit
+    def __init__(self, total: int, stream: TextIO, unit: str = "pairs", counting: str = "step"):
+        self.total, self.stream, self.unit, self.counting = total, stream, unit, counting
         self.tty = stream.isatty()
         self.last = 0.0
 
-    def update(self, step: int, loss: float, rate: float, elapsed: float, eta: float, force: bool = False) -> None:
+    def update(self, step: int, loss: float | None, rate: float, elapsed: float, eta: float,
+               force: bool = False) -> None:
+        """``loss`` None: a job without one (``sdclip cache``)."""
         now = time.monotonic()
         if not (self.tty or force or now - self.last >= 10):
             return
         self.last = now
-        done = int(24 * step / self.total)
-        line = (f"[{'#' * done}{'.' * (24 - done)}] step {step}/{self.total}  loss {loss:.4f}  "
-                f"{rate:.1f} {self.unit}/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}")
+        done = int(24 * step / max(self.total, 1))
+        line = (f"[{'#' * done}{'.' * (24 - done)}] {self.counting} {step}/{self.total}  "
+                + ("" if loss is None else f"loss {loss:.4f}  ")
+                + f"{rate:.1f} {self.unit}/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}")
         self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
         self.stream.flush()
 

@@ -1,0 +1,108 @@
+"""``sdclip cache --engine ray``: the shards of a cache job encoded by a pool of Ray Data actors.
+
+The driver plans as the local engine does (the same rows, uniques and shards: dedup needs one view of the
+whole input, and ids come from sdclip's readers); each shard to produce becomes one Ray Data row, and
+``map_batches`` with a callable class (one model per actor, ``--workers`` actors, one GPU each with
+``--device cuda``) encodes it with the same batches and writes it with the same commit protocol.  The
+bits are the local engine's; ``--out`` must be a folder every node sees (a shared filesystem).
+
+Imported only when this engine is chosen: ``ray`` is the optional extra ``sdclip[ray]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict
+
+from .cachejob import CacheDir, CacheOptions, RowEncoder, ShardWork, produce_shard
+from .errors import BadInput, SdclipError
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise BadInput("--engine ray needs Ray Data: pip install 'sdclip[ray]'") from None
+    return ray
+
+
+class ShardEncoder:
+    """A Ray Data actor: one model; each batch is one shard to encode, write and commit."""
+
+    def __init__(self, options: dict, root: str, threads: int | None = None):
+        import torch
+
+        if threads is not None:
+            torch.set_num_threads(threads)  # the driver's: the same thread count as a local job
+        self.encoder = RowEncoder(CacheOptions(**options))
+        self.folder = CacheDir(root)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        records = []
+        for number, captions in zip(batch["number"], batch["captions"]):
+            work = ShardWork(int(number), json.loads(str(captions)))
+            records.append(json.dumps(produce_shard(self.encoder, self.folder, work)))
+        return {"record": np.array(records, dtype=object)}
+
+
+class RayProducer:
+    """Feeds shards to the actor pool a window at a time (driver memory: one window of captions)."""
+
+    def __init__(self, options: CacheOptions, folder: CacheDir, *, workers: int = 1, address: str | None = None,
+                 window: int | None = None):
+        if workers < 1:
+            raise BadInput("--workers must be at least 1")
+        self.options, self.folder, self.workers, self.address = options, folder, workers, address
+        self.window = window or 16 * workers
+
+    def __call__(self, works: Iterator[ShardWork]) -> Iterator[dict]:
+        ray = _ray()
+        started = False
+        if not ray.is_initialized():
+            # a loaded machine starts Ray's agents slowly; Ray's default wait then kills the node at startup
+            os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
+            try:
+                if self.address is None:
+                    ray.init(include_dashboard=False, log_to_driver=False)
+                else:
+                    ray.init(address=self.address, log_to_driver=False)
+            except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its node misses start-up
+                ray.shutdown()  # the processes a failed start left behind
+                raise SdclipError(f"cannot start or join Ray{f' at {self.address}' if self.address else ''}: {e}") \
+                    from None
+            started = True
+        try:
+            pending: list[ShardWork] = []
+            for work in works:
+                pending.append(work)
+                if len(pending) == self.window:
+                    yield from self._run(ray, pending)
+                    pending = []
+            if pending:
+                yield from self._run(ray, pending)
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _run(self, ray, works: list[ShardWork]) -> Iterator[dict]:
+        import torch
+
+        items = [{"number": w.number, "captions": json.dumps(w.captions)} for w in works]
+        gpus = 1 if self.options.device.startswith("cuda") else 0
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            ShardEncoder, batch_size=1, concurrency=min(self.workers, len(items)), num_cpus=1, num_gpus=gpus,
+            fn_constructor_kwargs={"options": asdict(self.options), "root": str(self.folder.root),
+                                   "threads": torch.get_num_threads()})
+        try:
+            for row in ds.iter_rows():
+                yield json.loads(row["record"])
+        except Exception as e:  # noqa: BLE001 - a failed actor: Ray wraps the cause in its own types
+            cause = getattr(e, "cause", None) or e
+            if isinstance(cause, (BadInput, SdclipError)):
+                raise type(cause)(str(cause)) from None
+            raise SdclipError(f"a Ray worker failed: {cause}") from None
