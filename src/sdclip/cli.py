@@ -149,7 +149,7 @@ def _encode_conditioning(args: argparse.Namespace, prompts: list[str]) -> None:
 
 
 def _add_conditioning_args(p: argparse.ArgumentParser) -> None:
-    from .conditioning import EMPHASIS
+    from .prompts.a1111 import EMPHASIS
 
     _add_dialect_args(p, None)
     p.add_argument("--negative", "-n", help="--dialect: one negative prompt for every prompt (default: none, which "
@@ -416,7 +416,7 @@ def _add_clip_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help='one {"image": path, "similarity": {text: s}} per line')
     p.set_defaults(run=cmd_similarity)
 
-    from .train import TrainConfig
+    from .runconfig import TrainConfig
 
     p = sub.add_parser("train-clip", help="train a small contrastive CLIP (CPU-sized) on shapes, a folder or a tar",
                        description="Train text and image towers from scratch with the contrastive loss (AdamW, "
@@ -560,8 +560,7 @@ def cmd_ti_inspect(args: argparse.Namespace) -> None:
 
 
 def _add_ti_commands(sub) -> None:
-    from .embeddings import FORMATS
-    from .inversion import InversionConfig
+    from .runconfig import FORMATS, InversionConfig
 
     ti = sub.add_parser("ti", help="textual inversion: learn a new word for a frozen encoder; inspect and convert "
                                    "embedding files",

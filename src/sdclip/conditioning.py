@@ -40,10 +40,10 @@ from .embeddings import EmbeddingSource, by_name, load_embeddings, put_vectors
 from .encoder import TextEncoder
 from .errors import BadInput
 from .prompts import DIALECTS, a1111, comfy, compel, plain
+from .prompts.a1111 import EMPHASIS
 from .prompts.types import CHUNK_LENGTH, Blend, Chunked, Conjunction, Node, Schedule, map_leaves
 from .tokenizer import Tokenizer
 
-EMPHASIS = ("original", "no-norm", "ignore", "none")
 _T = TypeVar("_T")
 Deferred = Callable[[], _T]  # a result that exists once the encoding call has run
 
