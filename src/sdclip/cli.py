@@ -89,7 +89,7 @@ def _write_tensors(path: str, tensors: dict, metadata: dict[str, str]) -> None:
 
 def _load_for_encode(args: argparse.Namespace) -> "sdclip.TextEncoder":
     return sdclip.load(args.model, dtype=args.dtype, device=args.device, tokenizer_mode=args.mode,
-                       quantize=args.quantize)
+                       quantize=args.quantize, backend=args.backend)
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
@@ -675,6 +675,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8"], help="run the Linear layers in int8 on the CPU: 1.6-2.2x "
                    "faster, not exact (first block in float; cosine to float32 ~0.9993: the README speed table)")
     p.add_argument("--mode", choices=sdclip.tokenizer.MODES, default="hf", help="tokenizer text cleaning (see tokenize)")
+    from .backends import BACKENDS
+
+    p.add_argument("--backend", choices=BACKENDS, default="torch", help="engine for the text tower: torch (default), "
+                   "onnxruntime or openvino (exported once per model into ~/.cache/sdclip or $SDCLIP_CACHE; "
+                   "pip install 'sdclip[onnx]' / 'sdclip[openvino]'; within 1e-5 of torch)")
     _add_conditioning_args(p)
     p.set_defaults(run=cmd_encode)
 
