@@ -255,7 +255,8 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "float3
     1.06-1.12x faster on a CPU, within 5e-6 of the eager output (bench/bench_model.py --compile); worth it
     for a long-lived process, not for one command.  ``backend="onnxruntime"`` or ``"openvino"`` runs the plain
     forward passes on that engine from a graph exported once per model into ``~/.cache/sdclip`` (``SDCLIP_CACHE``;
-    see ``sdclip.backends``: optional packages, ``pip install sdclip[onnx]``).  Bad files raise ``BadInput``
+    see ``sdclip.backends``: optional packages, ``pip install sdclip[onnx]``); with ``quantize="int8"`` ONNX
+    Runtime runs a dynamically quantized export instead of torch's int8.  Bad files raise ``BadInput``
     naming the file.
     """
     if quantize not in (None, "int8"):
