@@ -146,7 +146,7 @@ def fidelity(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float, float]
     return cos.mean().item(), cos.min().item(), (ref - out).abs().max().item()
 
 
-def run(batches: list[int], quick: bool) -> tuple[list[dict], dict]:
+def run(batches: list[int], quick: bool, out: str) -> tuple[list[dict], dict]:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as work:
         os.environ["SDCLIP_CACHE"] = work
@@ -172,6 +172,7 @@ def run(batches: list[int], quick: bool) -> tuple[list[dict], dict]:
                              "vs transformers sdpa": f"{base / t:.2f}x", "max |Δ|": f"{diff:.1e}",
                              "cosine mean / min": f"{mean:.6f} / {low:.6f}",
                              "notes": notes.get(name, "") + (f"first call {first[name]:.0f} s" if name in first else "")})
+            write_results("engines", rows, HEADER, out, {"setup_seconds": setup})  # each batch size as it ends
     return rows, {"setup_seconds": setup}
 
 
@@ -188,7 +189,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows, extra = run(args.batches, args.quick)
+    rows, extra = run(args.batches, args.quick, args.out)
     extra["threads"] = torch.get_num_threads()
     md = write_results("engines", rows, HEADER, args.out, extra)
     setup = f"- threads per contender: {extra['threads']}\n" + "\n".join(
