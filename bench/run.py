@@ -23,7 +23,7 @@ from common import machine  # noqa: E402
 
 BENCHES = {
     "model": ["bench_model.py", "--compile"],  # (a) batch 1, (b) batch 8/32 + int8 + compile, (d) pooled-only, peak
-    "engines": ["bench_engines.py"],      # vs ONNX Runtime, OpenVINO, torch.compile and their int8 paths
+    "engines": ["bench_engines.py", "--threads", "1"],  # vs ONNX Runtime, OpenVINO, torch.compile, int8 paths
     "workload": ["bench_workload.py"],    # (c) a realistic generation workload
     "load": ["bench_load.py"],            # (e) cold start from a 2 GB SD1 file, peak memory
     "start": ["bench_start.py"],          # (e) commands without a model: process start to exit, no torch
