@@ -10,6 +10,7 @@ v1-5-pruned-emaonly-fp16 holds them.  Each measurement runs in a fresh process.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -31,6 +32,24 @@ seconds = time.perf_counter() - t0
 weights = sum(p.numel() * p.element_size() for p in te.towers[0].parameters())
 print(json.dumps({"seconds": seconds, "base": base, "peak": status('VmHWM'), "after": status('VmRSS'),
                   "weights": weights}))
+"""
+
+
+# `sdclip encode` from start to output, phase by phase, in one fresh process (the CLI's own steps)
+PHASES = r"""
+import time; t0 = time.perf_counter()
+import sys, json
+marks = []
+def mark(name): marks.append((name, time.perf_counter()))
+import torch; mark("import torch")
+import sdclip, sdclip.encoder, sdclip.cli; mark("import sdclip (encoder, cli)")
+te = sdclip.load(sys.argv[1], backend=sys.argv[3]); mark("sdclip.load: read the text encoder from the file")
+out = te.encode(["a photo of a cat"]); mark("encode one prompt" + (" (engine session built from the cached export)" if sys.argv[3] != "torch" else ""))
+sdclip.cli._write_tensors(sys.argv[2], {"hidden": out.hidden, "pooled": out.pooled}, {}); mark("write the .safetensors")
+prev, rows = t0, []
+for name, t in marks:
+    rows.append((name, t - prev)); prev = t
+print(json.dumps({"rows": rows, "total": prev - t0}))
 """
 
 
@@ -86,6 +105,22 @@ def main() -> None:
         walls.append(time.perf_counter() - t0)
     rows.append({"measure": "`sdclip encode` one prompt, process start to output (warm page cache)",
                  "file": f"{size / 2**30:.2f} GiB", "seconds": f"{median(walls):.2f}"})
+    for backend in ("torch", "onnxruntime"):
+        if backend != "torch" and importlib.util.find_spec(backend) is None:
+            continue
+        t0 = time.perf_counter()  # the interpreter's own start-up: what the phases do not see
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        python_start = time.perf_counter() - t0
+        runs = [json.loads(subprocess.run([sys.executable, "-c", PHASES, str(path), str(out), backend], check=True,
+                                          capture_output=True, text=True).stdout.splitlines()[-1])
+                for _ in range(args.repeats + (backend != "torch"))][(backend != "torch"):]  # first: the export
+        phases = [("python start-up", python_start)] + [
+            (name, median([r["rows"][i][1] for r in runs])) for i, (name, _) in enumerate(runs[0]["rows"])]
+        for name, seconds in phases:
+            rows.append({"measure": f"phase, backend={backend}: {name}", "file": f"{size / 2**30:.2f} GiB",
+                         "seconds": f"{seconds:.2f}"})
+        rows.append({"measure": f"phases total, backend={backend}", "file": f"{size / 2**30:.2f} GiB",
+                     "seconds": f"{sum(s for _, s in phases):.2f}"})
     print(write_results("load", rows, ["measure", "file", "seconds", "peak RSS over baseline",
                                        "text-encoder weight bytes", "peak / weights"], args.out))
 

@@ -1,6 +1,6 @@
 """Every benchmark in one command: one markdown report and one JSON file.
 
-    python bench/run.py [--quick] [--only model workload load tokenizer clip serve] [--out bench/out]
+    python bench/run.py [--quick] [--only model engines workload load start tokenizer clip serve cache] [--out bench/out]
 
 Each benchmark runs in its own process (no state shared between them) and writes `<name>.md` /
 `<name>.json` under --out; this script gathers them into `report.md` and `report.json`.  Ratios
@@ -23,8 +23,10 @@ from common import machine  # noqa: E402
 
 BENCHES = {
     "model": ["bench_model.py", "--compile"],  # (a) batch 1, (b) batch 8/32 + int8 + compile, (d) pooled-only, peak
+    "engines": ["bench_engines.py", "--threads", "1"],  # vs ONNX Runtime, OpenVINO, torch.compile, int8 paths
     "workload": ["bench_workload.py"],    # (c) a realistic generation workload
     "load": ["bench_load.py"],            # (e) cold start from a 2 GB SD1 file, peak memory
+    "start": ["bench_start.py"],          # (e) commands without a model: process start to exit, no torch
     "tokenizer": ["bench_tokenizer.py"],  # (f) tokenizer vs CLIPTokenizerFast
     "clip": ["bench_clip.py"],            # CLIP training pairs/s and encode_image images/s
     "serve": ["bench_serve.py"],          # sdclip serve under load: exactness, latency, overload, disconnects

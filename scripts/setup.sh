@@ -11,7 +11,10 @@ pip_q() { python -m pip install --disable-pip-version-check -q "$@" 2>&1 | grep 
 python -c "import torch" 2>/dev/null || pip_q "torch==2.13.0"
 python -c "import torch" || { echo "setup: torch did not install" >&2; exit 1; }
 if [ "${1:-}" = "dev" ]; then
-  pip_q -e ".[dev,hub,serve,cache,ray]"  # serve / cache / ray: sdclip serve, sdclip cache and its Ray engine, tested in .ci/run
+  # serve / cache / ray: sdclip serve, sdclip cache and its Ray engine; onnx + onnxruntime (about 110 MB,
+  # seconds to install) so that the backend's exactness tests run; OpenVINO and NNCF (about 190 MB and many
+  # dependencies) only for benchmarks: pip install -e ".[bench]"
+  pip_q -e ".[dev,hub,serve,cache,ray,onnx]"
   # open_clip's tokenizer is a test reference; its own requirements (torchvision, timm) are not needed
   python -c "import importlib.util as u, sys; sys.exit(u.find_spec('open_clip') is None)" 2>/dev/null \
     || pip_q --no-deps "open_clip_torch==3.3.0"

@@ -108,7 +108,7 @@ def _write_tensors(path: str, tensors: dict, metadata: dict[str, str]) -> None:
 
 def _load_for_encode(args: argparse.Namespace) -> "sdclip.TextEncoder":
     return sdclip.load(args.model, dtype=args.dtype, device=args.device, tokenizer_mode=args.mode,
-                       quantize=args.quantize)
+                       quantize=args.quantize, backend=args.backend)
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
@@ -480,7 +480,7 @@ def _add_clip_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help='one {"image": path, "similarity": {text: s}} per line')
     p.set_defaults(run=cmd_similarity)
 
-    from .train import TrainConfig
+    from .runconfig import TrainConfig
 
     p = sub.add_parser("train-clip", help="train a small contrastive CLIP (CPU-sized) on shapes, a folder or a tar",
                        description="Train text and image towers from scratch with the contrastive loss (AdamW, "
@@ -624,8 +624,7 @@ def cmd_ti_inspect(args: argparse.Namespace) -> None:
 
 
 def _add_ti_commands(sub) -> None:
-    from .embeddings import FORMATS
-    from .inversion import InversionConfig
+    from .runconfig import FORMATS, InversionConfig
 
     ti = sub.add_parser("ti", help="textual inversion: learn a new word for a frozen encoder; inspect and convert "
                                    "embedding files",
@@ -802,6 +801,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8"], help="run the Linear layers in int8 on the CPU: 1.6-2.2x "
                    "faster, not exact (first block in float; cosine to float32 ~0.9993: the README speed table)")
     p.add_argument("--mode", choices=sdclip.tokenizer.MODES, default="hf", help="tokenizer text cleaning (see tokenize)")
+    from .backends import BACKENDS
+
+    p.add_argument("--backend", choices=BACKENDS, default="torch", help="engine for the text tower: torch (default), "
+                   "onnxruntime or openvino (exported once per model into ~/.cache/sdclip or $SDCLIP_CACHE; "
+                   "pip install 'sdclip[onnx]' / 'sdclip[openvino]'; within 1e-5 of torch)")
     _add_conditioning_args(p)
     p.set_defaults(run=cmd_encode)
 

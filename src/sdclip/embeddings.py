@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from . import limits
 from .checkpoint import ROLES
 from .errors import BadInput, SdclipError
+from .runconfig import FORMATS
 from .prompts import plain
 from .tensorfile import open_tensor_file
 from .tokenizer import Tokenizer
@@ -45,7 +46,6 @@ IMAGE_SUFFIXES = (".png", ".webp")
 IMAGE_KEY = "sd-ti-embedding"  # the text chunk A1111 hides an embedding in
 ANY = "*"  # the role of a file's only tensor: any encoder of its width
 SDXL_ROLES = ("clip_l", "clip_g")  # an SDXL file's tensors, for its first and second text encoder
-FORMATS = ("a1111", "safetensors", "diffusers")
 _STAR_ID = 265  # CLIP's id of "*": the placeholder A1111 records in string_to_token
 
 

@@ -39,7 +39,8 @@ class TextEncoder:
     """
 
     def __init__(self, towers: Sequence[TextTransformer], usages: Sequence[Usage], tokenizers: Sequence[Tokenizer],
-                 family: str = "clip", info: CheckpointInfo | None = None):
+                 family: str = "clip", info: CheckpointInfo | None = None, backend: str = "torch",
+                 quantize: str | None = None):
         self.towers = list(towers)
         self.usages = list(usages)
         self.tokenizers = list(tokenizers)
@@ -47,6 +48,8 @@ class TextEncoder:
         self.info = info
         self.reuse = ReusingEncoder()
         self._fingerprint: str | None = None
+        self.backend, self.quantize = backend, quantize
+        self._engines: list | None = None  # per tower: what runs its plain passes (sdclip.backends)
 
     def __repr__(self) -> str:
         names = ", ".join(t.config.architecture for t in self.towers)
@@ -59,6 +62,8 @@ class TextEncoder:
         if self._fingerprint is None:
             h = hashlib.sha256(repr((self.family, self.usages, [(t.mode, t.vocab_size) for t in self.tokenizers],
                                      str(self.dtype), str(self.device))).encode())
+            if self.backend != "torch":  # an engine's outputs differ from torch's in the last bits
+                h.update(f"{self.backend} {self.quantize}".encode())
             with torch.no_grad():
                 for tower in self.towers:
                     h.update(repr((tower.config, [type(m).__name__ for m in tower.modules()])).encode())
@@ -82,6 +87,7 @@ class TextEncoder:
             t.to(device=device, dtype=_dtype(dtype) if dtype is not None else None)
         self.reuse.cache.clear()  # cached prefixes hold the old device / dtype
         self._fingerprint = None
+        self._engines = None  # exports are keyed by the fingerprint
         return self
 
     def _index(self, encoder: int) -> int:
@@ -134,8 +140,20 @@ class TextEncoder:
                         token_embeds=None if token_embeds is None else token_embeds.to(self.device, self.dtype),
                         attention_mask=attention_mask)
             return out if hidden else TextOutput(None, out.pooled, out.pooled_projected)  # type: ignore[arg-type]
-        return self.reuse(tower, ids, layer=layer, final_norm=final_norm, hidden=hidden, pooled=pooled,
+        return self.reuse(self._engine(i), ids, layer=layer, final_norm=final_norm, hidden=hidden, pooled=pooled,
                           pooling=pooling)
+
+    def _engine(self, i: int) -> TextTransformer:
+        """What runs tower i's plain passes: the tower itself, or its exported graph on the chosen backend
+        (``sdclip.backends``, imported only then)."""
+        if self.backend == "torch":
+            return self.towers[i]
+        if self._engines is None:
+            from .backends import EngineTower
+
+            self._engines = [EngineTower(t, self.backend, f"{self.fingerprint}-{n}", quantize=self.quantize)
+                             for n, t in enumerate(self.towers)]
+        return self._engines[i]  # type: ignore[return-value]  # called as a tower is
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -219,8 +237,8 @@ def _open(source: str | Path) -> tuple[list[tuple[TensorFile, dict | None, Path 
 
 
 def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-         tokenizer_mode: str = "hf", quantize: str | None = None, compile: bool = False, **overrides: Any
-         ) -> TextEncoder:
+         tokenizer_mode: str = "hf", quantize: str | None = None, compile: bool = False, backend: str = "torch",
+         **overrides: Any) -> TextEncoder:
     """Load the text encoder(s) of a checkpoint file, a diffusers / Hugging Face folder or a hub id
     (no source, or ``"sdclip-mini"``: the model bundled with sdclip).
 
@@ -229,12 +247,24 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "float3
     on the CPU (faster, not exact: see ``sdclip.accel``).  ``compile=True`` runs the towers through
     ``torch.compile``: the first call of each input shape compiles (about 10 s on a CPU), later ones run
     1.06-1.12x faster on a CPU, within 5e-6 of the eager output (bench/bench_model.py --compile); worth it
-    for a long-lived process, not for one command.  Bad files raise ``BadInput`` naming the file.
+    for a long-lived process, not for one command.  ``backend="onnxruntime"`` or ``"openvino"`` runs the plain
+    forward passes on that engine from a graph exported once per model into ``~/.cache/sdclip`` (``SDCLIP_CACHE``;
+    see ``sdclip.backends``: optional packages, ``pip install sdclip[onnx]``); with ``quantize="int8"`` ONNX
+    Runtime runs a dynamically quantized export instead of torch's int8.  Bad files raise ``BadInput``
+    naming the file.
     """
     if quantize not in (None, "int8"):
         raise BadInput(f"unknown quantization {quantize!r}; the choice is int8")
     if compile and quantize:
         raise BadInput("compile and quantize do not combine; choose one")
+    if backend != "torch":
+        from .backends import require
+
+        require(backend)  # a missing package fails before the checkpoint is read
+        if compile:
+            raise BadInput(f"backend {backend!r} does not combine with compile")
+        if quantize and backend != "onnxruntime":
+            raise BadInput(f"backend {backend!r} does not combine with quantize; int8 runs on torch or onnxruntime")
     source = bundled.resolve(source)
     torch_dtype = _dtype(dtype)
     parts, pipeline, name = _open(source)
@@ -260,7 +290,7 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "float3
             check_tokenizer_fits(tower, tokenizer)
             tower.usage = usage_for(family, tower)
             module = read_tower(tower, dtype=torch_dtype, device=device)
-            if quantize == "int8":
+            if quantize == "int8" and backend == "torch":  # an engine quantizes its own export
                 module = quantize_int8(module)
             elif compile:
                 module.compile(dynamic=None)  # in place: the module stays the one reuse and caches know
@@ -272,4 +302,5 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "float3
     finally:
         for f in files:
             f.close()
-    return TextEncoder(modules, [t.usage for t in towers], tokenizers, family, info)
+    return TextEncoder(modules, [t.usage for t in towers], tokenizers, family, info, backend,
+                       quantize if backend != "torch" else None)

@@ -44,68 +44,11 @@ from .embeddings import ANY, SDXL_ROLES, Embedding, inject
 from .encoder import TextEncoder
 from .errors import BadInput, SdclipError
 from .model import TextTransformer
+from .runconfig import InversionConfig
 from .runs import Progress, Run
 from .tokenizer import Tokenizer
 
-# caption templates in the spirit of the textual-inversion paper's: the word as an object in varied photos
-TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a close-up photo of a {}", "a cropped photo of the {}",
-             "a bright photo of a {}", "a dark photo of the {}", "a picture of a {}", "a drawing of a {}",
-             "a good photo of a {}", "a photo of one {}")
 Model = Union[CLIPModel, TextEncoder]
-
-
-@dataclass(frozen=True)
-class InversionConfig:
-    """Everything that determines a run (saved in its checkpoint; a resumed run uses it)."""
-
-    token: str = "<concept>"  # the new word as prompts write it (A1111 / ComfyUI call it by file name: the token
-    # without <>, so it may hold no / or \ and may not be . or ..: the file stays inside the run folder)
-    vectors: int = 1  # prompt positions the word takes
-    init_word: str = "*"  # the vectors start as this word's token embeddings, repeated or averaged to fit
-    templates: tuple[str, ...] = TEMPLATES  # "{}" = the word
-    negatives: tuple[str, ...] = ()  # CLIP objective: names the word must beat on its images
-    contrast: float = 1.0  # CLIP objective: weight of that cross-entropy (0: cosine only)
-    steps: int = 200
-    lr: float = 5e-3
-    batch_size: int = 8  # templates per step
-    weight_decay: float = 0.0
-    seed: int = 0
-    checkpoint_every: int = 50
-
-    def __post_init__(self) -> None:
-        if not self.token or self.token != self.token.strip() or any(c.isspace() for c in self.token) \
-                or "{" in self.token:
-            raise BadInput(f"the token must be one word without spaces or braces, e.g. <my-thing>; got {self.token!r}")
-        if any(c in self.name for c in "/\\\0") or self.name in (".", ".."):
-            # the embedding file is named after the token: it must stay inside the run folder
-            raise BadInput(f"the token {self.token!r} cannot name a file (its name is the token without <>): no / "
-                           f"or \\, and not . or ..")
-        if not 1 <= self.vectors <= 64:
-            raise BadInput(f"vectors must be 1 to 64 (they share the prompt's 75 positions), got {self.vectors}")
-        if not self.init_word.strip():
-            raise BadInput("the init word is empty; give a word that describes the concept roughly")
-        if not self.templates:
-            raise BadInput("no caption templates")
-        for t in self.templates:
-            if "{}" not in t or self.token in t:
-                raise BadInput(f"template {t!r}: needs one '{{}}' where the word goes (and not the word itself)")
-        for n in self.negatives:
-            if not n.strip() or self.token in n:
-                raise BadInput(f"negative {n!r}: a known name, not empty and without the new word")
-        for name in ("steps", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise BadInput(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and self.weight_decay >= 0 and self.contrast >= 0):
-            raise BadInput("lr must be positive, weight_decay and contrast non-negative")
-
-    @property
-    def name(self) -> str:
-        """The embedding's file name (how A1111 and ComfyUI call it): the token without angle brackets."""
-        return self.token.strip("<>") or self.token
-
-    def draw(self, step: int) -> list[int]:
-        """The templates (indices) of ``step``'s ``batch_size`` prompts: drawn from the seed and the step alone."""
-        return np.random.default_rng([self.seed, step]).integers(len(self.templates), size=self.batch_size).tolist()
 
 
 @dataclass

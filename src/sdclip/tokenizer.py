@@ -21,21 +21,23 @@ chunk is looked up in a cache of chunk -> ids; misses run the word regex and byt
 from __future__ import annotations
 
 import difflib
-import gzip
 import html
 import json
 import unicodedata
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from itertools import chain, repeat
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import regex
-import torch
 
 from .errors import BadInput
+
+if TYPE_CHECKING:
+    import torch
 
 BOS_ID = 49406
 EOS_ID = 49407
@@ -143,10 +145,18 @@ _BYTE_CHARS = {b: c for b, c in bytes_to_unicode().items() if chr(b) != c}
 
 @lru_cache(maxsize=1)
 def _bundled_merges() -> tuple[tuple[str, str], ...]:
+    # line 0 is a header; 48894 merges follow (49152 - 256 bytes - 2 specials); the rest is unused, so
+    # decompression stops once they are in (a fifth of the file: a faster start)
+    wanted = 49152 - 256 - 2 + 1
     data = resources.files("sdclip").joinpath("data/bpe_simple_vocab_16e6.txt.gz").read_bytes()
-    lines = gzip.decompress(data).decode("utf-8").split("\n")
-    # line 0 is a header; 48894 merges follow (49152 - 256 bytes - 2 specials); the rest is unused
-    return tuple(tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1])  # type: ignore[misc]
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
+    text, step = b"", 1 << 16
+    for start in range(0, len(data), step):
+        text += inflate.decompress(data[start : start + step])
+        if text.count(b"\n") > wanted:
+            break
+    lines = text.decode("utf-8", errors="replace").split("\n")
+    return tuple(tuple(line.split()) for line in lines[1:wanted])  # type: ignore[misc]
 
 
 def _vocabulary(merges: Sequence[tuple[str, str]]) -> list[str]:
@@ -400,6 +410,8 @@ class Tokenizer:
                  truncate: bool = True) -> torch.Tensor:
         """[B, length] ids: BOS + tokens (truncated to length - 2) + EOS, padded with ``pad_id``
         (EOS by default, as CLIP-L; OpenCLIP H / bigG pad with 0)."""
+        import torch  # here, not at the top: tokenizing alone never imports torch
+
         texts = [texts] if isinstance(texts, str) else list(texts)
         if length < 2:
             raise BadInput(f"length {length} leaves no room for BOS and EOS")

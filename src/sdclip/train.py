@@ -14,7 +14,6 @@ import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, TextIO
 
@@ -25,75 +24,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .clip import CLIPModel
 from .data import Dataset, open_dataset
-from .errors import BadInput
 from .images import pixel_values
 from .loss import clamp_logit_scale_, contrastive_loss
-from .model import TextConfig
+from .runconfig import TrainConfig
 from .runs import Progress, Run
 from .shapes import ZERO_SHOT_TEMPLATES, Shapes, eval_set, labels, phrase
-from .vision import VisionConfig, VisionTransformer
+from .vision import VisionTransformer
 
 _WHITEN_SAMPLE = 512  # pictures whose patches set the whitening
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that determines a run (saved in the checkpoint; a resumed run uses it)."""
-
-    data: str = "shapes"  # "shapes", a folder of image + .txt pairs, or a .tar of them
-    steps: int = 1000
-    batch_size: int = 128
-    lr: float = 1e-3
-    warmup: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    partial_captions: float = 0.0  # shapes data: share of captions naming only the shape or only the colour
-    bootstrap_steps: int = 0  # shapes data: first steps with a frozen text tower and shape-only captions
-    ema: float = 0.0  # decay of an exponential moving average of the weights, evaluated and saved (0: off)
-    image_size: int = 64
-    patch_size: int = 8
-    patch_init: str = "whiten"  # "whiten": patch embedding PCA-whitens the data's patches; "clip": random
-    vision_width: int = 256
-    vision_layers: int = 4
-    text_width: int = 256
-    text_layers: int = 4
-    embed_dim: int = 256
-    activation: str = "quick_gelu"
-    eval_every: int = 100  # zero-shot accuracy on the shapes' seen and held-out pairs (0: never)
-    eval_images: int = 240  # per split
-    checkpoint_every: int = 100
-    save_dtype: str = "float16"
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "image_size", "patch_size", "vision_width", "vision_layers",
-                     "text_width", "text_layers", "embed_dim"):
-            if getattr(self, name) < 1:
-                raise BadInput(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.checkpoint_every < 1 or self.eval_every < 0 or self.eval_images < 1:
-            raise BadInput("checkpoint_every and eval_images must be at least 1, eval_every at least 0")
-        if self.batch_size < 2:
-            raise BadInput("a contrastive batch needs at least 2 pairs")
-        if self.lr <= 0 or self.warmup < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
-            raise BadInput("lr and grad_clip must be positive, warmup and weight_decay non-negative")
-        if self.bootstrap_steps and (self.data != "shapes" or not 0 < self.bootstrap_steps < self.steps):
-            raise BadInput("bootstrap_steps needs the shapes data (captions that name shapes) and fewer steps than "
-                           "the run's")
-        if not 0 <= self.ema < 1:
-            raise BadInput(f"ema is a decay per step, 0 (off) to below 1, got {self.ema}")
-        if self.patch_init not in ("whiten", "clip"):
-            raise BadInput(f"patch_init must be 'whiten' or 'clip', got {self.patch_init!r}")
-
-    def towers(self) -> tuple[TextConfig, VisionConfig]:
-        """The architecture: heads of 64 channels (at least one), MLPs 4x wide, CLIP's vocabulary
-        and context of 77 so the text tower is an SD-style conditioner."""
-        text = TextConfig(width=self.text_width, layers=self.text_layers, heads=max(self.text_width // 64, 1),
-                          mlp_width=4 * self.text_width, activation=self.activation, projection_dim=self.embed_dim)
-        vision = VisionConfig(width=self.vision_width, layers=self.vision_layers,
-                              heads=max(self.vision_width // 64, 1), mlp_width=4 * self.vision_width,
-                              image_size=self.image_size, patch_size=self.patch_size, activation=self.activation,
-                              projection_dim=self.embed_dim)
-        return text, vision
 
 
 @torch.no_grad()

@@ -23,6 +23,8 @@ from .plain import expand
 from .types import (BREAK, CHUNK_LENGTH, MAX_NESTING, ChunkBuilder, Chunked, Conjunction, Embeddings, Entry, Node,
                     Schedule, Segment, map_leaves, vector_count)
 
+EMPHASIS = ("original", "no-norm", "ignore", "none")  # A1111's emphasis modes (conditioning applies them)
+
 ROUND, SQUARE = 1.1, 1 / 1.1
 BODY = CHUNK_LENGTH - 2  # prompt tokens per chunk
 DEFAULT_STEPS = 20  # A1111's default sampling steps, used where a schedule needs a step count
