@@ -115,11 +115,10 @@ class Encoded:
 
 @dataclass
 class _Leaf:
-    """A prompt's conditioning before the pooled projection, which runs once per batch (as diffusers runs it: a
-    one-row and a many-row matrix product round differently)."""
+    """A prompt's conditioning; ``pooled``: each pooled encoder's projected pooled output."""
 
     hidden: torch.Tensor
-    pooled: list[torch.Tensor]  # per pooled encoder: final-LN'd at EOS, not yet projected
+    pooled: list[torch.Tensor]  # per pooled encoder: at EOS, final-LN'd and projected
     zeros: bool = False  # an all-zero negative (A1111 / diffusers SDXL)
 
 
@@ -241,10 +240,11 @@ class _Rows:
         self.hidden = parts[0][1].hidden.new_empty(len(rows), CHUNK_LENGTH, width)
         for members, out in parts:
             self.hidden[members] = out.hidden
-        if self.encoder.pooled:
-            self.pooled = parts[0][1].pooled.new_empty(len(rows), width)
-            for members, out in parts:
-                self.pooled[members] = out.pooled
+        if self.encoder.pooled:  # projected in the encoder's fixed-shape pass: a row's value is its own alone
+            projected = [out.pooled if out.pooled_projected is None else out.pooled_projected for _, out in parts]
+            self.pooled = projected[0].new_empty(len(rows), projected[0].shape[-1])
+            for (members, _), value in zip(parts, projected):
+                self.pooled[members] = value
 
 
 class _Call:
@@ -428,20 +428,14 @@ class Conditioner:
             return map_leaves(tree, finish)
 
     def _project(self, leaves: list[_Leaf]) -> torch.Tensor | None:
-        """The batch's pooled outputs [B, P]: each pooled encoder's projection run once over all rows, then the
-        encoders side by side (None where the family's U-Net reads no pooled output)."""
-        towers = [self.te.tower(e.number) for e in self.encoders if e.pooled]
-        if not towers:
+        """The batch's projected pooled outputs [B, P], the pooled encoders side by side (None where the family's
+        U-Net reads no pooled output)."""
+        if not any(e.pooled for e in self.encoders):
             return None
-        real = [leaf for leaf in leaves if not leaf.zeros]
-        parts = []
-        for k, tower in enumerate(towers):
-            x = torch.stack([leaf.pooled[k] for leaf in real]) if real else None
-            parts.append(tower.projection(x) if tower.projection is not None and x is not None else x)
-        joined = iter(torch.cat(parts, -1)) if real else iter(())
-        width = sum(t.config.projection_dim or t.config.width for t in towers)
+        width = sum(self.te.tower(e.number).config.projection_dim or self.te.tower(e.number).config.width
+                    for e in self.encoders if e.pooled)
         zeros = torch.zeros(width, dtype=self.te.dtype, device=self.te.device)
-        return torch.stack([zeros if leaf.zeros else next(joined) for leaf in leaves])
+        return torch.stack([zeros if leaf.zeros else torch.cat(leaf.pooled, -1) for leaf in leaves])
 
     # --- planning ---------------------------------------------------------------------------------------------
     def _plan(self, call: _Call, prompt: str, usages: list[Usage], negative: bool) -> Deferred[Node[_Leaf]]:

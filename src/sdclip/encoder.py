@@ -35,17 +35,18 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 class TextEncoder:
     """The text encoder(s) of one checkpoint: towers, tokenizers, family defaults.
 
-    ``encoder`` arguments count from 1 (SDXL: 1 = CLIP-L, 2 = OpenCLIP-bigG).
+    ``encoder`` arguments count from 1 (SDXL: 1 = CLIP-L, 2 = OpenCLIP-bigG).  One encoder may be shared by
+    threads: encoding only reads the weights; ``reuse`` (its counters and prefix cache) takes a lock.
     """
 
     def __init__(self, towers: Sequence[TextTransformer], usages: Sequence[Usage], tokenizers: Sequence[Tokenizer],
-                 family: str = "clip", info: CheckpointInfo | None = None):
+                 family: str = "clip", info: CheckpointInfo | None = None, reuse: ReusingEncoder | None = None):
         self.towers = list(towers)
         self.usages = list(usages)
         self.tokenizers = list(tokenizers)
         self.family = family
         self.info = info
-        self.reuse = ReusingEncoder()
+        self.reuse = reuse or ReusingEncoder()
         self._fingerprint: str | None = None
 
     def __repr__(self) -> str:
@@ -54,8 +55,9 @@ class TextEncoder:
 
     @property
     def fingerprint(self) -> str:
-        """A digest of the weights (sampled), architecture, tokenizers, defaults, dtype and device: what caches
-        of this model's outputs key on, so that two loads of one checkpoint share entries."""
+        """A digest of the weights (sampled), architecture, tokenizers, defaults, dtype and device, and the
+        micro-batch shape and thread count (which decide the rounding): what caches of this model's outputs key
+        on, so that two loads of one checkpoint share entries."""
         if self._fingerprint is None:
             h = hashlib.sha256(repr((self.family, self.usages, [(t.mode, t.vocab_size) for t in self.tokenizers],
                                      str(self.dtype), str(self.device))).encode())
@@ -67,7 +69,7 @@ class TextEncoder:
                         sample = flat[:: max(1, flat.numel() // 64)].float().cpu()
                         h.update(name.encode() + sample.numpy().tobytes() + flat.float().sum().cpu().numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
-        return self._fingerprint
+        return f"{self._fingerprint}/{self.reuse.signature}/threads={torch.get_num_threads()}"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -225,8 +227,8 @@ def _pipeline_family(pipeline: str, towers: list[Tower]) -> str:
 
 
 def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-         tokenizer_mode: str = "hf", quantize: str | None = None, compile: bool = False, **overrides: Any
-         ) -> TextEncoder:
+         tokenizer_mode: str = "hf", quantize: str | None = None, compile: bool = False, micro_batch: int = 8,
+         share_prefixes: bool = False, **overrides: Any) -> TextEncoder:
     """Load the text encoder(s) of a checkpoint file, a diffusers / Hugging Face folder or a hub id
     (no source, or ``"sdclip-mini"``: the model bundled with sdclip).
 
@@ -235,8 +237,13 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "float3
     on the CPU (faster, not exact: see ``sdclip.accel``).  ``compile=True`` runs the towers through
     ``torch.compile``: the first call of each input shape compiles (about 10 s on a CPU), later ones run
     1.06-1.12x faster on a CPU, within 5e-6 of the eager output (bench/bench_model.py --compile); worth it
-    for a long-lived process, not for one command.  Bad files raise ``BadInput`` naming the file.
+    for a long-lived process, not for one command.  ``micro_batch``: the rows of every forward pass (results
+    are bit-identical whatever the batch, history or threads for one value; 1 is fastest for one prompt at a
+    time on a CPU); ``share_prefixes=True`` computes shared prompt prefixes once (faster, not bit-stable:
+    ``sdclip.reuse``).  Bad files raise ``BadInput`` naming the file.
     """
+    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
+        raise BadInput(f"micro_batch must be a whole number of at least 1, got {micro_batch!r}")
     if quantize not in (None, "int8"):
         raise BadInput(f"unknown quantization {quantize!r}; the choice is int8")
     if compile and quantize:
@@ -277,4 +284,5 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "float3
     finally:
         for f in files:
             f.close()
-    return TextEncoder(modules, [t.usage for t in towers], tokenizers, family, info)
+    return TextEncoder(modules, [t.usage for t in towers], tokenizers, family, info,
+                       ReusingEncoder(micro_batch, prefixes=share_prefixes))
