@@ -39,6 +39,7 @@ from .checkpoint import Usage
 from .embeddings import EmbeddingSource, by_name, load_embeddings, put_vectors
 from .encoder import TextEncoder
 from .errors import BadInput
+from .model import TextTransformer
 from .prompts import DIALECTS, a1111, comfy, compel, plain
 from .prompts.types import CHUNK_LENGTH, Blend, Chunked, Conjunction, Node, Schedule, map_leaves
 from .tokenizer import Tokenizer
@@ -115,10 +116,11 @@ class Encoded:
 
 @dataclass
 class _Leaf:
-    """A prompt's conditioning; ``pooled``: each pooled encoder's projected pooled output."""
+    """A prompt's conditioning before the pooled projection, which runs per prompt (as diffusers runs it for one
+    prompt; one row at a time, so that a prompt's value does not depend on its batch)."""
 
     hidden: torch.Tensor
-    pooled: list[torch.Tensor]  # per pooled encoder: at EOS, final-LN'd and projected
+    pooled: list[torch.Tensor]  # per pooled encoder: final-LN'd at EOS, not yet projected
     zeros: bool = False  # an all-zero negative (A1111 / diffusers SDXL)
 
 
@@ -240,11 +242,10 @@ class _Rows:
         self.hidden = parts[0][1].hidden.new_empty(len(rows), CHUNK_LENGTH, width)
         for members, out in parts:
             self.hidden[members] = out.hidden
-        if self.encoder.pooled:  # projected in the encoder's fixed-shape pass: a row's value is its own alone
-            projected = [out.pooled if out.pooled_projected is None else out.pooled_projected for _, out in parts]
-            self.pooled = projected[0].new_empty(len(rows), projected[0].shape[-1])
-            for (members, _), value in zip(parts, projected):
-                self.pooled[members] = value
+        if self.encoder.pooled:
+            self.pooled = parts[0][1].pooled.new_empty(len(rows), width)
+            for members, out in parts:
+                self.pooled[members] = out.pooled
 
 
 class _Call:
@@ -428,14 +429,19 @@ class Conditioner:
             return map_leaves(tree, finish)
 
     def _project(self, leaves: list[_Leaf]) -> torch.Tensor | None:
-        """The batch's projected pooled outputs [B, P], the pooled encoders side by side (None where the family's
+        """The batch's pooled outputs [B, P]: each pooled encoder's projection of each prompt on its own (a
+        one-row product: the same bits whatever the batch), the encoders side by side (None where the family's
         U-Net reads no pooled output)."""
-        if not any(e.pooled for e in self.encoders):
+        towers = [self.te.tower(e.number) for e in self.encoders if e.pooled]
+        if not towers:
             return None
-        width = sum(self.te.tower(e.number).config.projection_dim or self.te.tower(e.number).config.width
-                    for e in self.encoders if e.pooled)
+        width = sum(t.config.projection_dim or t.config.width for t in towers)
         zeros = torch.zeros(width, dtype=self.te.dtype, device=self.te.device)
-        return torch.stack([zeros if leaf.zeros else torch.cat(leaf.pooled, -1) for leaf in leaves])
+
+        def project(tower: TextTransformer, x: torch.Tensor) -> torch.Tensor:
+            return tower.projection(x[None])[0] if tower.projection is not None else x
+        return torch.stack([zeros if leaf.zeros else torch.cat([project(t, p) for t, p in zip(towers, leaf.pooled)])
+                            for leaf in leaves])
 
     # --- planning ---------------------------------------------------------------------------------------------
     def _plan(self, call: _Call, prompt: str, usages: list[Usage], negative: bool) -> Deferred[Node[_Leaf]]:
