@@ -13,6 +13,7 @@ from typing import NoReturn, Sequence
 import sdclip
 
 from . import bundled
+from .atomic import atomic_path, write_safetensors, write_text
 from .errors import BadInput, SdclipError
 
 
@@ -76,14 +77,8 @@ def _check_device(name: str) -> None:
 
 def _write_tensors(path: str, tensors: dict, metadata: dict[str, str]) -> None:
     """Write ``encode``'s output file and say what it holds on stderr."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items() if v is not None}
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, path, metadata={**metadata, "sdclip": sdclip.__version__})
-    except OSError as e:
-        raise SdclipError(f"{path}: cannot write ({e.strerror or e})") from None
+    write_safetensors(path, tensors, {**metadata, "sdclip": sdclip.__version__})
     print(f"wrote {path}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items()), file=sys.stderr)
 
 
@@ -356,15 +351,12 @@ def cmd_shapes(args: argparse.Namespace) -> None:
     exclude = frozenset(labels(shapes)) - HELD_OUT if args.held_out else HELD_OUT
     data = Shapes(size=args.size, seed=args.seed, length=args.n, shapes=shapes, exclude=exclude, pair_p=args.pairs)
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for i in range(args.n):
-            image, caption = data[i]
-            image.save(out / f"{i:05d}.png")
-            (out / f"{i:05d}.txt").write_text(caption + "\n", encoding="utf-8")
-            print(f"{out / f'{i:05d}.png'}\t{caption}")
-    except OSError as e:
-        raise SdclipError(f"{out}: cannot write ({e.strerror or e})") from None
+    for i in range(args.n):
+        image, caption = data[i]
+        with atomic_path(out / f"{i:05d}.png") as tmp:
+            image.save(tmp, format="PNG")
+        write_text(out / f"{i:05d}.txt", caption + "\n")
+        print(f"{out / f'{i:05d}.png'}\t{caption}")
 
 
 _TRAIN_HELP = {

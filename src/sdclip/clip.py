@@ -17,10 +17,10 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 from torch import nn
 
 from . import bundled
+from .atomic import write_safetensors, write_text
 from .checkpoint import NAMES, CheckpointInfo, foreign_names
 from .embeddings import EmbeddingSource, inject, token_table
 from .encoder import _dtype, _read_json, load as load_text
@@ -108,19 +108,19 @@ class CLIPModel(nn.Module):
                 for part, chunk in zip(parts, t.chunk(len(parts))):
                     state[prefix + part] = chunk
         state["logit_scale"] = self.logit_scale.detach()
-        save_file({k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in state.items()},
-                  str(folder / "model.safetensors"), metadata={"format": "pt"})
-        (folder / "config.json").write_text(json.dumps(self.hf_config(torch_dtype), indent=2) + "\n")
+        write_safetensors(folder / "model.safetensors",
+                          {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in state.items()}, {"format": "pt"})
+        write_text(folder / "config.json", json.dumps(self.hf_config(torch_dtype), indent=2) + "\n")
         self.tokenizer.save_hf(folder)
         eos = "<|endoftext|>"
         pad = self.tokenizer.decoder[self.text.config.pad_id]
-        (folder / "special_tokens_map.json").write_text(json.dumps(
+        write_text(folder / "special_tokens_map.json", json.dumps(
             {"bos_token": "<|startoftext|>", "eos_token": eos, "unk_token": eos, "pad_token": pad}, indent=2) + "\n")
-        (folder / "tokenizer_config.json").write_text(json.dumps(
+        write_text(folder / "tokenizer_config.json", json.dumps(
             {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.text.config.context_length,
              "bos_token": "<|startoftext|>", "eos_token": eos, "unk_token": eos, "pad_token": pad}, indent=2) + "\n")
         size = self.vision.config.image_size
-        (folder / "preprocessor_config.json").write_text(json.dumps(
+        write_text(folder / "preprocessor_config.json", json.dumps(
             {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
              "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
              "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(MEAN),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import warnings
 from dataclasses import dataclass
@@ -28,10 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence, Union
 
 import torch
-from safetensors.torch import save_file
 
+from .atomic import write_bytes, write_safetensors
 from .checkpoint import ROLES
-from .errors import BadInput, SdclipError
+from .errors import BadInput
 from .prompts import plain
 from .tensorfile import open_tensor_file
 from .tokenizer import Tokenizer
@@ -300,17 +301,15 @@ def save_embedding(embedding: Embedding, path: str | Path, format: str | None = 
     elif len(tensors) != 1:
         raise BadInput(f"{embedding.name}: vectors for {', '.join(tensors)}; a file holds one set, or an SDXL pair")
     vec = next(iter(tensors.values()))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if format == "a1111":
-            torch.save({"string_to_token": {"*": _STAR_ID}, "string_to_param": {"*": vec}, "name": embedding.token,
-                        "step": step, "sd_checkpoint": None, "sd_checkpoint_name": checkpoint}, path)
-        elif format == "safetensors":
-            save_file(tensors if len(tensors) == 2 else {"emb_params": vec}, str(path))
-        elif path.suffix.lower() == ".bin":
-            torch.save({embedding.token: vec}, path)
-        else:
-            save_file({embedding.token: vec}, str(path))
-    except OSError as e:
-        raise SdclipError(f"{path}: cannot write ({e.strerror or e})") from None
+    if format == "safetensors":
+        write_safetensors(path, tensors if len(tensors) == 2 else {"emb_params": vec})
+    elif format == "diffusers" and path.suffix.lower() == ".safetensors":
+        write_safetensors(path, {embedding.token: vec})
+    else:
+        data = ({"string_to_token": {"*": _STAR_ID}, "string_to_param": {"*": vec}, "name": embedding.token,
+                 "step": step, "sd_checkpoint": None, "sd_checkpoint_name": checkpoint} if format == "a1111"
+                else {embedding.token: vec})
+        buffer = io.BytesIO()  # small; torch's own file writer reports a full disk as an opaque RuntimeError
+        torch.save(data, buffer)
+        write_bytes(path, buffer.getvalue())
     return path

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from .atomic import atomic_path
 from .clip import CLIPModel
 from .data import Dataset, open_dataset
 from .errors import BadInput
@@ -354,7 +355,8 @@ def plot(rows: list[dict], path: str | Path, width: int = 900, height: int = 360
     last = max([r["step"] for r in rows] + [1])
     for k, (title, series, fixed) in enumerate(panels):
         _panel(draw, (k * w + 55, 30, (k + 1) * w - 20, height - 40), title, series, fixed, last)
-    image.save(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def _smooth(points: list[tuple[float, float]], n: int) -> list[tuple[float, float]]:
