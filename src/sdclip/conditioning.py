@@ -40,7 +40,7 @@ from .embeddings import EmbeddingSource, by_name, load_embeddings, put_vectors
 from .encoder import TextEncoder
 from .errors import BadInput
 from .model import TextTransformer
-from .prompts import DIALECTS, a1111, comfy, compel, plain
+from .prompts import DIALECTS, a1111, comfy, compel, parse, plain
 from .prompts.types import CHUNK_LENGTH, Blend, Chunked, Conjunction, Node, Schedule, map_leaves
 from .tokenizer import Tokenizer
 
@@ -445,6 +445,12 @@ class Conditioner:
 
     # --- planning ---------------------------------------------------------------------------------------------
     def _plan(self, call: _Call, prompt: str, usages: list[Usage], negative: bool) -> Deferred[Node[_Leaf]]:
+        """Every prompt's conditioning, checked finite (``check_finite``) before anyone sees it."""
+        plan = self._plan_prompt(call, prompt, usages, negative)
+        return lambda: map_leaves(plan(), lambda leaf: check_finite(leaf, prompt, self.dialect,
+                                                                    self.schedule_options))
+
+    def _plan_prompt(self, call: _Call, prompt: str, usages: list[Usage], negative: bool) -> Deferred[Node[_Leaf]]:
         if not isinstance(prompt, str) and not (negative and prompt is None):
             raise BadInput(f"a prompt must be a string, got {type(prompt).__name__}")
         zeros = negative and self.te.family in ("sdxl", "sdxl-refiner") and (
@@ -621,6 +627,43 @@ class Conditioner:
                                "the parts, so there is no single conditioning tensor (use Conditioner.encode_tree)")
             node = node.parts[0]
         return node  # type: ignore[return-value]
+
+
+def check_finite(leaf: _Leaf, prompt: str | None, dialect: str, options: dict) -> _Leaf:
+    """sdclip never hands on a NaN or infinite conditioning: a clear error naming the prompt and what made it (a
+    weight beyond float32, one whose product overflows, or a compel ``.blend()`` whose weights sum to 0)."""
+    if all(torch.isfinite(t).all() for t in (leaf.hidden, *leaf.pooled)):
+        return leaf
+    weights: list[float] = []
+    zero_blends: list[tuple[float, ...]] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, Schedule):
+            for _, conj in node.entries:
+                walk(conj)
+        elif isinstance(node, (Blend, Conjunction)):
+            weights.extend(node.weights)
+            if isinstance(node, Blend) and node.normalize and sum(node.weights) == 0:
+                zero_blends.append(node.weights)
+            for part in node.parts:
+                walk(part)
+        else:
+            weights.extend(s.weight for s in node)  # type: ignore[attr-defined]
+    walk(parse(prompt or "", dialect, **(options if dialect == "a1111" else {})))
+    limit = torch.finfo(torch.float32).max
+    beyond = [w for w in weights if not abs(w) <= limit]
+    if zero_blends:
+        why = (f".blend() weights {', '.join(f'{w:g}' for w in zero_blends[0])} sum to 0 and compel divides by "
+               f"their sum: compel itself gives NaN for this prompt")
+    elif beyond:
+        why = f"weight {beyond[0]:g} is beyond float32's range (±{limit:.3g})"
+    elif weights and max(map(abs, weights)) > 1:
+        why = f"weight {max(weights, key=abs):g} makes the conditioning overflow float32"
+    else:
+        why = "the text encoder's output is not finite (NaN or infinite values in the model's weights?)"
+    shown = prompt if prompt is None or len(prompt) <= 120 else prompt[:120] + "..."
+    raise BadInput(f"{dialect} prompt {shown!r}: the conditioning would be NaN or infinite: {why}; weights must "
+                   f"be finite numbers whose weighted conditioning stays within float32")
 
 
 def _digest(value: object) -> object:

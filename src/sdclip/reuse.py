@@ -167,8 +167,11 @@ class ReusingEncoder:
             if n < mb and not self.prefixes:
                 part = torch.cat([part, part[-1:].expand(mb - n, -1)])
             out = tower(part, prefix=prefix, **kw)  # type: ignore[arg-type]
-            outs.append(TextOutput(*(None if t is None else t[:n]
-                                     for t in (out.hidden, out.pooled, out.pooled_projected))))
+            projected = None
+            if out.pooled_projected is not None:  # one row at a time: what diffusers computes for one prompt
+                projected = torch.cat([tower.projection(p[None]) for p in out.pooled[:n]])  # type: ignore[misc]
+            outs.append(TextOutput(None if out.hidden is None else out.hidden[:n],
+                                   None if out.pooled is None else out.pooled[:n], projected))
         rows = len(ids) if self.prefixes else len(outs) * mb
         self._count(positions_computed=rows * (ids.shape[1] - (0 if prefix is None else prefix.length)))
         return outs
