@@ -10,6 +10,7 @@ state dicts with ``visual.*``).
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence, Union
@@ -35,6 +36,18 @@ from .vision import VISION_NAMES, VisionConfig, VisionTransformer, find_vision_t
 Texts = Union[str, Sequence[str], torch.Tensor]
 Images = Union[ImageLike, Sequence[ImageLike], torch.Tensor]
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def check_templates(templates: Sequence[str]) -> None:
+    """A template holds exactly one ``{}`` (where the label or word goes) and no other format field."""
+    for t in templates:
+        try:
+            fields = [name for _, name, spec, _ in string.Formatter().parse(t) if name is not None]
+        except ValueError as e:
+            raise BadInput(f"template {t!r}: {e} (write a literal brace as {{{{ or }}}})") from None
+        if fields != [""]:
+            raise BadInput(f"template {t!r} must hold exactly one '{{}}' for the label, and no other {{...}} field "
+                           f"(it has {len(fields)}: {', '.join('{' + f + '}' for f in fields) or 'none'})")
 
 
 class CLIPModel(nn.Module):
@@ -225,9 +238,7 @@ class CLIPModel(nn.Module):
         normalized again (CLIP's prompt ensembling).  ``embeddings``: see ``encode_text``."""
         if not labels or not templates:
             raise BadInput("zero-shot classification needs at least one label and one template")
-        bad = [t for t in templates if "{}" not in t]
-        if bad:
-            raise BadInput(f"template {bad[0]!r} has no '{{}}' for the label")
+        check_templates(templates)
         prompts = [t.format(label) for label in labels for t in templates]
         per_label = self.encode_text(prompts, embeddings=embeddings).view(len(labels), len(templates), -1)
         return F.normalize(per_label.mean(1), dim=-1)

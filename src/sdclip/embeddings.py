@@ -164,9 +164,10 @@ def read_embedding(path: str | Path) -> Embedding:
         return _from_tensors(tensors, f.metadata, path, stem)
 
 
-def _scan(folder: Path) -> list[Embedding]:
+def _scan(folder: Path, strict: bool = False) -> list[Embedding]:
     """Every embedding under a folder (sub-folders too), as A1111 and ComfyUI scan theirs: empty files and
-    pictures without an embedding are passed over; a broken file is skipped with a warning."""
+    pictures without an embedding are passed over; a broken file is skipped with a warning (``strict``: an
+    error)."""
     out = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES):
         if path.stat().st_size == 0 or path.name.lower().endswith(tuple(f".preview{s}" for s in IMAGE_SUFFIXES)):
@@ -176,19 +177,24 @@ def _scan(folder: Path) -> list[Embedding]:
                 continue
             out.append(read_embedding(path))
         except BadInput as e:
-            warnings.warn(f"skipping embedding: {e}", stacklevel=3)
+            if strict:
+                raise
+            warnings.warn(f"skipping embedding: {e} (as A1111 and ComfyUI skip it; --strict-embeddings makes this "
+                          f"an error)", stacklevel=3)
     return out
 
 
-def load_embeddings(source: EmbeddingSource) -> list[Embedding]:
+def load_embeddings(source: EmbeddingSource, strict: bool = False) -> list[Embedding]:
     """Embeddings from a file, a folder (scanned), ``Embedding`` objects, a list of these, or a mapping
-    name -> ``Embedding`` (the key becomes its name in every dialect)."""
+    name -> ``Embedding`` (the key becomes its name in every dialect).  A broken file in a folder is skipped
+    with a warning, as A1111 and ComfyUI skip it; ``strict=True`` raises ``BadInput`` instead.  A file named
+    on its own is always read or refused."""
     if isinstance(source, Embedding):
         return [source]
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir():
-            return _scan(path)
+            return _scan(path, strict)
         return [read_embedding(path)]
     if isinstance(source, Mapping):
         out = []
@@ -197,7 +203,7 @@ def load_embeddings(source: EmbeddingSource) -> list[Embedding]:
                 raise BadInput(f"embedding {name!r}: expected an Embedding, got {type(e).__name__}")
             out.append(Embedding(name, name, e.vectors, e.path))
         return out
-    return [e for item in source for e in load_embeddings(item)]
+    return [e for item in source for e in load_embeddings(item, strict)]
 
 
 def by_name(embeddings: Iterable[Embedding], token: bool = False) -> dict[str, Embedding]:
