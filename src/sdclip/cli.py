@@ -191,10 +191,10 @@ def _encode_conditioning(args: argparse.Namespace, prompts: list[str]) -> None:
     te = _load_for_encode(args)
     options = dict(clip_skip=args.clip_skip, emphasis=args.emphasis or "original", embeddings=args.embeddings,
                    steps=args.steps, comma_backtrack=args.comma_backtrack, truncate=not args.no_truncate)
-    if args.embeddings is not None:
-        options["embeddings"] = sdclip.load_embeddings(args.embeddings, strict=args.strict_embeddings)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        if args.embeddings is not None:
+            options["embeddings"] = sdclip.load_embeddings(args.embeddings, strict=args.strict_embeddings)
         try:
             cond = sdclip.encode_prompts(te, prompts, negative, dialect=args.dialect, step=args.step, **options)
         except BadInput as e:
