@@ -45,9 +45,11 @@ def check_templates(templates: Sequence[str]) -> None:
             fields = [name for _, name, spec, _ in string.Formatter().parse(t) if name is not None]
         except ValueError as e:
             raise BadInput(f"template {t!r}: {e} (write a literal brace as {{{{ or }}}})") from None
+        if not fields:
+            raise BadInput(f"template {t!r} has no '{{}}' for the label")
         if fields != [""]:
             raise BadInput(f"template {t!r} must hold exactly one '{{}}' for the label, and no other {{...}} field "
-                           f"(it has {len(fields)}: {', '.join('{' + f + '}' for f in fields) or 'none'})")
+                           f"(it has {len(fields)}: {', '.join('{' + f + '}' for f in fields)})")
 
 
 class CLIPModel(nn.Module):
