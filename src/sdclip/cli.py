@@ -87,8 +87,8 @@ def _located(error: BadInput, attempts: Sequence[tuple[str, object]]) -> BadInpu
     return error
 
 
-def _per_prompt(prompts: Sequence[str], work: Callable[[str], T]) -> Iterator[tuple[str, T]]:
-    """(prompt, work(prompt)) one by one; a ``BadInput`` for a prompt read from a file names its file and line."""
+def _per_prompt(prompts: Sequence[str], work: Callable[[str], T]) -> Iterator[T]:
+    """work(prompt) for each prompt in turn; a ``BadInput`` for a prompt read from a file names its file and line."""
     for prompt in prompts:
         try:
             result = work(prompt)
@@ -97,7 +97,7 @@ def _per_prompt(prompts: Sequence[str], work: Callable[[str], T]) -> Iterator[tu
             if where is None:
                 raise
             raise BadInput(f"{where}: {e}") from None
-        yield prompt, result
+        yield result
 
 
 def _add_prompt_args(p: argparse.ArgumentParser) -> None:
@@ -113,7 +113,7 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
         tokenizer = sdclip.load(args.model, tokenizer_mode=args.mode).tokenizers[0]
     else:
         tokenizer = sdclip.Tokenizer(mode=args.mode)
-    for _, ids in _per_prompt(read_prompts(args.prompts, args.file), tokenizer.encode):
+    for ids in _per_prompt(read_prompts(args.prompts, args.file), tokenizer.encode):
         print(json.dumps(ids))
 
 
@@ -290,8 +290,8 @@ def _chunk_all(args: argparse.Namespace):
         options.update(steps=args.steps, comma_backtrack=args.comma_backtrack)
     elif dialect == "compel":
         options.update(truncate=not args.no_truncate)
-    for _, node in _per_prompt(read_prompts(args.prompts, args.file),
-                               lambda prompt: chunk(prompt, dialect, tokenizer, **options)):
+    for node in _per_prompt(read_prompts(args.prompts, args.file),
+                            lambda prompt: chunk(prompt, dialect, tokenizer, **options)):
         yield node, tokenizer
 
 
@@ -315,7 +315,7 @@ def cmd_parse(args: argparse.Namespace) -> None:
 
     options = {"steps": args.steps} if args.dialect == "a1111" else {}
     prompts = read_prompts(args.prompts, args.file)
-    for n, (_, node) in enumerate(_per_prompt(prompts, lambda prompt: parse(prompt, args.dialect, **options))):
+    for n, node in enumerate(_per_prompt(prompts, lambda prompt: parse(prompt, args.dialect, **options))):
         print(json.dumps(to_json(node)) if args.json else ("\n" if n else "") + describe_segments(node))
 
 
@@ -794,7 +794,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("standard output is closed: nowhere to write the results", 1)
     try:
         args.run(args)
-        sys.stdout.flush()  # a full disk or a closed pipe shows here, not after the exit status is set
+        if sys.stdout is not None:
+            sys.stdout.flush()  # a full disk or a closed pipe shows here, not after the exit status is set
     except BadInput as e:
         return _fail(str(e), 2)
     except SdclipError as e:
