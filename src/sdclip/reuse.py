@@ -44,7 +44,7 @@ class ReuseStats:
 
     @property
     def saved(self) -> float:
-        """Fraction of token positions not computed."""
+        """Fraction of token positions not computed (negative where micro-batch padding computed more)."""
         return 1 - self.positions_computed / self.positions if self.positions else 0.0
 
 
