@@ -157,9 +157,10 @@ class ReusingEncoder:
         return TextOutput(pick(out.hidden), pick(out.pooled), pick(out.pooled_projected))
 
     def _run(self, tower: TextTransformer, ids: torch.Tensor, prefix: Prefix | None, **kw: object) -> list[TextOutput]:
-        """Forward passes of ``micro_batch`` rows each: the last one padded with copies of its last row, whose
-        outputs are dropped (not with prefixes, whose rounding moves anyway)."""
-        mb = self.micro_batch
+        """Forward passes of ``micro_batch`` rows each (as many more as shorter rows allow: about the positions of
+        ``micro_batch`` full rows, a number that depends on the length alone): the last one padded with copies of
+        its last row, whose outputs are dropped (not with prefixes, whose rounding moves anyway)."""
+        mb = self.micro_batch * max(1, tower.config.context_length // ids.shape[1])
         outs = []
         for s in range(0, len(ids), mb):
             part = ids[s:s + mb]
@@ -209,7 +210,7 @@ class ReusingEncoder:
 
     def _pooled_only(self, tower: TextTransformer, rows: torch.Tensor, pooling: str) -> TextOutput:
         """Each row cut after its pooling position, rounded up to 8 positions (a length that depends on the row
-        alone); rows of one length run together."""
+        alone); rows of one length run together, more of them per pass the shorter they are."""
         where = rows.argmax(-1) if pooling == "argmax" else (rows == tower.config.eos_id).int().argmax(-1)
         lengths = torch.clamp((where // 8 + 1) * 8, max=rows.shape[1]).tolist()
         parts: list[tuple[list[int], list[TextOutput]]] = []
