@@ -1,6 +1,6 @@
 """Every benchmark in one command: one markdown report and one JSON file.
 
-    python bench/run.py [--quick] [--only model workload load tokenizer clip] [--out bench/out]
+    python bench/run.py [--quick] [--only model workload determinism load tokenizer clip] [--out bench/out]
 
 Each benchmark runs in its own process (no state shared between them) and writes `<name>.md` /
 `<name>.json` under --out; this script gathers them into `report.md` and `report.json`.  Ratios
@@ -24,6 +24,7 @@ from common import machine  # noqa: E402
 BENCHES = {
     "model": ["bench_model.py", "--compile"],  # (a) batch 1, (b) batch 8/32 + int8 + compile, (d) pooled-only, peak
     "workload": ["bench_workload.py"],    # (c) a realistic generation workload
+    "determinism": ["bench_determinism.py"],  # what the same-answer guarantee costs on (a)-(d)
     "load": ["bench_load.py"],            # (e) cold start from a 2 GB SD1 file, peak memory
     "tokenizer": ["bench_tokenizer.py"],  # (f) tokenizer vs CLIPTokenizerFast
     "clip": ["bench_clip.py"],            # CLIP training pairs/s and encode_image images/s
