@@ -1,6 +1,7 @@
 """Every benchmark in one command: one markdown report and one JSON file.
 
-    python bench/run.py [--quick] [--only model engines workload load start tokenizer clip serve cache] [--out bench/out]
+    python bench/run.py [--quick] [--only model engines workload determinism load start tokenizer clip serve cache]
+        [--out bench/out]
 
 Each benchmark runs in its own process (no state shared between them) and writes `<name>.md` /
 `<name>.json` under --out; this script gathers them into `report.md` and `report.json`.  Ratios
@@ -25,6 +26,7 @@ BENCHES = {
     "model": ["bench_model.py", "--compile"],  # (a) batch 1, (b) batch 8/32 + int8 + compile, (d) pooled-only, peak
     "engines": ["bench_engines.py", "--threads", "1"],  # vs ONNX Runtime, OpenVINO, torch.compile, int8 paths
     "workload": ["bench_workload.py"],    # (c) a realistic generation workload
+    "determinism": ["bench_determinism.py"],  # what the same-answer guarantee costs on (a)-(d)
     "load": ["bench_load.py"],            # (e) cold start from a 2 GB SD1 file, peak memory
     "start": ["bench_start.py"],          # (e) commands without a model: process start to exit, no torch
     "tokenizer": ["bench_tokenizer.py"],  # (f) tokenizer vs CLIPTokenizerFast

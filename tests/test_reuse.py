@@ -1,4 +1,5 @@
-"""Exact reuse (dedup, shared prefixes, pooled-only) agrees with the plain path to fp32 rounding."""
+"""Exact reuse: dedup and pooled-only give each row the same bits whatever its companions (the default);
+shared prefixes (opt-in) agree with the plain path to fp32 rounding."""
 
 from __future__ import annotations
 
@@ -51,8 +52,27 @@ def test_plain_path_itself_moves_with_batch_size(tower, ids):
 
 
 @pytest.mark.parametrize("layer,final_norm", [(-1, True), (-2, False), (0, False), (2, True)])
-def test_reuse_matches_plain(tower, ids, layer, final_norm):
-    reuse = ReusingEncoder(min_prefix=4, min_saving=1)
+def test_default_reuse_is_the_fixed_shape_pass(tower, ids, layer, final_norm):
+    """Default: identical rows once, every pass [micro_batch, 77]: each row is bit for bit what a pass of that
+    shape gives it, wherever it sits among any companions."""
+    reuse = ReusingEncoder(micro_batch=4)
+    with torch.inference_mode():
+        out = reuse(tower, ids, layer=layer, final_norm=final_norm)
+        for i in range(len(ids)):
+            for position in (0, 3):
+                batch = ids[torch.randperm(len(ids))[:4]]
+                batch[position] = ids[i]
+                alone = tower(batch, layer=layer, final_norm=final_norm)
+                assert torch.equal(out.hidden[i], alone.hidden[position])
+                assert torch.equal(out.pooled[i], alone.pooled[position])
+                assert torch.equal(out.pooled_projected[i], tower.projection(alone.pooled[position][None])[0])
+    assert reuse.stats.unique_rows == len(set(PROMPTS))
+    assert reuse.stats.positions_computed == 8 * 77  # 7 distinct rows in two passes of 4
+
+
+@pytest.mark.parametrize("layer,final_norm", [(-1, True), (-2, False), (0, False), (2, True)])
+def test_prefix_reuse_matches_plain(tower, ids, layer, final_norm):
+    reuse = ReusingEncoder(prefixes=True, min_prefix=4, min_saving=1)
     with torch.inference_mode():
         plain = tower(ids, layer=layer, final_norm=final_norm)
         out = reuse(tower, ids, layer=layer, final_norm=final_norm)
@@ -64,7 +84,7 @@ def test_reuse_matches_plain(tower, ids, layer, final_norm):
 
 
 def test_prefix_cache_across_calls(tower, ids):
-    reuse = ReusingEncoder(min_prefix=4, min_saving=1)
+    reuse = ReusingEncoder(prefixes=True, min_prefix=4, min_saving=1)
     with torch.inference_mode():
         reuse(tower, ids[:2])  # computes and caches the shared quality prefix
         assert reuse.stats.prefix_cache_misses == 1
@@ -75,7 +95,7 @@ def test_prefix_cache_across_calls(tower, ids):
 
 
 def test_prefix_cache_is_bounded(tower, ids):
-    reuse = ReusingEncoder(min_prefix=4, min_saving=1, cache_bytes=1)
+    reuse = ReusingEncoder(prefixes=True, min_prefix=4, min_saving=1, cache_bytes=1)
     with torch.inference_mode():
         reuse(tower, ids)
     assert reuse.cache.nbytes <= 1 and not reuse.cache.entries
@@ -89,8 +109,28 @@ def test_pooled_only_stops_at_eos(tower, ids):
     assert out.hidden is None
     close(out.pooled, plain.pooled)
     close(out.pooled_projected, plain.pooled_projected)
-    longest_eos = int((ids == 49407).int().argmax(-1).max()) + 1
-    assert reuse.stats.positions_computed <= len(set(PROMPTS)) * longest_eos
+    lengths = {min(77, (int(row.tolist().index(49407)) // 8 + 1) * 8) for row in ids}
+    assert reuse.stats.positions_computed == sum(8 * (77 // n) * n for n in lengths)  # one pass per length
+
+
+def test_pooled_only_is_independent_of_companions(tower, ids):
+    """A row's pooled output depends on the row alone: its length is its own EOS rounded up to 8."""
+    with torch.inference_mode():
+        alone = [ReusingEncoder()(tower, ids[i:i + 1], hidden=False).pooled for i in range(len(ids))]
+        together = ReusingEncoder()(tower, ids, hidden=False).pooled
+    for i in range(len(ids)):
+        assert torch.equal(alone[i][0], together[i])
+
+
+def test_prefix_cache_keys_are_not_reused_by_a_later_tower(ids):
+    """A prefix of a tower that is gone never serves a new tower that happens to get the same id()."""
+    reuse = ReusingEncoder(prefixes=True, min_prefix=4, min_saving=1)
+    with torch.inference_mode():
+        first = TextTransformer(TextConfig(width=64, layers=1, heads=2, mlp_width=128)).init_weights()
+        reuse(first, ids[:2])
+        del first
+        second = TextTransformer(TextConfig(width=64, layers=1, heads=2, mlp_width=128)).init_weights()
+        assert reuse.cache.lookup(second, tuple(ids[1].tolist()), 76) is None
 
 
 def test_argmax_pooling_with_reuse(tower, ids):

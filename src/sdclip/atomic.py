@@ -111,3 +111,17 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     write_bytes(path, text.encode("utf-8"))
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (its writer reports I/O errors as its own exception type)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as e:
+            if "I/O error" not in str(e):
+                raise
+            raise OSError(str(e).rsplit("I/O error: ", 1)[-1].split(" (os error")[0]) from None

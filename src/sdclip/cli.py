@@ -4,22 +4,49 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Callable, Iterator, NoReturn, Sequence, TypeVar
 
 import sdclip
 
 from . import bundled
+from .atomic import atomic_path, write_safetensors, write_text
 from .errors import BadInput, SdclipError
 from .limits import MAX_PROMPT_CHARS, check_prompt, read_regular
 
+T = TypeVar("T")
 
-def read_prompts(prompts: Sequence[str], file: str | None, max_chars: int | None = MAX_PROMPT_CHARS) -> list[str]:
-    """Prompts from arguments, then from ``file`` (.txt: one per line; .jsonl: one JSON string per line); each
-    at most ``max_chars`` characters (``--max-prompt-chars``)."""
+
+class Prompt(str):
+    """A prompt read from a file, which remembers where (``file:line``) for error messages."""
+
+    where: str | None = None
+
+
+def _at(text: str, where: str) -> Prompt:
+    prompt = Prompt(text)
+    prompt.where = where
+    return prompt
+
+
+def _lines(text: str) -> list[str]:
+    """Lines as JSON Lines defines them: split at \\n only (\\r\\n tolerated), so that a prompt may hold U+2028,
+    U+2029, U+0085 or a form feed; a final newline ends the last line."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def read_prompts(prompts: Sequence[str], file: str | None, max_chars: int | None = MAX_PROMPT_CHARS,
+                 what: str = "prompts") -> list[str]:
+    """Prompts from arguments, then from ``file`` (.txt: one per line; .jsonl: one JSON string per line), each at
+    most ``max_chars`` characters (``--max-prompt-chars``); those from the file are ``Prompt``\\ s that know their
+    line."""
     for n, prompt in enumerate(prompts, 1):
         check_prompt(prompt, max_chars, f"prompt {n}")
     out = list(prompts)
@@ -28,25 +55,56 @@ def read_prompts(prompts: Sequence[str], file: str | None, max_chars: int | None
         try:  # Notepad writes a BOM
             text = sys.stdin.read() if file == "-" else read_regular(path, "prompt file").decode("utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
-            raise BadInput(f"{file}: cannot read prompts ({e})") from None
-        if path.suffix == ".jsonl":
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except ValueError as e:
-                    raise BadInput(f"{file}:{n}: not a JSON string ({e})") from None
-                if not isinstance(value, str):
-                    raise BadInput(f"{file}:{n}: expected a JSON string, got {type(value).__name__}")
-                out.append(value)
-        else:
-            out.extend(text.splitlines())
-        for n, prompt in enumerate(out[len(prompts):], 1):
-            check_prompt(prompt, max_chars, f"{file}: prompt {n}")
+            raise BadInput(f"{file}: cannot read {what} ({e})") from None
+        if not text:
+            raise BadInput(f"{file}: the file is empty: no {what} in it")
+        for n, line in enumerate(_lines(text), 1):
+            if path.suffix != ".jsonl":
+                out.append(_at(line, f"{file}:{n}"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as e:
+                raise BadInput(f"{file}:{n}: not a JSON string ({e})") from None
+            if not isinstance(value, str):
+                raise BadInput(f"{file}:{n}: expected a JSON string, got {type(value).__name__}")
+            out.append(_at(value, f"{file}:{n}"))
+        if len(out) == len(prompts):
+            raise BadInput(f"{file}: no {what} in it (only blank lines)")
+        for prompt in out[len(prompts):]:
+            check_prompt(prompt, max_chars, prompt.where)
     if not out:
-        raise BadInput("no prompts: give them as arguments or with --file")
+        raise BadInput(f"no {what}: give them as arguments or with --file")
     return out
+
+
+def _located(error: BadInput, attempts: Sequence[tuple[str, object]]) -> BadInput:
+    """``error`` prefixed with the file and line of the prompt that caused it, found by trying each prompt read
+    from a file on its own (``attempts``: (prompt, a call that raises its error)); else ``error`` itself."""
+    for prompt, attempt in attempts:
+        where = getattr(prompt, "where", None)
+        if where is None:
+            continue
+        try:
+            attempt()  # type: ignore[operator]
+        except BadInput as e:
+            return BadInput(f"{where}: {e}")
+    return error
+
+
+def _per_prompt(prompts: Sequence[str], work: Callable[[str], T]) -> Iterator[T]:
+    """work(prompt) for each prompt in turn; a ``BadInput`` for a prompt read from a file names its file and line."""
+    for prompt in prompts:
+        try:
+            result = work(prompt)
+        except BadInput as e:
+            where = getattr(prompt, "where", None)
+            if where is None:
+                raise
+            raise BadInput(f"{where}: {e}") from None
+        yield result
 
 
 def _add_prompt_args(p: argparse.ArgumentParser) -> None:
@@ -75,8 +133,8 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
         tokenizer = sdclip.load(args.model, tokenizer_mode=args.mode).tokenizers[0]
     else:
         tokenizer = sdclip.Tokenizer(mode=args.mode)
-    for prompt in read_prompts(args.prompts, args.file, args.max_prompt_chars):
-        print(json.dumps(tokenizer.encode(prompt)))
+    for ids in _per_prompt(read_prompts(args.prompts, args.file, args.max_prompt_chars), tokenizer.encode):
+        print(json.dumps(ids))
 
 
 def _check_device(name: str) -> None:
@@ -87,6 +145,9 @@ def _check_device(name: str) -> None:
         device = torch.device(name)
     except RuntimeError:
         raise BadInput(f"unknown device {name!r}; use cpu, cuda, cuda:1, mps, ...") from None
+    if device.type == "meta":
+        raise BadInput(f"device {name!r} holds no data (torch's meta device only tracks shapes); use cpu, cuda, "
+                       f"cuda:1, mps, ...")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SdclipError(f"device {name!r} asked for, but torch sees no CUDA GPU here")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -95,14 +156,8 @@ def _check_device(name: str) -> None:
 
 def _write_tensors(path: str, tensors: dict, metadata: dict[str, str]) -> None:
     """Write ``encode``'s output file and say what it holds on stderr."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items() if v is not None}
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, path, metadata={**metadata, "sdclip": sdclip.__version__})
-    except OSError as e:
-        raise SdclipError(f"{path}: cannot write ({e.strerror or e})") from None
+    write_safetensors(path, tensors, {**metadata, "sdclip": sdclip.__version__})
     print(f"wrote {path}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items()), file=sys.stderr)
 
 
@@ -153,7 +208,8 @@ def _encode_conditioning(args: argparse.Namespace, prompts: list[str]) -> None:
                        "decides (use --clip-skip)")
     if args.negative is not None and args.negative_file is not None:
         raise BadInput("give --negative or --negative-file, not both")
-    negative = (read_prompts([], args.negative_file, args.max_prompt_chars) if args.negative_file is not None
+    negative = (read_prompts([], args.negative_file, args.max_prompt_chars, "negative prompts")
+                if args.negative_file is not None
                 else args.negative)
     if isinstance(negative, list) and len(negative) != len(prompts):
         raise BadInput(f"{args.negative_file}: {len(negative)} negative prompts for {len(prompts)} prompts "
@@ -163,7 +219,16 @@ def _encode_conditioning(args: argparse.Namespace, prompts: list[str]) -> None:
                    **_dialect_options(args, "encode"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        cond = sdclip.encode_prompts(te, prompts, negative, dialect=args.dialect, **options)
+        if args.embeddings is not None:
+            options["embeddings"] = sdclip.load_embeddings(args.embeddings, strict=args.strict_embeddings)
+        try:
+            cond = sdclip.encode_prompts(te, prompts, negative, dialect=args.dialect, **options)
+        except BadInput as e:
+            def alone(prompt: str, negative: bool) -> Callable[[], object]:
+                return lambda: sdclip.encode_prompts(te, "" if negative else prompt, prompt if negative else None,
+                                                     dialect=args.dialect, **options)
+            raise _located(e, [(p, alone(p, False)) for p in prompts] +
+                           [(n, alone(n, True)) for n in (negative if isinstance(negative, list) else [])]) from None
     for message in dict.fromkeys(str(w.message) for w in caught):
         print(f"sdclip: warning: {message}", file=sys.stderr)
     _write_tensors(args.out, {"hidden": cond.hidden, "pooled": cond.pooled, "negative_hidden": cond.negative_hidden,
@@ -183,6 +248,9 @@ def _add_conditioning_args(p: argparse.ArgumentParser) -> None:
                       lambda d: d.title)
     p.add_argument("--embeddings", help="--dialect: textual-inversion file or folder (.pt .bin .safetensors "
                    ".png .webp); " + ", ".join(f"{who} {rule}" for rule, who in sorted(naming.items(), reverse=True)))
+    p.add_argument("--strict-embeddings", action="store_true", help="--dialect: a file in the --embeddings folder "
+                   "that cannot be read is an error (exit 2); by default it is skipped with a warning, as A1111 "
+                   "and ComfyUI skip it")
     skips = _by_rule(lambda d: d.clip_skip_help, lambda d: d.name)
     p.add_argument("--clip-skip", type=int, help="--dialect: the front end's clip skip ("
                    + "; ".join(f"{who} {rule}" for rule, who in skips.items()) + ")")
@@ -224,8 +292,13 @@ def _dialect_tokenizer(args: argparse.Namespace):
     """The tokenizer and pad id to chunk with: --model's first encoder, or the bundled vocabulary."""
     if args.model:
         te = sdclip.load(args.model, tokenizer_mode=args.mode)
-        return te.tokenizers[0], te.towers[0].config.pad_id if args.pad_id is None else args.pad_id
-    return sdclip.Tokenizer(mode=args.mode), args.pad_id
+        tokenizer, pad_id = te.tokenizers[0], te.towers[0].config.pad_id
+    else:
+        tokenizer, pad_id = sdclip.Tokenizer(mode=args.mode), None
+    if args.pad_id is not None and not 0 <= args.pad_id < tokenizer.vocab_size:
+        raise BadInput(f"--pad-id {args.pad_id} is not a token id (0 to {tokenizer.vocab_size - 1}; 0 for SD2 and "
+                       f"SDXL's bigG, EOS for CLIP-L)")
+    return tokenizer, pad_id if args.pad_id is None else args.pad_id
 
 
 def _chunk_all(args: argparse.Namespace):
@@ -235,8 +308,9 @@ def _chunk_all(args: argparse.Namespace):
     tokenizer, pad_id = _dialect_tokenizer(args)
     dialect = args.dialect or "diffusers"
     options = {"pad_id": pad_id, "max_prompt_chars": args.max_prompt_chars, **_dialect_options(args, "chunk", dialect)}
-    for prompt in read_prompts(args.prompts, args.file, args.max_prompt_chars):
-        yield chunk(prompt, dialect, tokenizer, **options), tokenizer
+    for node in _per_prompt(read_prompts(args.prompts, args.file, args.max_prompt_chars),
+                            lambda prompt: chunk(prompt, dialect, tokenizer, **options)):
+        yield node, tokenizer
 
 
 def _print_chunks(args: argparse.Namespace) -> None:
@@ -258,8 +332,10 @@ def cmd_parse(args: argparse.Namespace) -> None:
     from .prompts.render import describe_segments, to_json
 
     options = _dialect_options(args, "parse", args.dialect)
-    for n, prompt in enumerate(read_prompts(args.prompts, args.file, args.max_prompt_chars)):
-        node = parse(prompt, args.dialect, max_prompt_chars=args.max_prompt_chars, **options)
+    prompts = read_prompts(args.prompts, args.file, args.max_prompt_chars)
+    for n, node in enumerate(_per_prompt(prompts, lambda prompt: parse(prompt, args.dialect,
+                                                                       max_prompt_chars=args.max_prompt_chars,
+                                                                       **options))):
         print(json.dumps(to_json(node)) if args.json else ("\n" if n else "") + describe_segments(node))
 
 
@@ -400,15 +476,12 @@ def cmd_shapes(args: argparse.Namespace) -> None:
     exclude = frozenset(labels(shapes)) - HELD_OUT if args.held_out else HELD_OUT
     data = Shapes(size=args.size, seed=args.seed, length=args.n, shapes=shapes, exclude=exclude, pair_p=args.pairs)
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for i in range(args.n):
-            image, caption = data[i]
-            image.save(out / f"{i:05d}.png")
-            (out / f"{i:05d}.txt").write_text(caption + "\n", encoding="utf-8")
-            print(f"{out / f'{i:05d}.png'}\t{caption}")
-    except OSError as e:
-        raise SdclipError(f"{out}: cannot write ({e.strerror or e})") from None
+    for i in range(args.n):
+        image, caption = data[i]
+        with atomic_path(out / f"{i:05d}.png") as tmp:
+            image.save(tmp, format="PNG")
+        write_text(out / f"{i:05d}.txt", caption + "\n")
+        print(f"{out / f'{i:05d}.png'}\t{caption}")
 
 
 _TRAIN_HELP = {
@@ -447,12 +520,21 @@ def _run_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(threads)
 
 
+def _finite_float(text: str) -> float:
+    """A float option: a finite number (nan and inf are refused before a run can begin)."""
+    value = float(text)  # a ValueError is argparse's "invalid _finite_float value"
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def _add_run_options(p: argparse.ArgumentParser, config: type, helps: dict[str, str], skip: tuple[str, ...] = ()) -> None:
     """A training command's options: one per field of its config dataclass (``--field-name``, typed and
     defaulted as the field), and --resume, --until, --threads."""
     for field in fields(config):
         if field.name not in skip:
-            p.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=type(field.default),
+            kind = _finite_float if isinstance(field.default, float) else type(field.default)
+            p.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=kind,
                            default=field.default, help=f"{helps.get(field.name, '')} (default {field.default})".strip())
     p.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
     p.add_argument("--until", type=int, help="stop after this step (with a checkpoint); --resume continues")
@@ -500,7 +582,7 @@ def _add_clip_commands(sub) -> None:
     p.add_argument("--n", type=int, default=8, help="how many pictures (default 8)")
     p.add_argument("--seed", type=int, default=0, help="picture i of a seed is always the same (default 0)")
     p.add_argument("--size", type=int, default=64, help="pixels per side (default 64)")
-    p.add_argument("--pairs", type=float, default=0.0, help="share of two-object pictures (default 0; training: 0.3)")
+    p.add_argument("--pairs", type=_finite_float, default=0.0, help="share of two-object pictures (default 0; training: 0.3)")
     p.add_argument("--shapes", help="comma-separated shapes (default: the six training shapes; heart and crescent "
                    "are never trained on)")
     p.add_argument("--held-out", action="store_true", help="only the held-out colour x shape pairs")
@@ -537,6 +619,7 @@ def _image_paths(items: Sequence[str]) -> list[Path]:
 
 
 def cmd_ti_train(args: argparse.Namespace) -> None:
+    from .clip import check_templates
     from .embeddings import save_embedding
     from .inversion import InversionConfig, train_embedding
     from .runs import load_checkpoint
@@ -545,6 +628,7 @@ def cmd_ti_train(args: argparse.Namespace) -> None:
     settings = {f: getattr(args, f) for f in InversionConfig.__dataclass_fields__
                 if f not in ("templates", "negatives")}
     if args.template:
+        check_templates(args.template)
         settings["templates"] = tuple(args.template)
     settings["negatives"] = tuple(n.strip() for n in (args.negatives or "").split(",") if n.strip())
     if _resumes(args):
@@ -892,14 +976,23 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+# the commands whose results go to stdout (the others write files and only talk on stderr)
+_PRINTS_DATA = (cmd_tokenize, cmd_parse, cmd_tokens, cmd_info, cmd_zeroshot, cmd_similarity, cmd_shapes,
+                cmd_ti_inspect)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 failure, 2 bad input)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version and usage errors
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    if args.run in _PRINTS_DATA and (sys.stdout is None or sys.stdout.closed):
+        return _fail("standard output is closed: nowhere to write the results", 1)
     try:
         args.run(args)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # a full disk or a closed pipe shows here, not after the exit status is set
     except BadInput as e:
         return _fail(str(e), 2)
     except SdclipError as e:
@@ -908,6 +1001,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `sdclip tokenize ... | head`: the reader has all it wanted
         return 0
+    except OSError as e:  # readers turn their own OSErrors into BadInput: this is stdout (a full disk, say)
+        return _fail(f"{e.filename or 'standard output'}: cannot write ({e.strerror or e})", 1)
     except Exception as e:  # an sdclip bug: say so briefly; SDCLIP_DEBUG=1 shows the traceback
         if os.environ.get("SDCLIP_DEBUG"):
             raise

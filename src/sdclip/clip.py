@@ -10,6 +10,7 @@ state dicts with ``visual.*``).
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence, Union
@@ -17,10 +18,10 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 from torch import nn
 
 from . import bundled
+from .atomic import write_safetensors, write_text
 from .checkpoint import NAMES, CheckpointInfo, foreign_names
 from .embeddings import EmbeddingSource, inject, token_table
 from .encoder import _dtype, _read_json, load as load_text
@@ -35,6 +36,20 @@ from .vision import VISION_NAMES, VisionConfig, VisionTransformer, find_vision_t
 Texts = Union[str, Sequence[str], torch.Tensor]
 Images = Union[ImageLike, Sequence[ImageLike], torch.Tensor]
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def check_templates(templates: Sequence[str]) -> None:
+    """A template holds exactly one ``{}`` (where the label or word goes) and no other format field."""
+    for t in templates:
+        try:
+            fields = [name for _, name, spec, _ in string.Formatter().parse(t) if name is not None]
+        except ValueError as e:
+            raise BadInput(f"template {t!r}: {e} (write a literal brace as {{{{ or }}}})") from None
+        if not fields:
+            raise BadInput(f"template {t!r} has no '{{}}' for the label")
+        if fields != [""]:
+            raise BadInput(f"template {t!r} must hold exactly one '{{}}' for the label, and no other {{...}} field "
+                           f"(it has {len(fields)}: {', '.join('{' + f + '}' for f in fields)})")
 
 
 class CLIPModel(nn.Module):
@@ -108,19 +123,19 @@ class CLIPModel(nn.Module):
                 for part, chunk in zip(parts, t.chunk(len(parts))):
                     state[prefix + part] = chunk
         state["logit_scale"] = self.logit_scale.detach()
-        save_file({k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in state.items()},
-                  str(folder / "model.safetensors"), metadata={"format": "pt"})
-        (folder / "config.json").write_text(json.dumps(self.hf_config(torch_dtype), indent=2) + "\n")
+        write_safetensors(folder / "model.safetensors",
+                          {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in state.items()}, {"format": "pt"})
+        write_text(folder / "config.json", json.dumps(self.hf_config(torch_dtype), indent=2) + "\n")
         self.tokenizer.save_hf(folder)
         eos = "<|endoftext|>"
         pad = self.tokenizer.decoder[self.text.config.pad_id]
-        (folder / "special_tokens_map.json").write_text(json.dumps(
+        write_text(folder / "special_tokens_map.json", json.dumps(
             {"bos_token": "<|startoftext|>", "eos_token": eos, "unk_token": eos, "pad_token": pad}, indent=2) + "\n")
-        (folder / "tokenizer_config.json").write_text(json.dumps(
+        write_text(folder / "tokenizer_config.json", json.dumps(
             {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.text.config.context_length,
              "bos_token": "<|startoftext|>", "eos_token": eos, "unk_token": eos, "pad_token": pad}, indent=2) + "\n")
         size = self.vision.config.image_size
-        (folder / "preprocessor_config.json").write_text(json.dumps(
+        write_text(folder / "preprocessor_config.json", json.dumps(
             {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
              "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
              "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(MEAN),
@@ -225,9 +240,7 @@ class CLIPModel(nn.Module):
         normalized again (CLIP's prompt ensembling).  ``embeddings``: see ``encode_text``."""
         if not labels or not templates:
             raise BadInput("zero-shot classification needs at least one label and one template")
-        bad = [t for t in templates if "{}" not in t]
-        if bad:
-            raise BadInput(f"template {bad[0]!r} has no '{{}}' for the label")
+        check_templates(templates)
         prompts = [t.format(label) for label in labels for t in templates]
         per_label = self.encode_text(prompts, embeddings=embeddings).view(len(labels), len(templates), -1)
         return F.normalize(per_label.mean(1), dim=-1)

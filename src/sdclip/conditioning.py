@@ -39,6 +39,7 @@ from .embeddings import EmbeddingSource, by_name, load_embeddings, put_vectors
 from .encoder import TextEncoder
 from .errors import BadInput
 from .limits import MAX_PROMPT_CHARS, check_prompt
+from .model import TextTransformer
 from .families import CLIP, FAMILIES, Family, Usage
 from .prompts import Dialect, check_options
 from .prompts import get as get_dialect
@@ -105,8 +106,8 @@ class Encoded:
 
 @dataclass
 class _Leaf:
-    """A prompt's conditioning before the pooled projection, which runs once per batch (as diffusers runs it: a
-    one-row and a many-row matrix product round differently)."""
+    """A prompt's conditioning before the pooled projection, which runs per prompt (as diffusers runs it for one
+    prompt; one row at a time, so that a prompt's value does not depend on its batch)."""
 
     hidden: torch.Tensor
     pooled: list[torch.Tensor]  # per pooled encoder: final-LN'd at EOS, not yet projected
@@ -425,23 +426,28 @@ class Conditioner:
             return map_leaves(tree, finish)
 
     def _project(self, leaves: list[_Leaf]) -> torch.Tensor | None:
-        """The batch's pooled outputs [B, P]: each pooled encoder's projection run once over all rows, then the
-        encoders side by side (None where the family's U-Net reads no pooled output)."""
+        """The batch's pooled outputs [B, P]: each pooled encoder's projection of each prompt on its own (a
+        one-row product: the same bits whatever the batch), the encoders side by side (None where the family's
+        U-Net reads no pooled output)."""
         towers = [self.te.tower(e.number) for e in self.encoders if e.pooled]
         if not towers:
             return None
-        real = [leaf for leaf in leaves if not leaf.zeros]
-        parts = []
-        for k, tower in enumerate(towers):
-            x = torch.stack([leaf.pooled[k] for leaf in real]) if real else None
-            parts.append(tower.projection(x) if tower.projection is not None and x is not None else x)
-        joined = iter(torch.cat(parts, -1)) if real else iter(())
         width = sum(t.config.projection_dim or t.config.width for t in towers)
         zeros = torch.zeros(width, dtype=self.te.dtype, device=self.te.device)
-        return torch.stack([zeros if leaf.zeros else next(joined) for leaf in leaves])
+
+        def project(tower: TextTransformer, x: torch.Tensor) -> torch.Tensor:
+            return tower.projection(x[None])[0] if tower.projection is not None else x
+        return torch.stack([zeros if leaf.zeros else torch.cat([project(t, p) for t, p in zip(towers, leaf.pooled)])
+                            for leaf in leaves])
 
     # --- planning ---------------------------------------------------------------------------------------------
     def _plan(self, call: _Call, prompt: str, usages: list[Usage], negative: bool) -> Deferred[Node[_Leaf]]:
+        """Every prompt's conditioning, checked finite (``check_finite``) before anyone sees it."""
+        plan = self._plan_prompt(call, prompt, usages, negative)
+        return lambda: map_leaves(plan(), lambda leaf: check_finite(leaf, prompt, self.front_end,
+                                                                    self.options))
+
+    def _plan_prompt(self, call: _Call, prompt: str, usages: list[Usage], negative: bool) -> Deferred[Node[_Leaf]]:
         if not isinstance(prompt, str) and not (negative and prompt is None):
             raise BadInput(f"a prompt must be a string, got {type(prompt).__name__}")
         if negative and self.front_end.zero_negative(prompt, family_of(self.te)):
@@ -615,6 +621,43 @@ class Conditioner:
                                "the parts, so there is no single conditioning tensor (use Conditioner.encode_tree)")
             node = node.parts[0]
         return node  # type: ignore[return-value]
+
+
+def check_finite(leaf: _Leaf, prompt: str | None, front_end: Dialect, options: dict) -> _Leaf:
+    """sdclip never hands on a NaN or infinite conditioning: a clear error naming the prompt and what made it (a
+    weight beyond float32, one whose product overflows, or a compel ``.blend()`` whose weights sum to 0)."""
+    if all(torch.isfinite(t).all() for t in (leaf.hidden, *leaf.pooled)):
+        return leaf
+    weights: list[float] = []
+    zero_blends: list[tuple[float, ...]] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, Schedule):
+            for _, conj in node.entries:
+                walk(conj)
+        elif isinstance(node, (Blend, Conjunction)):
+            weights.extend(node.weights)
+            if isinstance(node, Blend) and node.normalize and sum(node.weights) == 0:
+                zero_blends.append(node.weights)
+            for part in node.parts:
+                walk(part)
+        else:
+            weights.extend(s.weight for s in node)  # type: ignore[attr-defined]
+    walk(front_end.parse(prompt or "", **options))
+    limit = torch.finfo(torch.float32).max
+    beyond = [w for w in weights if not abs(w) <= limit]
+    if zero_blends:
+        why = (f".blend() weights {', '.join(f'{w:g}' for w in zero_blends[0])} sum to 0 and compel divides by "
+               f"their sum: compel itself gives NaN for this prompt")
+    elif beyond:
+        why = f"weight {beyond[0]:g} is beyond float32's range (±{limit:.3g})"
+    elif weights and max(map(abs, weights)) > 1:
+        why = f"weight {max(weights, key=abs):g} makes the conditioning overflow float32"
+    else:
+        why = "the text encoder's output is not finite (NaN or infinite values in the model's weights?)"
+    shown = prompt if prompt is None or len(prompt) <= 120 else prompt[:120] + "..."
+    raise BadInput(f"{front_end.name} prompt {shown!r}: the conditioning would be NaN or infinite: {why}; weights must "
+                   f"be finite numbers whose weighted conditioning stays within float32")
 
 
 def _digest(value: object) -> object:

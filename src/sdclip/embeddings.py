@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import warnings
 from dataclasses import dataclass
@@ -28,11 +29,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence, Union
 
 import torch
-from safetensors.torch import save_file
 
 from . import limits
+from .atomic import write_bytes, write_safetensors
 from .checkpoint import ROLES
-from .errors import BadInput, SdclipError
+from .errors import BadInput
 from .runconfig import FORMATS
 from .prompts import plain
 from .tensorfile import open_tensor_file
@@ -172,9 +173,10 @@ def read_embedding(path: str | Path) -> Embedding:
         return _from_tensors(tensors, f.metadata, path, stem)
 
 
-def _scan(folder: Path) -> list[Embedding]:
+def _scan(folder: Path, strict: bool = False) -> list[Embedding]:
     """Every embedding under a folder (sub-folders too), as A1111 and ComfyUI scan theirs: empty files and
-    pictures without an embedding are passed over; a broken file is skipped with a warning."""
+    pictures without an embedding are passed over; a broken file is skipped with a warning (``strict``: an
+    error)."""
     out = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES):
         if path.stat().st_size == 0 or path.name.lower().endswith(tuple(f".preview{s}" for s in IMAGE_SUFFIXES)):
@@ -184,19 +186,24 @@ def _scan(folder: Path) -> list[Embedding]:
                 continue
             out.append(read_embedding(path))
         except BadInput as e:
-            warnings.warn(f"skipping embedding: {e}", stacklevel=3)
+            if strict:
+                raise
+            warnings.warn(f"skipping embedding: {e} (as A1111 and ComfyUI skip it; --strict-embeddings makes this "
+                          f"an error)", stacklevel=3)
     return out
 
 
-def load_embeddings(source: EmbeddingSource) -> list[Embedding]:
+def load_embeddings(source: EmbeddingSource, strict: bool = False) -> list[Embedding]:
     """Embeddings from a file, a folder (scanned), ``Embedding`` objects, a list of these, or a mapping
-    name -> ``Embedding`` (the key becomes its name in every dialect)."""
+    name -> ``Embedding`` (the key becomes its name in every dialect).  A broken file in a folder is skipped
+    with a warning, as A1111 and ComfyUI skip it; ``strict=True`` raises ``BadInput`` instead.  A file named
+    on its own is always read or refused."""
     if isinstance(source, Embedding):
         return [source]
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_dir():
-            return _scan(path)
+            return _scan(path, strict)
         return [read_embedding(path)]
     if isinstance(source, Mapping):
         out = []
@@ -205,7 +212,7 @@ def load_embeddings(source: EmbeddingSource) -> list[Embedding]:
                 raise BadInput(f"embedding {name!r}: expected an Embedding, got {type(e).__name__}")
             out.append(Embedding(name, name, e.vectors, e.path))
         return out
-    return [e for item in source for e in load_embeddings(item)]
+    return [e for item in source for e in load_embeddings(item, strict)]
 
 
 def by_name(embeddings: Iterable[Embedding], token: bool = False) -> dict[str, Embedding]:
@@ -309,17 +316,15 @@ def save_embedding(embedding: Embedding, path: str | Path, format: str | None = 
     elif len(tensors) != 1:
         raise BadInput(f"{embedding.name}: vectors for {', '.join(tensors)}; a file holds one set, or an SDXL pair")
     vec = next(iter(tensors.values()))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if format == "a1111":
-            torch.save({"string_to_token": {"*": _STAR_ID}, "string_to_param": {"*": vec}, "name": embedding.token,
-                        "step": step, "sd_checkpoint": None, "sd_checkpoint_name": checkpoint}, path)
-        elif format == "safetensors":
-            save_file(tensors if len(tensors) == 2 else {"emb_params": vec}, str(path))
-        elif path.suffix.lower() == ".bin":
-            torch.save({embedding.token: vec}, path)
-        else:
-            save_file({embedding.token: vec}, str(path))
-    except OSError as e:
-        raise SdclipError(f"{path}: cannot write ({e.strerror or e})") from None
+    if format == "safetensors":
+        write_safetensors(path, tensors if len(tensors) == 2 else {"emb_params": vec})
+    elif format == "diffusers" and path.suffix.lower() == ".safetensors":
+        write_safetensors(path, {embedding.token: vec})
+    else:
+        data = ({"string_to_token": {"*": _STAR_ID}, "string_to_param": {"*": vec}, "name": embedding.token,
+                 "step": step, "sd_checkpoint": None, "sd_checkpoint_name": checkpoint} if format == "a1111"
+                else {embedding.token: vec})
+        buffer = io.BytesIO()  # small; torch's own file writer reports a full disk as an opaque RuntimeError
+        torch.save(data, buffer)
+        write_bytes(path, buffer.getvalue())
     return path

@@ -35,18 +35,19 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 class TextEncoder:
     """The text encoder(s) of one checkpoint: towers, tokenizers, family defaults.
 
-    ``encoder`` arguments count from 1 (SDXL: 1 = CLIP-L, 2 = OpenCLIP-bigG).
+    ``encoder`` arguments count from 1 (SDXL: 1 = CLIP-L, 2 = OpenCLIP-bigG).  One encoder may be shared by
+    threads: encoding only reads the weights; ``reuse`` (its counters and prefix cache) takes a lock.
     """
 
     def __init__(self, towers: Sequence[TextTransformer], usages: Sequence[Usage], tokenizers: Sequence[Tokenizer],
-                 family: str = "clip", info: CheckpointInfo | None = None, backend: str = "torch",
-                 quantize: str | None = None):
+                 family: str = "clip", info: CheckpointInfo | None = None, reuse: ReusingEncoder | None = None,
+                 backend: str = "torch", quantize: str | None = None):
         self.towers = list(towers)
         self.usages = list(usages)
         self.tokenizers = list(tokenizers)
         self.family = family
         self.info = info
-        self.reuse = ReusingEncoder()
+        self.reuse = reuse or ReusingEncoder()
         self._fingerprint: str | None = None
         self.backend, self.quantize = backend, quantize
         self._engines: list | None = None  # per tower: what runs its plain passes (sdclip.backends)
@@ -57,8 +58,9 @@ class TextEncoder:
 
     @property
     def fingerprint(self) -> str:
-        """A digest of the weights (sampled), architecture, tokenizers, defaults, dtype and device: what caches
-        of this model's outputs key on, so that two loads of one checkpoint share entries."""
+        """A digest of the weights (sampled), architecture, tokenizers, defaults, dtype and device, and the
+        micro-batch shape and thread count (which decide the rounding): what caches of this model's outputs key
+        on, so that two loads of one checkpoint share entries."""
         if self._fingerprint is None:
             h = hashlib.sha256(repr((self.family, self.usages, [(t.mode, t.vocab_size) for t in self.tokenizers],
                                      str(self.dtype), str(self.device))).encode())
@@ -72,7 +74,7 @@ class TextEncoder:
                         sample = flat[:: max(1, flat.numel() // 64)].float().cpu()
                         h.update(name.encode() + sample.numpy().tobytes() + flat.float().sum().cpu().numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
-        return self._fingerprint
+        return f"{self._fingerprint}/{self.reuse.signature}/threads={torch.get_num_threads()}"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -238,7 +240,7 @@ def _open(source: str | Path) -> tuple[list[tuple[TensorFile, dict | None, Path 
 
 def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
          tokenizer_mode: str = "hf", quantize: str | None = None, compile: bool = False, backend: str = "torch",
-         **overrides: Any) -> TextEncoder:
+         micro_batch: int = 8, share_prefixes: bool = False, **overrides: Any) -> TextEncoder:
     """Load the text encoder(s) of a checkpoint file, a diffusers / Hugging Face folder or a hub id
     (no source, or ``"sdclip-mini"``: the model bundled with sdclip).
 
@@ -250,9 +252,14 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "float3
     for a long-lived process, not for one command.  ``backend="onnxruntime"`` or ``"openvino"`` runs the plain
     forward passes on that engine from a graph exported once per model into ``~/.cache/sdclip`` (``SDCLIP_CACHE``;
     see ``sdclip.backends``: optional packages, ``pip install sdclip[onnx]``); with ``quantize="int8"`` ONNX
-    Runtime runs a dynamically quantized export instead of torch's int8.  Bad files raise ``BadInput``
-    naming the file.
+    Runtime runs a dynamically quantized export instead of torch's int8.
+    ``micro_batch``: the rows of every forward pass (results
+    are bit-identical whatever the batch, history or threads for one value; 1 is fastest for one prompt at a
+    time on a CPU); ``share_prefixes=True`` computes shared prompt prefixes once (faster, not bit-stable:
+    ``sdclip.reuse``).  Bad files raise ``BadInput`` naming the file.
     """
+    if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
+        raise BadInput(f"micro_batch must be a whole number of at least 1, got {micro_batch!r}")
     if quantize not in (None, "int8"):
         raise BadInput(f"unknown quantization {quantize!r}; the choice is int8")
     if compile and quantize:
@@ -302,5 +309,6 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "float3
     finally:
         for f in files:
             f.close()
-    return TextEncoder(modules, [t.usage for t in towers], tokenizers, family, info, backend,
+    return TextEncoder(modules, [t.usage for t in towers], tokenizers, family, info,
+                       ReusingEncoder(micro_batch, prefixes=share_prefixes), backend,
                        quantize if backend != "torch" else None)

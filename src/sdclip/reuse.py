@@ -1,22 +1,28 @@
-"""Exact reuse: never compute the same hidden state twice.
+"""Exact reuse: never compute the same hidden state twice, and the same answer whatever ran before.
 
-Attention in the text tower is causal, so position i depends only on tokens 0..i.  That makes
-three savings exact rather than approximate:
+A row's result must not depend on the rows it is batched with, on earlier calls or on other threads
+(caches, a dataset job that resumes, a server that batches requests all rely on it).  A matrix
+product's rounding depends on its shapes (and the thread count): the same row alone, in a batch of 5
+or computed after a cached prefix differs in the last bits, and A1111's mean restoration magnifies
+that ~300 times.  So every forward pass here has one fixed shape: ``micro_batch`` rows (the last
+micro-batch padded with copies of its last row) of the full length.  A row's output is then a
+function of the row alone, bit for bit.  The savings that keep that property:
 
 * identical rows (the same negative prompt for every image, several images per prompt) are
   encoded once;
-* rows that start with the same tokens (a shared "masterpiece, best quality, ..." prefix) compute
-  that prefix once; computed prefixes are kept in a bounded cache across calls;
-* a request for pooled outputs only (similarity, zero-shot, SDXL's pooled vector) stops at the
-  last EOS of the batch instead of running all 77 positions, rows grouped by length.
+* a request for pooled outputs only (similarity, zero-shot) stops each row at its EOS, rounded up
+  to a multiple of 8 positions: the length, too, depends on the row alone.
 
-The results agree with the plain path to float32 rounding: a matrix product's rounding depends
-on how many rows it multiplies, so even the plain path differs at ~1e-7 relative between batch
-sizes (see tests/test_reuse.py).
+Shared prompt prefixes (a "masterpiece, best quality, ..." start computed once, kept in a bounded
+cache across calls) are an opt-in (``prefixes=True``): the positions after a prefix run in a
+different shape, so their rounding depends on whether a prefix was found (within ~2e-6 relative of
+the plain path on the hidden states, up to ~4e-5 after A1111's emphasis; tests/test_reuse.py).
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -38,44 +44,48 @@ class ReuseStats:
 
     @property
     def saved(self) -> float:
-        """Fraction of token positions not computed."""
+        """Fraction of token positions not computed (negative where micro-batch padding computed more)."""
         return 1 - self.positions_computed / self.positions if self.positions else 0.0
 
 
 @dataclass
 class PrefixCache:
-    """Computed prefixes across calls, least recently used dropped first, bounded in bytes."""
+    """Computed prefixes across calls, least recently used dropped first, bounded in bytes; thread-safe."""
 
     max_bytes: int = 256 * 2**20
     entries: OrderedDict = field(default_factory=OrderedDict)
     nbytes: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def lookup(self, tower: TextTransformer, row: tuple[int, ...], max_length: int) -> Prefix | None:
         """The longest cached prefix of ``row`` for ``tower`` no longer than ``max_length``."""
-        best = None
-        for key, prefix in self.entries.items():
-            n = len(key[1])
-            if key[0] == id(tower) and n <= max_length and row[:n] == key[1]:
-                if best is None or n > best[1].length:
-                    best = (key, prefix)
-        if best is None:
-            return None
-        self.entries.move_to_end(best[0])
-        return best[1]
+        with self._lock:
+            best = None
+            for key, prefix in self.entries.items():
+                n = len(key[1])
+                if key[0]() is tower and n <= max_length and row[:n] == key[1]:
+                    if best is None or n > best[1].length:
+                        best = (key, prefix)
+            if best is None:
+                return None
+            self.entries.move_to_end(best[0])
+            return best[1]
 
     def store(self, tower: TextTransformer, prefix: Prefix) -> None:
-        key = (id(tower), tuple(prefix.ids.tolist()))
-        if key in self.entries or prefix.nbytes > self.max_bytes:
-            return
-        self.entries[key] = prefix
-        self.nbytes += prefix.nbytes
-        while self.nbytes > self.max_bytes:
-            _, old = self.entries.popitem(last=False)
-            self.nbytes -= old.nbytes
+        key = (weakref.ref(tower), tuple(prefix.ids.tolist()))  # a later tower at the same id is another key
+        with self._lock:
+            if key in self.entries or prefix.nbytes > self.max_bytes:
+                return
+            self.entries[key] = prefix
+            self.nbytes += prefix.nbytes
+            while self.nbytes > self.max_bytes:
+                _, old = self.entries.popitem(last=False)
+                self.nbytes -= old.nbytes
 
     def clear(self) -> None:
-        self.entries.clear()
-        self.nbytes = 0
+        with self._lock:
+            self.entries.clear()
+            self.nbytes = 0
 
 
 def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -101,39 +111,73 @@ def plan_prefixes(rows: torch.Tensor, min_prefix: int) -> list[tuple[int, list[i
 
 
 class ReusingEncoder:
-    """Runs a tower over [N, L] ids with every exact saving above; holds the prefix cache."""
+    """Runs a tower over [N, L] ids in fixed-shape micro-batches with the savings above; thread-safe (one
+    encoder may serve many threads: the tower only reads its weights, the counters and caches take a lock)."""
 
-    def __init__(self, min_prefix: int = 8, min_saving: int = 154, cache_bytes: int = 256 * 2**20,
-                 batch_size: int = 32):
-        """``min_prefix``: the shortest prefix worth sharing; ``min_saving``: the positions a shared prefix
-        must save (rows after the first x its length) to pay for its own pass and a separate batch."""
+    def __init__(self, micro_batch: int = 8, *, prefixes: bool = False, min_prefix: int = 8, min_saving: int = 154,
+                 cache_bytes: int = 256 * 2**20):
+        """``micro_batch``: the rows of every forward pass (a speed knob: each value is deterministic, but two
+        values round differently).  ``prefixes``: share prompt prefixes (faster on prompts with long common
+        starts, not bit-stable: see the module note); ``min_prefix``: the shortest prefix worth sharing;
+        ``min_saving``: the positions a shared prefix must save (rows after the first x its length) to pay for
+        its own pass and a separate batch."""
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be at least 1, got {micro_batch}")
+        self.micro_batch = micro_batch
+        self.prefixes = prefixes
         self.min_prefix = min_prefix
         self.min_saving = min_saving
-        self.batch_size = batch_size
         self.cache = PrefixCache(cache_bytes)
         self.stats = ReuseStats()
+        self._lock = threading.Lock()
+
+    @property
+    def signature(self) -> str:
+        """What, besides the weights, a row's output depends on: part of cache keys."""
+        return f"micro_batch={self.micro_batch}" + (",prefixes" if self.prefixes else "")
+
+    def _count(self, **added: int) -> None:
+        with self._lock:
+            for name, n in added.items():
+                setattr(self.stats, name, getattr(self.stats, name) + n)
 
     def __call__(self, tower: TextTransformer, ids: torch.Tensor, *, layer: int = -1, final_norm: bool = True,
                  hidden: bool = True, pooled: bool = True, pooling: str | None = None) -> TextOutput:
         pooling = pooling or tower.config.pooling
         unique, inverse = torch.unique(ids, dim=0, return_inverse=True)  # sorted: shared prefixes are adjacent
-        self.stats.rows += len(ids)
-        self.stats.unique_rows += len(unique)
-        self.stats.positions += ids.numel()
-        if hidden:
-            out = self._with_prefixes(tower, unique, layer, final_norm, pooled, pooling)
-        else:
+        self._count(rows=len(ids), unique_rows=len(unique), positions=ids.numel())
+        kw = dict(layer=layer, final_norm=final_norm, pooled=pooled, pooling=pooling)
+        if not hidden:
             out = self._pooled_only(tower, unique, pooling)
+        elif self.prefixes:
+            out = self._with_prefixes(tower, unique, **kw)
+        else:
+            out = _scatter(len(unique), [(list(range(len(unique))), self._run(tower, unique, None, **kw))], True)
         pick = (lambda t: None if t is None else t[inverse])
         return TextOutput(pick(out.hidden), pick(out.pooled), pick(out.pooled_projected))
 
     def _run(self, tower: TextTransformer, ids: torch.Tensor, prefix: Prefix | None, **kw: object) -> list[TextOutput]:
-        self.stats.positions_computed += ids[:, 0 if prefix is None else prefix.length:].numel()
-        return [tower(ids[s:s + self.batch_size], prefix=prefix, **kw)  # type: ignore[arg-type]
-                for s in range(0, len(ids), self.batch_size)]
+        """Forward passes of ``micro_batch`` rows each (as many more as shorter rows allow: about the positions of
+        ``micro_batch`` full rows, a number that depends on the length alone): the last one padded with copies of
+        its last row, whose outputs are dropped (not with prefixes, whose rounding moves anyway)."""
+        mb = self.micro_batch * max(1, tower.config.context_length // ids.shape[1])
+        outs = []
+        for s in range(0, len(ids), mb):
+            part = ids[s:s + mb]
+            n = len(part)
+            if n < mb and not self.prefixes:
+                part = torch.cat([part, part[-1:].expand(mb - n, -1)])
+            out = tower(part, prefix=prefix, **kw)  # type: ignore[arg-type]
+            projected = None
+            if out.pooled_projected is not None:  # one row at a time: what diffusers computes for one prompt
+                projected = torch.cat([tower.projection(p[None]) for p in out.pooled[:n]])  # type: ignore[misc]
+            outs.append(TextOutput(None if out.hidden is None else out.hidden[:n],
+                                   None if out.pooled is None else out.pooled[:n], projected))
+        rows = len(ids) if self.prefixes else len(outs) * mb
+        self._count(positions_computed=rows * (ids.shape[1] - (0 if prefix is None else prefix.length)))
+        return outs
 
-    def _with_prefixes(self, tower: TextTransformer, rows: torch.Tensor, layer: int, final_norm: bool,
-                       pooled: bool, pooling: str) -> TextOutput:
+    def _with_prefixes(self, tower: TextTransformer, rows: torch.Tensor, **kw: object) -> TextOutput:
         """Rows sharing a prefix long enough to pay for a separate pass run after it; a lone row may use a
         cached prefix of itself; every other row runs in one plain batch."""
         plain: list[int] = []
@@ -144,34 +188,34 @@ class ReusingEncoder:
             if len(members) > 1 and (len(members) - 1) * shared >= self.min_saving:
                 prefix = self.cache.lookup(tower, first, shared)
                 if prefix is not None and prefix.length == shared:
-                    self.stats.prefix_cache_hits += 1
+                    self._count(prefix_cache_hits=1)
                 else:
-                    self.stats.prefix_cache_misses += 1
+                    self._count(prefix_cache_misses=1)
                     prefix = tower.compute_prefix(rows[members[0], :shared])
-                    self.stats.positions_computed += shared
+                    self._count(positions_computed=shared)
                     self.cache.store(tower, prefix)
             elif len(members) == 1:
                 prefix = self.cache.lookup(tower, first, len(first) - 1)
                 if prefix is not None and prefix.length >= self.min_prefix:
-                    self.stats.prefix_cache_hits += 1
+                    self._count(prefix_cache_hits=1)
                 else:
                     prefix = None
             if prefix is None:
                 plain += members
             else:
                 after.setdefault(tuple(prefix.ids.tolist()), (prefix, []))[1].extend(members)
-        kw = dict(layer=layer, final_norm=final_norm, pooled=pooled, pooling=pooling)
         parts = [(plain, self._run(tower, rows[plain], None, **kw))] if plain else []
         parts += [(members, self._run(tower, rows[members], prefix, **kw)) for prefix, members in after.values()]
         return _scatter(len(rows), parts, hidden=True)
 
     def _pooled_only(self, tower: TextTransformer, rows: torch.Tensor, pooling: str) -> TextOutput:
-        eos = rows.argmax(-1) if pooling == "argmax" else (rows == tower.config.eos_id).int().argmax(-1)
-        order = torch.argsort(eos).tolist()
+        """Each row cut after its pooling position, rounded up to 8 positions (a length that depends on the row
+        alone); rows of one length run together, more of them per pass the shorter they are."""
+        where = rows.argmax(-1) if pooling == "argmax" else (rows == tower.config.eos_id).int().argmax(-1)
+        lengths = torch.clamp((where // 8 + 1) * 8, max=rows.shape[1]).tolist()
         parts: list[tuple[list[int], list[TextOutput]]] = []
-        for s in range(0, len(order), self.batch_size):  # rows of similar length together
-            members = order[s:s + self.batch_size]
-            length = int(eos[members].max()) + 1
+        for length in sorted(set(lengths)):
+            members = [i for i, n in enumerate(lengths) if n == length]
             parts.append((members, self._run(tower, rows[members, :length], None, layer=-1, final_norm=False,
                                              pooled=True, pooling=pooling)))
         return _scatter(len(rows), parts, hidden=False)

@@ -99,6 +99,8 @@ class Shapes:
             raise BadInput(f"unknown shape {unknown[0]!r}; choose from {', '.join(SHAPES)}")
         if size < 16:
             raise BadInput(f"pictures of {size} pixels are too small to draw shapes in; use 16 or more")
+        if size > 4096:
+            raise BadInput(f"pictures of {size} x {size} pixels are too large for shape pictures; use 4096 or less")
         if not (0 <= pair_p <= 1 and 0 <= partial_p <= 1):
             raise BadInput(f"pair_p and partial_p are shares: 0 to 1, got {pair_p} and {partial_p}")
         self.size, self.seed, self.length, self.pair_p, self.partial_p = size, seed, length, pair_p, partial_p

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 import regex
 
+from .atomic import write_text
 from .errors import BadInput
 
 if TYPE_CHECKING:
@@ -258,11 +259,9 @@ class Tokenizer:
     def save_hf(self, folder: str | Path) -> None:
         """Write ``vocab.json`` and ``merges.txt`` as Hugging Face tokenizer folders hold them."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "vocab.json").write_text(json.dumps(self.encoder, ensure_ascii=False), encoding="utf-8")
+        write_text(folder / "vocab.json", json.dumps(self.encoder, ensure_ascii=False))
         merges = sorted(self.bpe_ranks, key=self.bpe_ranks.__getitem__)
-        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
-                                           encoding="utf-8")
+        write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
 
     # --- cleaning -------------------------------------------------------------------------
     def _fix(self, text: str) -> str:

@@ -513,7 +513,8 @@ class A1111(Dialect):
     unfit_embedding = "skip"
 
     def parse(self, text: str, **options: Any) -> Node[list[Segment]]:
-        return parse_prompt(text, **options)
+        """``options``: the schedule's (steps, hires_steps, old_scheduling); the others are the chunker's."""
+        return parse_prompt(text, **{k: options[k] for k in ("steps", "hires_steps", "old_scheduling") if k in options})
 
     def chunk(self, text: str, tokenizer: Tokenizer, **options: Any) -> Node[Chunked]:
         return chunk_prompt(text, tokenizer, **options)
