@@ -17,7 +17,8 @@ from sdclip.checkpoint import Usage
 from sdclip.model import TextConfig, TextTransformer
 
 from condfakes import encoder as fake_encoder
-from condfakes import one_thread  # noqa: F401  (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 QUALITY = ("masterpiece, best quality, ultra detailed, highres, sharp focus, intricate, beautiful lighting, "
            "cinematic, 8k, professional photo, award winning, trending on artstation, ")

@@ -13,9 +13,10 @@ import torch
 
 import condfakes
 import sdclip
-from condfakes import one_thread  # noqa: F401  (autouse)
 from sdclip.cache import ConditioningCache, _nbytes
 from sdclip.reuse import PrefixCache
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 THREADS = 8
 

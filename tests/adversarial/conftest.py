@@ -1,6 +1,0 @@
-"""The adversarial suite imports the shared test helpers (``layouts``, ``test_tensorfile``) from tests/."""
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
