@@ -33,7 +33,6 @@ import pyarrow.parquet as pq
 CAPTIONS = ["a red circle", "a blue square on a green field", "a red circle", "a yellow star",
             "two small purple triangles", "a blue square on a green field", "an orange hexagon", "a grey cross",
             "a pink ring around a dot", "a yellow star", "a long caption " + "with many words " * 30, "a black oval"]
-ISSUE_16 = "encode outputs depend on the batch companions until issue 16 item 2 (harden-state) lands"
 
 
 def _options(**kw) -> cachejob.CacheOptions:
@@ -158,7 +157,6 @@ def test_rows_equal_the_same_batch_layout_reference(tmp_path: Path, mini, dtype:
     assert long.truncated and long.token_count > 75
 
 
-@pytest.mark.xfail(reason=ISSUE_16, strict=False)
 def test_rows_equal_encode_prompts_of_each_caption_alone(tmp_path: Path, mini):
     out = tmp_path / "out"
     _run([_txt(tmp_path)], out, _options())
@@ -168,7 +166,6 @@ def test_rows_equal_encode_prompts_of_each_caption_alone(tmp_path: Path, mini):
         assert torch.equal(rows[f"{tmp_path}/caps.txt:{n}"].hidden, alone.hidden[0])
 
 
-@pytest.mark.xfail(reason=ISSUE_16, strict=False)
 def test_sdxl_rows_equal_encode_prompts_of_each_caption_alone(tmp_path: Path, sdxl):
     out = tmp_path / "out"
     _run([_txt(tmp_path, CAPTIONS[:5])], out, _options(), te=sdxl)

@@ -396,7 +396,7 @@ def test_ten_megabyte_prompt_is_refused_within_bounds(tmp_path):
                         ["parse", "--dialect", "a1111", "--max-prompt-chars", "20", "(a:1.1) (b:1.2) (c:0.9)"]],
                        timeout=120)
     for outcome in outcomes[:2]:
-        assert outcome.rc == 2 and f"{prompts}: prompt 2" in outcome.stderr and "--max-prompt-chars" in outcome.stderr, \
+        assert outcome.rc == 2 and f"{prompts}:2: prompt" in outcome.stderr and "--max-prompt-chars" in outcome.stderr, \
             outcome.stderr
     assert outcomes[2].rc == 2 and "limit of 20" in outcomes[2].stderr
     assert not out.exists()
@@ -407,7 +407,7 @@ def test_max_prompt_chars_raises_the_limit(tmp_path):
     prompts.write_text("a cat, " * 20_000)  # 140k characters
     call = ["tokenize", "--chunks", "--dialect", "a1111", "--file", str(prompts)]
     outcomes = run_cli([call, [*call, "--max-prompt-chars", "200000"], [*call, "--max-prompt-chars", "0"]], timeout=300)
-    assert outcomes[0].rc == 2 and "prompt 1" in outcomes[0].stderr
+    assert outcomes[0].rc == 2 and "prompts.txt:1: prompt" in outcomes[0].stderr
     assert outcomes[1].rc == 0 and outcomes[2].rc == 0, (outcomes[1].stderr, outcomes[2].stderr)
 
 

@@ -58,9 +58,14 @@ class TextEncoder:
 
     @property
     def fingerprint(self) -> str:
-        """A digest of the weights (sampled), architecture, tokenizers, defaults, dtype and device, and the
-        micro-batch shape and thread count (which decide the rounding): what caches of this model's outputs key
-        on, so that two loads of one checkpoint share entries."""
+        """``weights_fingerprint`` with the micro-batch shape and thread count (which decide the rounding): what
+        caches of this model's outputs key on, so that two loads of one checkpoint share entries."""
+        return f"{self.weights_fingerprint}/{self.reuse.signature}/threads={torch.get_num_threads()}"
+
+    @property
+    def weights_fingerprint(self) -> str:
+        """A digest of the weights (sampled), architecture, tokenizers, defaults, dtype, device and engine: what
+        an exported graph of this model keys on."""
         if self._fingerprint is None:
             h = hashlib.sha256(repr((self.family, self.usages, [(t.mode, t.vocab_size) for t in self.tokenizers],
                                      str(self.dtype), str(self.device))).encode())
@@ -74,7 +79,7 @@ class TextEncoder:
                         sample = flat[:: max(1, flat.numel() // 64)].float().cpu()
                         h.update(name.encode() + sample.numpy().tobytes() + flat.float().sum().cpu().numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
-        return f"{self._fingerprint}/{self.reuse.signature}/threads={torch.get_num_threads()}"
+        return self._fingerprint
 
     @property
     def dtype(self) -> torch.dtype:
@@ -153,7 +158,7 @@ class TextEncoder:
         if self._engines is None:
             from .backends import EngineTower
 
-            self._engines = [EngineTower(t, self.backend, f"{self.fingerprint}-{n}", quantize=self.quantize)
+            self._engines = [EngineTower(t, self.backend, f"{self.weights_fingerprint}-{n}", quantize=self.quantize)
                              for n, t in enumerate(self.towers)]
         return self._engines[i]  # type: ignore[return-value]  # called as a tower is
 
