@@ -30,8 +30,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence, Union
 import torch
 from safetensors.torch import save_file
 
-from . import limits
-from .checkpoint import ROLES
+from . import families, limits
 from .errors import BadInput, SdclipError
 from .prompts import plain
 from .tensorfile import open_tensor_file
@@ -44,7 +43,7 @@ SUFFIXES = (".pt", ".bin", ".safetensors", ".png", ".webp")
 IMAGE_SUFFIXES = (".png", ".webp")
 IMAGE_KEY = "sd-ti-embedding"  # the text chunk A1111 hides an embedding in
 ANY = "*"  # the role of a file's only tensor: any encoder of its width
-SDXL_ROLES = ("clip_l", "clip_g")  # an SDXL file's tensors, for its first and second text encoder
+SDXL_ROLES = families.FAMILIES["sdxl"].roles or ()  # an SDXL file's tensors, for its first and second text encoder
 FORMATS = ("a1111", "safetensors", "diffusers")
 _STAR_ID = 265  # CLIP's id of "*": the placeholder A1111 records in string_to_token
 
@@ -66,7 +65,8 @@ class Embedding:
     def for_encoder(self, width: int) -> torch.Tensor | None:
         """The vectors for a text encoder of this width (its role follows from the width, as sdclip
         infers it), or None when the file holds none that fit: the front end then skips it."""
-        v = self.vectors.get(ROLES.get(width, ""), self.vectors.get(ANY))
+        known = families.ARCHITECTURES.get(width)
+        v = self.vectors.get(known.role if known else "", self.vectors.get(ANY))
         return v if v is not None and v.shape[1] == width else None
 
     def describe_widths(self) -> str:
