@@ -7,7 +7,7 @@ import torch
 
 import sdclip
 from sdclip.model import TextConfig, TextTransformer
-from sdclip.reuse import ReusingEncoder, plan_prefixes
+from sdclip.reuse import ReusingRunner, plan_prefixes
 
 # A matrix product's rounding depends on how many rows it multiplies, so the plain path itself
 # moves by ~1e-7 relative between batch sizes; reuse must stay within that class of error.
@@ -52,7 +52,7 @@ def test_plain_path_itself_moves_with_batch_size(tower, ids):
 
 @pytest.mark.parametrize("layer,final_norm", [(-1, True), (-2, False), (0, False), (2, True)])
 def test_reuse_matches_plain(tower, ids, layer, final_norm):
-    reuse = ReusingEncoder(min_prefix=4, min_saving=1)
+    reuse = ReusingRunner(min_prefix=4, min_saving=1)
     with torch.inference_mode():
         plain = tower(ids, layer=layer, final_norm=final_norm)
         out = reuse(tower, ids, layer=layer, final_norm=final_norm)
@@ -64,7 +64,7 @@ def test_reuse_matches_plain(tower, ids, layer, final_norm):
 
 
 def test_prefix_cache_across_calls(tower, ids):
-    reuse = ReusingEncoder(min_prefix=4, min_saving=1)
+    reuse = ReusingRunner(min_prefix=4, min_saving=1)
     with torch.inference_mode():
         reuse(tower, ids[:2])  # computes and caches the shared quality prefix
         assert reuse.stats.prefix_cache_misses == 1
@@ -75,14 +75,14 @@ def test_prefix_cache_across_calls(tower, ids):
 
 
 def test_prefix_cache_is_bounded(tower, ids):
-    reuse = ReusingEncoder(min_prefix=4, min_saving=1, cache_bytes=1)
+    reuse = ReusingRunner(min_prefix=4, min_saving=1, cache_bytes=1)
     with torch.inference_mode():
         reuse(tower, ids)
     assert reuse.cache.nbytes <= 1 and not reuse.cache.entries
 
 
 def test_pooled_only_stops_at_eos(tower, ids):
-    reuse = ReusingEncoder()
+    reuse = ReusingRunner()
     with torch.inference_mode():
         plain = tower(ids)
         out = reuse(tower, ids, hidden=False)
@@ -94,7 +94,7 @@ def test_pooled_only_stops_at_eos(tower, ids):
 
 
 def test_argmax_pooling_with_reuse(tower, ids):
-    reuse = ReusingEncoder()
+    reuse = ReusingRunner()
     with torch.inference_mode():
         close(reuse(tower, ids, hidden=False, pooling="argmax").pooled, tower(ids, pooling="argmax").pooled)
 

@@ -3,6 +3,13 @@
 A ``TextEncoder`` holds the one or two towers of a checkpoint, their tokenizers and the layer
 each Stable Diffusion family feeds its U-Net, and turns prompts into hidden states and pooled
 outputs.
+
+What "encoder" means in sdclip: one text tower of a checkpoint as the user numbers it, from 1
+(SDXL: 1 = CLIP-L, 2 = OpenCLIP-bigG; ``encoder=2``, ``--encoder 2``, "encoder 2").  Its module is
+a tower (``TextTransformer``); ``TextEncoder`` holds all of a checkpoint's encoders.  Objects that
+run a tower are runners (``reuse.ReusingRunner``), and a dialect's view of one encoder is an
+``_EncoderUse``.  Exceptions kept for their users: ``Tokenizer.encoder`` / ``decoder`` (the
+vocabulary maps, named as in OpenAI's and transformers' tokenizers) and ``accel.CudaGraphEncoder``.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from .checkpoint import (CheckpointInfo, TowerSpec, Usage, build, check_hf_confi
                          find_towers, ignored_tensors, infer, layout_name, usage_for)
 from .errors import BadInput
 from .model import TextOutput, TextTransformer
-from .reuse import ReusingEncoder
+from .reuse import ReusingRunner
 from .tensorfile import TensorFile, open_tensor_file
 from .tokenizer import CONTEXT_LENGTH, Tokenizer
 
@@ -45,7 +52,7 @@ class TextEncoder:
         self.tokenizers = list(tokenizers)
         self.family = family
         self.info = info
-        self.reuse = ReusingEncoder()
+        self.reuse = ReusingRunner()
         self._fingerprint: str | None = None
 
     def __repr__(self) -> str:

@@ -100,7 +100,7 @@ def plan_prefixes(rows: torch.Tensor, min_prefix: int) -> list[tuple[int, list[i
     return groups
 
 
-class ReusingEncoder:
+class ReusingRunner:
     """Runs a tower over [N, L] ids with every exact saving above; holds the prefix cache."""
 
     def __init__(self, min_prefix: int = 8, min_saving: int = 154, cache_bytes: int = 256 * 2**20,
