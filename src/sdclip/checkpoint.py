@@ -16,14 +16,15 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from .errors import BadInput
 from . import families
+from .errors import BadInput
 from .families import Usage
 from .model import TextConfig, TextTransformer
 from .tensorfile import TensorFile
@@ -121,8 +122,7 @@ def _text_projection(t: TowerSpec) -> tuple[str, bool] | None:
     of a diffusers bigG store its Linear weight there, indistinguishably."""
     keys = t.file.keys()
     if t.style == "hf":
-        key = t.prefix.removesuffix("text_model.") + "text_projection.weight"
-        return (key, True) if key in keys else None
+        return _hf_projection(t)
     if t.prefix + "text_projection.weight" in keys:
         return t.prefix + "text_projection.weight", True
     key = t.prefix + "text_projection"
@@ -133,12 +133,18 @@ def _text_projection(t: TowerSpec) -> tuple[str, bool] | None:
     return key, len(shape) == 2 and shape[0] != width and shape[1] == width
 
 
+def _hf_projection(t: TowerSpec) -> tuple[str, bool] | None:
+    """transformers keeps each projection as a Linear weight beside the tower's namespace."""
+    k = KINDS[t.kind]
+    key = t.prefix.removesuffix(k.hf_prefix) + k.hf_projection
+    return (key, True) if key in t.file.keys() else None
+
+
 def _image_projection(t: TowerSpec) -> tuple[str, bool] | None:
     """HF keeps a Linear ``visual_projection.weight`` beside ``vision_model.``; OpenAI ``visual.proj``
     [width, out] used as x @ P."""
     if t.style == "hf":
-        key = t.prefix.removesuffix("vision_model.") + "visual_projection.weight"
-        return (key, True) if key in t.file.keys() else None
+        return _hf_projection(t)
     key = t.prefix + "proj"
     return (key, False) if key in t.file.keys() else None
 
@@ -497,13 +503,17 @@ class Kind:
     shapes: Callable[[Any], dict[str, tuple[int, ...]]]  # sdclip name -> shape, from the config
     module: Callable[[Any], nn.Module]
     what: str  # in error messages
+    hf_prefix: str  # the tower's namespace in a transformers CLIPModel ...
+    hf_projection: str  # ... and its projection's name beside it
 
 
 KINDS: dict[str, Kind] = {
     "text": Kind("token_embedding.weight", {"hf": (), "openclip": ("blocks.0.attn.qkv.weight",)}, _found_text,
-                 _text_projection, _infer_text, _text_shapes, TextTransformer, "text encoder"),
+                 _text_projection, _infer_text, _text_shapes, TextTransformer, "text encoder",
+                 "text_model.", "text_projection.weight"),
     "image": Kind("patch_embedding.weight", {"hf": (), "openclip": ("class_embedding", "blocks.0.attn.qkv.weight")},
-                  list, _image_projection, _infer_image, _image_shapes, VisionTransformer, "image encoder"),
+                  list, _image_projection, _infer_image, _image_shapes, VisionTransformer, "image encoder",
+                  "vision_model.", "visual_projection.weight"),
 }
 
 

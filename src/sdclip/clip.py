@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import bundled
-from .checkpoint import CheckpointInfo, build, find_towers, foreign_names, infer
+from .checkpoint import KINDS, CheckpointInfo, build, find_towers, foreign_names, infer
 from .embeddings import EmbeddingSource, inject, token_table
 from .encoder import _dtype, _read_json, load as load_text
 from .errors import BadInput
@@ -89,7 +89,7 @@ class CLIPModel(nn.Module):
             hints = {"hidden_act": te.towers[0].config.activation, **{k: v for k, v in (vision_config or {}).items() if v}}
             tower = infer(found[0], hints)
             vision = build(tower, _dtype(dtype), device)
-            base = tower.prefix.removesuffix("vision_model.") if tower.style == "hf" else tower.prefix.removesuffix("visual.")
+            base = tower.prefix.removesuffix(KINDS["image"].hf_prefix) if tower.style == "hf" else tower.prefix.removesuffix("visual.")
             scale = float(f.get(base + "logit_scale")) if base + "logit_scale" in f.keys() else MAX_LOGIT_SCALE
         return cls(te.towers[0], vision, scale, te.tokenizers[0], te.info).to(device)
 
@@ -100,8 +100,8 @@ class CLIPModel(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         torch_dtype = _dtype(dtype)
         state = {}
-        for kind, prefix, tower, projection in (("text", "text_model.", self.text, "text_projection.weight"),
-                                                ("image", "vision_model.", self.vision, "visual_projection.weight")):
+        for kind, tower in (("text", self.text), ("image", self.vision)):
+            prefix, projection = KINDS[kind].hf_prefix, KINDS[kind].hf_projection
             for name, t in tower.state_dict().items():
                 if name == "projection.weight":
                     state[projection] = t
