@@ -26,11 +26,11 @@ from common import median, paired, write_results  # noqa: E402
 import sdclip  # noqa: E402
 from sdclip.checkpoint import Usage  # noqa: E402
 from sdclip.model import TextConfig, TextTransformer  # noqa: E402
-from sdclip.reuse import ReusingEncoder  # noqa: E402
+from sdclip.reuse import ReusingRunner  # noqa: E402
 
-MODES = {"default: micro_batch 8": lambda: ReusingEncoder(8),
-         "micro_batch 1": lambda: ReusingEncoder(1),
-         "before: shared prefixes, any batch": lambda: ReusingEncoder(32, prefixes=True)}
+MODES = {"default: micro_batch 8": lambda: ReusingRunner(8),
+         "micro_batch 1": lambda: ReusingRunner(1),
+         "before: shared prefixes, any batch": lambda: ReusingRunner(32, prefixes=True)}
 BASE = "before: shared prefixes, any batch"
 
 

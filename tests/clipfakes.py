@@ -1,7 +1,7 @@
 """Small random-weight transformers CLIP models, and their weights renamed to the OpenAI layout.
 
 The OpenAI renaming is written here from the published key names, independently of
-``sdclip.vision.VISION_NAMES`` and ``sdclip.checkpoint.NAMES``, so the tests check those tables.
+``sdclip.checkpoint.NAMES``, so the tests check that table.
 """
 
 from __future__ import annotations

@@ -224,7 +224,7 @@ def test_sdxl_pairs_go_to_their_encoders(files):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             cond = Conditioner(te, dialect, embeddings=[xl, sd1_only])
-        l_table, g_table = (e.table for e in cond.encoders)
+        l_table, g_table = (e.table for e in cond.uses)
         assert torch.equal(l_table["xl"], vectors(3, 768, 1)) and torch.equal(g_table["xl"], vectors(3, 1280, 2))
         if dialect == "a1111":  # A1111 skips a 768-wide file on SDXL (it expects 768 + 1280)
             assert "old" not in l_table and any("old" in str(w.message) for w in caught)

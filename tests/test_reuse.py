@@ -8,7 +8,7 @@ import torch
 
 import sdclip
 from sdclip.model import TextConfig, TextTransformer
-from sdclip.reuse import ReusingEncoder, plan_prefixes
+from sdclip.reuse import ReusingRunner, plan_prefixes
 
 # A matrix product's rounding depends on how many rows it multiplies, so the plain path itself
 # moves by ~1e-7 relative between batch sizes; reuse must stay within that class of error.
@@ -55,7 +55,7 @@ def test_plain_path_itself_moves_with_batch_size(tower, ids):
 def test_default_reuse_is_the_fixed_shape_pass(tower, ids, layer, final_norm):
     """Default: identical rows once, every pass [micro_batch, 77]: each row is bit for bit what a pass of that
     shape gives it, wherever it sits among any companions."""
-    reuse = ReusingEncoder(micro_batch=4)
+    reuse = ReusingRunner(micro_batch=4)
     with torch.inference_mode():
         out = reuse(tower, ids, layer=layer, final_norm=final_norm)
         for i in range(len(ids)):
@@ -72,7 +72,7 @@ def test_default_reuse_is_the_fixed_shape_pass(tower, ids, layer, final_norm):
 
 @pytest.mark.parametrize("layer,final_norm", [(-1, True), (-2, False), (0, False), (2, True)])
 def test_prefix_reuse_matches_plain(tower, ids, layer, final_norm):
-    reuse = ReusingEncoder(prefixes=True, min_prefix=4, min_saving=1)
+    reuse = ReusingRunner(prefixes=True, min_prefix=4, min_saving=1)
     with torch.inference_mode():
         plain = tower(ids, layer=layer, final_norm=final_norm)
         out = reuse(tower, ids, layer=layer, final_norm=final_norm)
@@ -84,7 +84,7 @@ def test_prefix_reuse_matches_plain(tower, ids, layer, final_norm):
 
 
 def test_prefix_cache_across_calls(tower, ids):
-    reuse = ReusingEncoder(prefixes=True, min_prefix=4, min_saving=1)
+    reuse = ReusingRunner(prefixes=True, min_prefix=4, min_saving=1)
     with torch.inference_mode():
         reuse(tower, ids[:2])  # computes and caches the shared quality prefix
         assert reuse.stats.prefix_cache_misses == 1
@@ -95,14 +95,14 @@ def test_prefix_cache_across_calls(tower, ids):
 
 
 def test_prefix_cache_is_bounded(tower, ids):
-    reuse = ReusingEncoder(prefixes=True, min_prefix=4, min_saving=1, cache_bytes=1)
+    reuse = ReusingRunner(prefixes=True, min_prefix=4, min_saving=1, cache_bytes=1)
     with torch.inference_mode():
         reuse(tower, ids)
     assert reuse.cache.nbytes <= 1 and not reuse.cache.entries
 
 
 def test_pooled_only_stops_at_eos(tower, ids):
-    reuse = ReusingEncoder()
+    reuse = ReusingRunner()
     with torch.inference_mode():
         plain = tower(ids)
         out = reuse(tower, ids, hidden=False)
@@ -116,15 +116,15 @@ def test_pooled_only_stops_at_eos(tower, ids):
 def test_pooled_only_is_independent_of_companions(tower, ids):
     """A row's pooled output depends on the row alone: its length is its own EOS rounded up to 8."""
     with torch.inference_mode():
-        alone = [ReusingEncoder()(tower, ids[i:i + 1], hidden=False).pooled for i in range(len(ids))]
-        together = ReusingEncoder()(tower, ids, hidden=False).pooled
+        alone = [ReusingRunner()(tower, ids[i:i + 1], hidden=False).pooled for i in range(len(ids))]
+        together = ReusingRunner()(tower, ids, hidden=False).pooled
     for i in range(len(ids)):
         assert torch.equal(alone[i][0], together[i])
 
 
 def test_prefix_cache_keys_are_not_reused_by_a_later_tower(ids):
     """A prefix of a tower that is gone never serves a new tower that happens to get the same id()."""
-    reuse = ReusingEncoder(prefixes=True, min_prefix=4, min_saving=1)
+    reuse = ReusingRunner(prefixes=True, min_prefix=4, min_saving=1)
     with torch.inference_mode():
         first = TextTransformer(TextConfig(width=64, layers=1, heads=2, mlp_width=128)).init_weights()
         reuse(first, ids[:2])
@@ -134,7 +134,7 @@ def test_prefix_cache_keys_are_not_reused_by_a_later_tower(ids):
 
 
 def test_argmax_pooling_with_reuse(tower, ids):
-    reuse = ReusingEncoder()
+    reuse = ReusingRunner()
     with torch.inference_mode():
         close(reuse(tower, ids, hidden=False, pooling="argmax").pooled, tower(ids, pooling="argmax").pooled)
 

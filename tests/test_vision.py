@@ -11,10 +11,11 @@ from clipfakes import randomize, to_openai, vision_config
 from safetensors.torch import save_file
 from transformers import CLIPVisionModelWithProjection
 
+from sdclip.checkpoint import build, find_towers, infer
 from sdclip.errors import BadInput
 from sdclip.model import Attention
 from sdclip.tensorfile import open_tensor_file
-from sdclip.vision import VisionConfig, VisionTransformer, find_vision_tower, infer_vision_config, read_vision_tower
+from sdclip.vision import VisionConfig, VisionTransformer
 
 
 def _hf(config, seed=0) -> CLIPVisionModelWithProjection:
@@ -24,9 +25,9 @@ def _hf(config, seed=0) -> CLIPVisionModelWithProjection:
 
 def _load(path, hf_config=None, activation="quick_gelu") -> VisionTransformer:
     f = open_tensor_file(path)
-    tower = find_vision_tower(f)
-    assert tower is not None
-    return read_vision_tower(tower, infer_vision_config(tower, hf_config, activation))
+    towers = find_towers(f, "image")
+    assert towers
+    return build(infer(towers[0], {"hidden_act": activation, **(hf_config or {})}))
 
 
 def _compare(ours: VisionTransformer, hf: CLIPVisionModelWithProjection, size: int, batch: int = 3) -> float:
@@ -56,9 +57,9 @@ def test_openai_layout_matches_transformers(tmp_path):
     ours = _load(tmp_path / "visual.safetensors")  # heads inferred as width // 64 = 1: pass them
     assert (ours.config.image_size, ours.config.patch_size, ours.config.projection_dim) == (48, 16, 24)
     f = open_tensor_file(tmp_path / "visual.safetensors")
-    tower = find_vision_tower(f)
+    tower = find_towers(f, "image")[0]
     assert tower.style == "openclip" and tower.prefix == "visual."
-    ours = read_vision_tower(tower, replace(ours.config, heads=3))
+    ours = build(replace(tower, config=replace(ours.config, heads=3)))
     assert _compare(ours, hf, 48) <= 1e-5
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import bundled
 from .atomic import write_safetensors, write_text
-from .checkpoint import NAMES, CheckpointInfo, foreign_names
+from .checkpoint import KINDS, CheckpointInfo, build, find_towers, foreign_names, infer
 from .embeddings import EmbeddingSource, inject, token_table
 from .encoder import _dtype, _read_json, load as load_text
 from .errors import BadInput
@@ -31,7 +31,7 @@ from .loss import INIT_LOGIT_SCALE, MAX_LOGIT_SCALE, logits
 from .model import TextConfig, TextTransformer
 from .tensorfile import open_tensor_file
 from .tokenizer import Tokenizer
-from .vision import VISION_NAMES, VisionConfig, VisionTransformer, find_vision_tower, infer_vision_config, read_vision_tower
+from .vision import VisionConfig, VisionTransformer
 
 Texts = Union[str, Sequence[str], torch.Tensor]
 Images = Union[ImageLike, Sequence[ImageLike], torch.Tensor]
@@ -96,13 +96,15 @@ class CLIPModel(nn.Module):
             config = _read_json(config_file) if config_file.is_file() else {}
             vision_config = config.get("vision_config") if isinstance(config.get("vision_config"), dict) else None
         with open_tensor_file(path) as f:
-            tower = find_vision_tower(f)
-            if tower is None:
+            found = find_towers(f, "image")
+            if not found:
                 raise BadInput(f"{source}: no CLIP image tower (looked for '*vision_model.*' and OpenAI 'visual.*' "
                                f"tensors); for a text encoder alone use sdclip.load")
-            config = infer_vision_config(tower, vision_config, te.towers[0].config.activation)
-            vision = read_vision_tower(tower, config, _dtype(dtype), device)
-            base = tower.prefix.removesuffix("vision_model.") if tower.style == "hf" else tower.prefix.removesuffix("visual.")
+            # both towers of a CLIP model use one activation: the text tower's, unless the config says
+            hints = {"hidden_act": te.towers[0].config.activation, **{k: v for k, v in (vision_config or {}).items() if v}}
+            tower = infer(found[0], hints)
+            vision = build(tower, _dtype(dtype), device)
+            base = tower.prefix.removesuffix(KINDS["image"].hf_prefix) if tower.style == "hf" else tower.prefix.removesuffix("visual.")
             scale = float(f.get(base + "logit_scale")) if base + "logit_scale" in f.keys() else MAX_LOGIT_SCALE
         return cls(te.towers[0], vision, scale, te.tokenizers[0], te.info).to(device)
 
@@ -113,13 +115,13 @@ class CLIPModel(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         torch_dtype = _dtype(dtype)
         state = {}
-        for prefix, tower, names, projection in (("text_model.", self.text, NAMES, "text_projection.weight"),
-                                                 ("vision_model.", self.vision, VISION_NAMES, "visual_projection.weight")):
+        for kind, tower in (("text", self.text), ("image", self.vision)):
+            prefix, projection = KINDS[kind].hf_prefix, KINDS[kind].hf_projection
             for name, t in tower.state_dict().items():
                 if name == "projection.weight":
                     state[projection] = t
                     continue
-                parts = foreign_names("hf", name, names)
+                parts = foreign_names(kind, "hf", name)
                 for part, chunk in zip(parts, t.chunk(len(parts))):
                     state[prefix + part] = chunk
         state["logit_scale"] = self.logit_scale.detach()

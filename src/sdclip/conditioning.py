@@ -182,8 +182,8 @@ def _fill(tensors: list[torch.Tensor], how: str, empty: torch.Tensor | None = No
 # --- rows to encode -----------------------------------------------------------------------------------
 
 @dataclass
-class _Encoder:
-    """One text encoder as a dialect uses it; ``table`` is the chunker's textual-inversion lookup: name ->
+class _EncoderUse:
+    """One encoder (by its number) as a dialect uses it; ``table`` is the chunker's textual-inversion lookup: name ->
     vectors [n, C], or a vector count where the file has none of this width (ComfyUI drops those)."""
 
     number: int
@@ -204,8 +204,8 @@ class Row(NamedTuple):
 class _Rows:
     """The distinct rows to encode on one encoder at one layer in one call, each computed once."""
 
-    def __init__(self, te: TextEncoder, encoder: _Encoder, usage: Usage):
-        self.te, self.encoder, self.usage = te, encoder, usage
+    def __init__(self, te: TextEncoder, use: _EncoderUse, usage: Usage):
+        self.te, self.use, self.usage = te, use, usage
         self.index: dict[Row, int] = {}
         self.hidden = self.pooled = torch.empty(0)
 
@@ -218,16 +218,16 @@ class _Rows:
     def run(self) -> None:
         rows = list(self.index)
         ids = torch.tensor([r.ids for r in rows], dtype=torch.long)
-        kw = dict(encoder=self.encoder.number, layer=self.usage.layer, final_norm=self.usage.final_norm,
-                  pooled=self.encoder.pooled)
+        kw = dict(encoder=self.use.number, layer=self.usage.layer, final_norm=self.usage.final_norm,
+                  pooled=self.use.pooled)
         simple = [i for i, r in enumerate(rows) if not r.slots and r.mask is None]
         special = [i for i, r in enumerate(rows) if r.slots or r.mask is not None]
         parts = []
         if simple:
             parts.append((simple, self.te.encode_ids(ids[simple], **kw)))
         if special:
-            embeds = put_vectors(self.te.tower(self.encoder.number).token_embedding(ids[special].to(self.te.device)),
-                                 [(n, position, self.encoder.table[name][vector])  # type: ignore[index]
+            embeds = put_vectors(self.te.tower(self.use.number).token_embedding(ids[special].to(self.te.device)),
+                                 [(n, position, self.use.table[name][vector])  # type: ignore[index]
                                   for n, i in enumerate(special) for position, name, vector in rows[i].slots])
             masks = [rows[i].mask for i in special]
             mask = None if all(m is None for m in masks) else torch.tensor(
@@ -237,7 +237,7 @@ class _Rows:
         self.hidden = parts[0][1].hidden.new_empty(len(rows), CHUNK_LENGTH, width)
         for members, out in parts:
             self.hidden[members] = out.hidden
-        if self.encoder.pooled:
+        if self.use.pooled:
             self.pooled = parts[0][1].pooled.new_empty(len(rows), width)
             for members, out in parts:
                 self.pooled[members] = out.pooled
@@ -250,10 +250,10 @@ class _Call:
         self.te = te
         self.rows: dict[tuple[int, int, bool], _Rows] = {}
 
-    def rows_for(self, encoder: _Encoder, usage: Usage) -> _Rows:
-        key = (encoder.number, usage.layer, usage.final_norm)
+    def rows_for(self, use: _EncoderUse, usage: Usage) -> _Rows:
+        key = (use.number, usage.layer, usage.final_norm)
         if key not in self.rows:
-            self.rows[key] = _Rows(self.te, encoder, usage)
+            self.rows[key] = _Rows(self.te, use, usage)
         return self.rows[key]
 
     def run(self) -> None:
@@ -264,17 +264,17 @@ class _Call:
 def _chunk_rows(rows: _Rows, chunked: Chunked, masks: Sequence[Sequence[int] | None] | None = None) -> list[int]:
     """Row numbers of a chunked prompt's chunks.  A slot whose embedding has no vectors of this encoder's width
     is dropped and the row closes up, padded at the end, the weights staying where they were (ComfyUI)."""
-    encoder = rows.encoder
+    use = rows.use
     out = []
     for c, ids in enumerate(chunked.ids):
         slots = [(s.position, s.name, s.vector) for s in chunked.slots if s.chunk == c]
-        drop = {p for p, name, _ in slots if not isinstance(encoder.table.get(name), torch.Tensor)}
+        drop = {p for p, name, _ in slots if not isinstance(use.table.get(name), torch.Tensor)}
         if drop:
-            warnings.warn(f"{len(drop)} embedding vector(s) do not fit encoder {encoder.number}'s width and are "
+            warnings.warn(f"{len(drop)} embedding vector(s) do not fit encoder {use.number}'s width and are "
                           f"left out, as ComfyUI does", stacklevel=5)
             keep = [p for p in range(len(ids)) if p not in drop]
             moved = {p: n for n, p in enumerate(keep)}
-            ids = tuple(ids[p] for p in keep) + (encoder.pad,) * len(drop)
+            ids = tuple(ids[p] for p in keep) + (use.pad,) * len(drop)
             slots = [(moved[p], name, v) for p, name, v in slots if p not in drop]
         out.append(rows.add(ids, slots, None if masks is None else masks[c]))
     return out
@@ -309,7 +309,7 @@ def _downweight_factor(weight: float) -> float:
 # --- the conditioner ----------------------------------------------------------------------------------------
 
 class Conditioner:
-    """Turns prompts into conditioning for one text encoder the way one front end (``dialect``) does.
+    """Turns prompts into conditioning for one model's text encoders the way one front end (``dialect``) does.
 
     ``clip_skip`` in the dialect's numbering (see ``layer_for``); ``emphasis`` is A1111's setting;
     ``embeddings`` a textual-inversion file, folder, list or name -> ``Embedding`` mapping.  Dialect options:
@@ -338,8 +338,8 @@ class Conditioner:
                                 else [te.usages[n - 1] for n in numbers])
         self.unfit: dict[str, str] = {}  # diffusers / compel names whose vectors do not fit: an error if used
         tables = self._tables(load_embeddings(embeddings) if embeddings is not None else [], numbers)
-        self.encoders = [_Encoder(n, te.tokenizers[n - 1], te.towers[n - 1].config.pad_id, table,
-                                  n in pooled_encoders(te)) for n, table in zip(numbers, tables)]
+        self.uses = [_EncoderUse(n, te.tokenizers[n - 1], te.towers[n - 1].config.pad_id, table,
+                                 n in pooled_encoders(te)) for n, table in zip(numbers, tables)]
         self._options = (self.dialect, tuple(self.usages), tuple(self.negative_usages), tuple(self.options.items()),
                          tuple(tuple(sorted((k, _digest(v)) for k, v in t.items())) for t in tables))
 
@@ -429,7 +429,7 @@ class Conditioner:
         """The batch's pooled outputs [B, P]: each pooled encoder's projection of each prompt on its own (a
         one-row product: the same bits whatever the batch), the encoders side by side (None where the family's
         U-Net reads no pooled output)."""
-        towers = [self.te.tower(e.number) for e in self.encoders if e.pooled]
+        towers = [self.te.tower(e.number) for e in self.uses if e.pooled]
         if not towers:
             return None
         width = sum(t.config.projection_dim or t.config.width for t in towers)
@@ -451,7 +451,7 @@ class Conditioner:
         if not isinstance(prompt, str) and not (negative and prompt is None):
             raise BadInput(f"a prompt must be a string, got {type(prompt).__name__}")
         if negative and self.front_end.zero_negative(prompt, family_of(self.te)):
-            width = sum(self.te.tower(e.number).config.width for e in self.encoders)
+            width = sum(self.te.tower(e.number).config.width for e in self.uses)
             return lambda: _Leaf(torch.zeros(CHUNK_LENGTH, width, dtype=self.te.dtype, device=self.te.device), [], True)
         prompt = check_prompt(prompt or "", self.max_prompt_chars)
         for name, message in self.unfit.items():
@@ -461,13 +461,13 @@ class Conditioner:
             return self._plan_schedule(call, prompt, usages, negative)
         if self.front_end.structure == "blend":
             return self._plan_blend(call, prompt, usages)
-        leaf = [self._checked(self._leaf(prompt, e), prompt) for e in self.encoders]
+        leaf = [self._checked(self._leaf(prompt, e), prompt) for e in self.uses]
         group = self._plan_group(call, [leaf], usages)
         return lambda: self._join(*group()[0])
 
-    def _leaf(self, leaf: object, encoder: _Encoder) -> Chunked:
+    def _leaf(self, leaf: object, use: _EncoderUse) -> Chunked:
         """One leaf of a prompt chunked by the front end for one encoder."""
-        return self.front_end.leaf(leaf, encoder.tokenizer, encoder.pad, encoder.table, **self.options)
+        return self.front_end.leaf(leaf, use.tokenizer, use.pad, use.table, **self.options)
 
     def _checked(self, chunked: Chunked, prompt: str) -> Chunked:
         """Pass on what the front end would log: unknown embeddings, text cut off."""
@@ -479,12 +479,12 @@ class Conditioner:
         return chunked
 
     @staticmethod
-    def _empty_chunk(encoder: _Encoder) -> Chunked:
-        return empty_prompt(encoder.tokenizer.bos_id, encoder.tokenizer.eos_id, encoder.pad)
+    def _empty_chunk(use: _EncoderUse) -> Chunked:
+        return empty_prompt(use.tokenizer.bos_id, use.tokenizer.eos_id, use.pad)
 
     def _plan_empty(self, call: _Call, usages: list[Usage]) -> Deferred[_Leaf]:
         """The empty prompt (BOS, EOS, padding): what weights lerp from and short prompts are padded with."""
-        group = self._plan_group(call, [[self._empty_chunk(e) for e in self.encoders]], usages)
+        group = self._plan_group(call, [[self._empty_chunk(e) for e in self.uses]], usages)
         return lambda: self._join(*group()[0])
 
     def _plan_group(self, call: _Call, group: list[list[Chunked]],
@@ -493,8 +493,8 @@ class Conditioner:
         ``Chunked`` per encoder.  Per prompt: each encoder's weighted hidden states [77 k, C] and the (unprojected)
         pooled output of its first chunk.  Prompts with fewer chunks get empty chunks (A1111's batch rule)."""
         plans = []
-        for e, (encoder, usage) in enumerate(zip(self.encoders, usages)):
-            rows = call.rows_for(encoder, usage)
+        for e, (use, usage) in enumerate(zip(self.uses, usages)):
+            rows = call.rows_for(use, usage)
             empty = self._empty_row(rows)
             indices = [_chunk_rows(rows, leaf[e]) for leaf in group]
             k = max(map(len, indices))
@@ -510,7 +510,7 @@ class Conditioner:
                                  None if empty is None else rows.hidden[empty])
                 for r, (hidden, pooled) in enumerate(out):
                     hidden.append(z[r].flatten(0, 1))
-                    pooled.append(rows.pooled[indices[r, 0]] if rows.encoder.pooled else None)
+                    pooled.append(rows.pooled[indices[r, 0]] if rows.use.pooled else None)
             return out
         return build
 
@@ -518,7 +518,7 @@ class Conditioner:
         """The empty prompt's row on this encoder, for front ends that weight or pad with it."""
         if not self.front_end.uses_empty_prompt:
             return None
-        return rows.add(self._empty_chunk(rows.encoder).ids[0])
+        return rows.add(self._empty_chunk(rows.use).ids[0])
 
     def _weight(self, z: torch.Tensor, weights: torch.Tensor, empty: torch.Tensor | None) -> torch.Tensor:
         """The front end's weighting of encoded chunks z [R, k, 77, C] with per-token weights [R, k, 77]."""
@@ -548,7 +548,7 @@ class Conditioner:
         groups = {}
         for text in dict.fromkeys(subs):
             texts = front.timeline(text, **o)
-            leaves = [[self._leaf(t, e) for e in self.encoders] for t in texts]
+            leaves = [[self._leaf(t, e) for e in self.uses] for t in texts]
             groups[text] = (texts, self._plan_group(call, leaves, usages))
         tree = front.schedule_of(prompt, negative, **o)
 
@@ -566,7 +566,7 @@ class Conditioner:
         part lerped from the empty prompt by its weight); pooled from the front end's ``pooled_leaf``."""
         front = self.front_end
         tree = map_leaves(front.tree(prompt, **self.options),
-                          lambda segments: [self._checked(self._leaf(segments, e), prompt) for e in self.encoders])
+                          lambda segments: [self._checked(self._leaf(segments, e), prompt) for e in self.uses])
         empty = self._plan_empty(call, usages)
 
         def plan(node: object) -> Deferred[torch.Tensor]:
@@ -577,9 +577,9 @@ class Conditioner:
             return self._plan_blend_leaf(call, node, usages)  # type: ignore[arg-type]
 
         hidden = plan(tree)
-        if not any(e.pooled for e in self.encoders):
+        if not any(e.pooled for e in self.uses):
             return lambda: _Leaf(hidden(), [])
-        raw = [front.pooled_leaf(prompt, e.tokenizer, e.pad, e.table) for e in self.encoders]
+        raw = [front.pooled_leaf(prompt, e.tokenizer, e.pad, e.table) for e in self.uses]
         pooled = self._plan_group(call, [raw], usages)
         return lambda: _Leaf(hidden(), self._join(*pooled()[0]).pooled)
 
@@ -587,7 +587,7 @@ class Conditioner:
         """One compel prompt: weights lerp from the empty prompt; each fragment of weight w < 1 also encodes the
         prompt with that fragment masked out, and the encodings are averaged with weights 1 and tan((1-w) pi/2)."""
         base = self._plan_group(call, [leaf], usages)
-        rows = [call.rows_for(e, u) for e, u in zip(self.encoders, usages)]
+        rows = [call.rows_for(e, u) for e, u in zip(self.uses, usages)]
         empties = [self._empty_row(r) for r in rows]
         masked = []  # per fragment: its pull, and per encoder the masked rows
         for s, segment in enumerate(leaf[0].segments):

@@ -30,9 +30,8 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence, Union
 
 import torch
 
-from . import limits
+from . import families, limits
 from .atomic import write_bytes, write_safetensors
-from .checkpoint import ROLES
 from .errors import BadInput
 from .runconfig import FORMATS
 from .prompts import plain
@@ -46,7 +45,7 @@ SUFFIXES = (".pt", ".bin", ".safetensors", ".png", ".webp")
 IMAGE_SUFFIXES = (".png", ".webp")
 IMAGE_KEY = "sd-ti-embedding"  # the text chunk A1111 hides an embedding in
 ANY = "*"  # the role of a file's only tensor: any encoder of its width
-SDXL_ROLES = ("clip_l", "clip_g")  # an SDXL file's tensors, for its first and second text encoder
+SDXL_ROLES = families.FAMILIES["sdxl"].roles or ()  # an SDXL file's tensors, for its first and second text encoder
 _STAR_ID = 265  # CLIP's id of "*": the placeholder A1111 records in string_to_token
 
 
@@ -67,7 +66,8 @@ class Embedding:
     def for_encoder(self, width: int) -> torch.Tensor | None:
         """The vectors for a text encoder of this width (its role follows from the width, as sdclip
         infers it), or None when the file holds none that fit: the front end then skips it."""
-        v = self.vectors.get(ROLES.get(width, ""), self.vectors.get(ANY))
+        known = families.ARCHITECTURES.get(width)
+        v = self.vectors.get(known.role if known else "", self.vectors.get(ANY))
         return v if v is not None and v.shape[1] == width else None
 
     def describe_widths(self) -> str:

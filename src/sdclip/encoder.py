@@ -3,6 +3,13 @@
 A ``TextEncoder`` holds the one or two towers of a checkpoint, their tokenizers and the layer
 each Stable Diffusion family feeds its U-Net, and turns prompts into hidden states and pooled
 outputs.
+
+What "encoder" means in sdclip: one text tower of a checkpoint as the user numbers it, from 1
+(SDXL: 1 = CLIP-L, 2 = OpenCLIP-bigG; ``encoder=2``, ``--encoder 2``, "encoder 2").  Its module is
+a tower (``TextTransformer``); ``TextEncoder`` holds all of a checkpoint's encoders.  Objects that
+run a tower are runners (``reuse.ReusingRunner``), and a dialect's view of one encoder is an
+``_EncoderUse``.  Exceptions kept for their users: ``Tokenizer.encoder`` / ``decoder`` (the
+vocabulary maps, named as in OpenAI's and transformers' tokenizers) and ``accel.CudaGraphEncoder``.
 """
 
 from __future__ import annotations
@@ -16,11 +23,11 @@ import torch
 
 from . import bundled, hub
 from .accel import quantize_int8
-from .checkpoint import (CheckpointInfo, Tower, Usage, check_hf_config, check_tokenizer_fits, family_of, find_towers,
-                         ignored_tensors, inspect_tower, layout_name, read_tower, usage_for)
+from .checkpoint import (CheckpointInfo, TowerSpec, Usage, build, check_hf_config, check_tokenizer_fits, family_of,
+                         find_towers, ignored_tensors, infer, layout_name, usage_for)
 from .errors import BadInput
 from .model import TextOutput, TextTransformer
-from .reuse import ReusingEncoder
+from .reuse import ReusingRunner
 from .tensorfile import TensorFile, open_tensor_file
 from .tokenizer import CONTEXT_LENGTH, Tokenizer
 
@@ -40,14 +47,14 @@ class TextEncoder:
     """
 
     def __init__(self, towers: Sequence[TextTransformer], usages: Sequence[Usage], tokenizers: Sequence[Tokenizer],
-                 family: str = "clip", info: CheckpointInfo | None = None, reuse: ReusingEncoder | None = None,
+                 family: str = "clip", info: CheckpointInfo | None = None, reuse: ReusingRunner | None = None,
                  backend: str = "torch", quantize: str | None = None):
         self.towers = list(towers)
         self.usages = list(usages)
         self.tokenizers = list(tokenizers)
         self.family = family
         self.info = info
-        self.reuse = reuse or ReusingEncoder()
+        self.reuse = reuse or ReusingRunner()
         self._fingerprint: str | None = None
         self.backend, self.quantize = backend, quantize
         self._engines: list | None = None  # per tower: what runs its plain passes (sdclip.backends)
@@ -282,30 +289,31 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "float3
     parts, pipeline, name = _open(source)
     files = [f for f, _, _ in parts]
     try:
-        towers: list[Tower] = []
+        found: list[TowerSpec] = []
         configs, tok_dirs = [], []
         for f, hf_config, tok_dir in parts:
-            found = find_towers(f)
-            towers += found
-            configs += [hf_config] * len(found)
-            tok_dirs += [tok_dir] * len(found)
-        if not towers:
+            in_file = find_towers(f)
+            found += in_file
+            configs += [hf_config] * len(in_file)
+            tok_dirs += [tok_dir] * len(in_file)
+        if not found:
             raise BadInput(f"{source}: no CLIP text encoder found (looked for '*embeddings.token_embedding.weight' "
                            f"and OpenCLIP '*token_embedding.weight' + 'transformer.resblocks.*' tensors)")
-        family = family_of(towers, pipeline)
+        family = family_of(found, pipeline)
         shared: dict[str, Tokenizer] = {}  # the bundled vocabulary, built once per mode
+        towers: list[TowerSpec] = []
         modules, tokenizers = [], []
-        for tower, hf_config, tok_dir in zip(towers, configs, tok_dirs):
+        for spec, hf_config, tok_dir in zip(found, configs, tok_dirs):
             tokenizer, pad = _tokenizer_for(tok_dir, tokenizer_mode, shared)
             tower_overrides = {"pad_id": pad, **overrides} if pad is not None else overrides
-            inspect_tower(tower, hf_config, **tower_overrides)
-            check_tokenizer_fits(tower, tokenizer)
-            tower.usage = usage_for(family, tower)
-            module = read_tower(tower, dtype=torch_dtype, device=device)
+            spec = infer(spec, hf_config, **tower_overrides)
+            check_tokenizer_fits(spec, tokenizer)
+            module = build(spec, dtype=torch_dtype, device=device)
             if quantize == "int8" and backend == "torch":  # an engine quantizes its own export
                 module = quantize_int8(module)
             elif compile:
                 module.compile(dynamic=None)  # in place: the module stays the one reuse and caches know
+            towers.append(spec)
             modules.append(module)
             tokenizers.append(tokenizer)
         info = CheckpointInfo(name, layout_name(family, towers, files[0]) if pipeline is None
@@ -314,6 +322,6 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "float3
     finally:
         for f in files:
             f.close()
-    return TextEncoder(modules, [t.usage for t in towers], tokenizers, family, info,
-                       ReusingEncoder(micro_batch, prefixes=share_prefixes), backend,
+    return TextEncoder(modules, [usage_for(family, t) for t in towers], tokenizers, family, info,
+                       ReusingRunner(micro_batch, prefixes=share_prefixes), backend,
                        quantize if backend != "torch" else None)

@@ -26,23 +26,27 @@ class Architecture:
 
     role: str  # how embeddings files and ``sdclip info`` name it
     description: str
+    name: str  # its common name (``TextConfig.architecture``) ...
+    layers: tuple[int, ...]  # ... when it has one of these depths
     activation: str  # OpenAI / HF towers (B, L) use quick_gelu, OpenCLIP ones (H, bigG) gelu
     pad_id: int  # ... and pad with EOS or with 0
 
 
 # The one width-to-architecture table: the tower's width says which CLIP text tower it is.
 ARCHITECTURES: dict[int, Architecture] = {
-    512: Architecture("clip_b", "CLIP ViT-B", "quick_gelu", 49407),
-    768: Architecture("clip_l", "CLIP ViT-L/14 (SD 1.x; SDXL's first encoder)", "quick_gelu", 49407),
-    1024: Architecture("clip_h", "OpenCLIP ViT-H/14 (SD 2.x)", "gelu", 0),
-    1280: Architecture("clip_g", "OpenCLIP ViT-bigG/14 (SDXL's second encoder)", "gelu", 0),
+    512: Architecture("clip_b", "CLIP ViT-B", "CLIP ViT-B", (12,), "quick_gelu", 49407),
+    768: Architecture("clip_l", "CLIP ViT-L/14 (SD 1.x; SDXL's first encoder)", "CLIP ViT-L/14", (12,), "quick_gelu",
+                      49407),
+    1024: Architecture("clip_h", "OpenCLIP ViT-H/14 (SD 2.x)", "OpenCLIP ViT-H/14", (24, 23), "gelu", 0),
+    1280: Architecture("clip_g", "OpenCLIP ViT-bigG/14 (SDXL's second encoder)", "OpenCLIP ViT-bigG/14", (32,), "gelu",
+                       0),
 }
 
 
 def architecture(width: int) -> Architecture:
     """The architecture of a tower of this width (an unknown width: named by it, OpenAI-style defaults)."""
     return ARCHITECTURES.get(width) or Architecture(f"clip_{width}", "a CLIP text encoder of that width",
-                                                    "quick_gelu", 49407)
+                                                    f"CLIP text tower (width {width})", (), "quick_gelu", 49407)
 
 
 @dataclass(frozen=True)

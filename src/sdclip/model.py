@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import BadInput
+from .families import ARCHITECTURES
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 KeyValues = tuple[torch.Tensor, torch.Tensor]  # one block's attention keys and values [B, heads, L, head_dim]
@@ -61,9 +62,10 @@ class TextConfig:
     @property
     def architecture(self) -> str:
         """The common name of this tower."""
-        names = {(768, 12): "CLIP ViT-L/14", (1024, 24): "OpenCLIP ViT-H/14", (1024, 23): "OpenCLIP ViT-H/14",
-                 (1280, 32): "OpenCLIP ViT-bigG/14", (512, 12): "CLIP ViT-B"}
-        return names.get((self.width, self.layers), f"CLIP text tower (width {self.width}, {self.layers} layers)")
+        known = ARCHITECTURES.get(self.width)
+        if known is not None and self.layers in known.layers:
+            return known.name
+        return f"CLIP text tower (width {self.width}, {self.layers} layers)"
 
 
 class Attention(nn.Module):

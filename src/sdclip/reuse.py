@@ -110,7 +110,7 @@ def plan_prefixes(rows: torch.Tensor, min_prefix: int) -> list[tuple[int, list[i
     return groups
 
 
-class ReusingEncoder:
+class ReusingRunner:
     """Runs a tower over [N, L] ids in fixed-shape micro-batches with the savings above; thread-safe (one
     encoder may serve many threads: the tower only reads its weights, the counters and caches take a lock)."""
 
