@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -288,10 +289,12 @@ def test_docs_offline_metrics_and_models(client):
             "/metrics"} <= set(spec["paths"])
     client.post("/v1/encode", json={"prompts": "a cat", "dialect": "a1111"})
     client.post("/v1/encode", json={"prompts": "a cat", "dialect": "a1111"})
+    assert client.post("/v1/encode", json={"prompts": "a cat", "dialect": "no-such"}).status_code == 422
     metrics = client.get("/metrics").text
     for name in ('sdclip_requests_total{route="/v1/encode",status="200"}', "sdclip_request_seconds_bucket",
                  "sdclip_batch_prompts_count", 'sdclip_queue_depth{model="mini"}', "sdclip_cache_hits_total",
-                 "sdclip_cache_misses_total", 'sdclip_requests_total{route="/v1/encode",status="422"}'):
+                 "sdclip_cache_misses_total", 'sdclip_requests_total{route="/v1/encode",status="422"}',
+                 "sdclip_requests_in_flight 1"):
         assert name in metrics
     hits = [float(l.split()[-1]) for l in metrics.splitlines() if l.startswith('sdclip_cache_hits_total{model="mini"}')]
     assert hits and hits[0] > 0
@@ -311,6 +314,12 @@ def _post(url: str, body: dict) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+def _in_flight(base: str) -> float:
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return float(re.search(r"^sdclip_requests_in_flight (\S+)$", text, re.M).group(1))
+
+
 def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     port = free_port()
     token = tmp_path / "token"
@@ -327,7 +336,9 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
         heavy = {"prompts": [f"{i} " + "a (red:1.1) star, " * 40 for i in range(40)], "dialect": "a1111"}
         with ThreadPoolExecutor(12) as pool:
             futures = [pool.submit(_post, base + "/v1/encode", heavy) for _ in range(12)]
-            time.sleep(0.3)
+            deadline = time.monotonic() + 30
+            while _in_flight(base) < 12 + 1 and time.monotonic() < deadline:  # + this scrape: all 12 arrived
+                time.sleep(0.02)
             assert not all(f.done() for f in futures)  # requests are in flight
             proc.send_signal(signal.SIGTERM)
             results = [f.result() for f in futures]

@@ -183,6 +183,9 @@ class Server:
                         for name, source in config.models.items()}
         self.default = next(iter(self.workers))
         self.draining = False
+        self.in_flight = 0  # requests between arrival and answer (the event loop's thread alone counts them)
+        self.metrics.gauge("sdclip_requests_in_flight", "gauge", "Requests being handled, this scrape included.", (),
+                           lambda: [((), self.in_flight)])
         self.metrics.gauge("sdclip_queue_depth", "gauge", "Requests waiting for a model's worker.", ("model",),
                            lambda: [((n,), w.depth) for n, w in self.workers.items()])
         for what in ("hits", "misses"):
@@ -428,7 +431,11 @@ class Server:
                                                         {"WWW-Authenticate": "Bearer"})
                     self._count(request, response.status_code, start)
                     return response
-            response = await call_next(request)
+            self.in_flight += 1
+            try:
+                response = await call_next(request)
+            finally:
+                self.in_flight -= 1
             self._count(request, response.status_code, start)
             return response
 
