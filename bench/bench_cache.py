@@ -1,14 +1,14 @@
 """`sdclip cache` throughput and memory, on the bundled sdclip-mini.
 
-  * local engine vs raw encode: the same unique captions, the same batches of 64, timed interleaved; raw =
-    ``encode_prompts`` per batch (no I/O), the job = ``cachejob.run`` on a file of those captions into a fresh
-    folder (reading, hashing, shards, commits, index, manifest included; the model already in memory);
-  * the dedup gain apart: the same job on a file where every caption appears 4 times (rows/s);
-  * Ray vs local: the same job with ``--engine ray`` (2 actors, on this machine's cores), when a local Ray starts;
-  * memory: peak RSS of whole ``sdclip cache`` processes on 100k and 1M rows (2,000 distinct captions:
-    the streaming passes), and the dedup table's bytes per unique caption (1M unique captions planned).
+* local engine vs raw encode: the same unique captions, the same batches of 64, timed interleaved; raw =
+  ``encode_prompts`` per batch (no I/O), the job = ``cachejob.run`` on a file of those captions into a fresh
+  folder (reading, hashing, shards, commits, index, manifest included; the model already in memory);
+* the dedup gain apart: the same job on a file where every caption appears 4 times (rows/s);
+* Ray vs local: the same job with ``--engine ray`` (2 actors, on this machine's cores), when a local Ray starts;
+* memory: peak RSS of whole ``sdclip cache`` processes on 100k and 1M rows (2,000 distinct captions:
+  the streaming passes), and the dedup table's bytes per unique caption (1M unique captions planned).
 
-    python bench/bench_cache.py [--quick] [--out bench/out]
+  python bench/bench_cache.py [--quick] [--out bench/out]
 """
 
 from __future__ import annotations
@@ -37,15 +37,19 @@ PLACES = ["on a table", "in the sky", "under water", "on grass", "in a box", "be
 def captions(n: int, seed: int = 0) -> list[str]:
     """n distinct captions of the shapes world (a counter keeps them distinct)."""
     rng = random.Random(seed)
-    return [f"{rng.choice(['a', 'one', 'the'])} {rng.choice(COLOURS)} {rng.choice(SHAPES)} "
-            f"{rng.choice(PLACES)} number {i}".replace("  ", " ") for i in range(n)]
+    return [
+        f"{rng.choice(['a', 'one', 'the'])} {rng.choice(COLOURS)} {rng.choice(SHAPES)} "
+        f"{rng.choice(PLACES)} number {i}".replace("  ", " ")
+        for i in range(n)
+    ]
 
 
 def _job(te, path: Path, folder: Path, engine: str = "local") -> dict:
     shutil.rmtree(folder, ignore_errors=True)
     options = cachejob.CacheOptions(dtype="float16", batch_size=64, shard_rows=4096)
-    return cachejob.run([str(path)], folder, options, engine=engine, workers=2, progress=None,
-                        te=te if engine == "local" else None)
+    return cachejob.run(
+        [str(path)], folder, options, engine=engine, workers=2, progress=None, te=te if engine == "local" else None
+    )
 
 
 def throughput(n: int, repeats: int, work: Path) -> tuple[list[dict], dict]:
@@ -59,17 +63,30 @@ def throughput(n: int, repeats: int, work: Path) -> tuple[list[dict], dict]:
     def raw() -> None:
         for start in range(0, n, 64):
             te.reuse.cache.clear()
-            sdclip.encode_prompts(te, unique[start:start + 64], cache=None)
+            sdclip.encode_prompts(te, unique[start : start + 64], cache=None)
 
-    times = paired({"raw encode_prompts": raw, "local engine": lambda: _job(te, single, work / "a"),
-                    "local engine, each caption x4": lambda: _job(te, repeated, work / "b")}, repeats)
+    times = paired(
+        {
+            "raw encode_prompts": raw,
+            "local engine": lambda: _job(te, single, work / "a"),
+            "local engine, each caption x4": lambda: _job(te, repeated, work / "b"),
+        },
+        repeats,
+    )
     rows_of = {"raw encode_prompts": n, "local engine": n, "local engine, each caption x4": 4 * n}
     out = []
     base = n / median(times["raw encode_prompts"])
     for name, ts in times.items():
         rate = rows_of[name] / median(ts)
-        out.append({"contender": name, "rows": rows_of[name], "seconds (median)": round(median(ts), 3),
-                    "rows/s": round(rate, 1), "vs raw": round(rate / base, 3)})
+        out.append(
+            {
+                "contender": name,
+                "rows": rows_of[name],
+                "seconds (median)": round(median(ts), 3),
+                "rows/s": round(rate, 1),
+                "vs raw": round(rate / base, 3),
+            }
+        )
     extra = {"local_vs_raw": round(out[1]["vs raw"], 3), "dedup_gain": round(out[2]["rows/s"] / out[1]["rows/s"], 3)}
     try:
         import ray
@@ -77,15 +94,23 @@ def throughput(n: int, repeats: int, work: Path) -> tuple[list[dict], dict]:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             _job(None, single, work / "r")  # actors start, models load: not timed
-            t_ray = paired({"ray": lambda: _job(None, single, work / "r"),
-                            "local": lambda: _job(te, single, work / "a")}, repeats)
+            t_ray = paired(
+                {"ray": lambda: _job(None, single, work / "r"), "local": lambda: _job(te, single, work / "a")}, repeats
+            )
         finally:
             ray.shutdown()
         ratio = median(t_ray["local"]) / median(t_ray["ray"])
-        out.append({"contender": "ray engine (2 actors)", "rows": n, "seconds (median)": round(median(t_ray["ray"]), 3),
-                    "rows/s": round(n / median(t_ray["ray"]), 1), "vs raw": round(n / median(t_ray["ray"]) / base, 3)})
+        out.append(
+            {
+                "contender": "ray engine (2 actors)",
+                "rows": n,
+                "seconds (median)": round(median(t_ray["ray"]), 3),
+                "rows/s": round(n / median(t_ray["ray"]), 1),
+                "vs raw": round(n / median(t_ray["ray"]) / base, 3),
+            }
+        )
         extra["ray_vs_local"] = round(ratio, 3)
-    except Exception as e:  # noqa: BLE001 - Ray missing, or it could not start on this machine
+    except Exception as e:
         if "ray" in sys.modules:
             sys.modules["ray"].shutdown()  # what a failed start left running
         extra["ray_vs_local"] = f"not measured: {type(e).__name__}: {str(e)[:160]}"
@@ -110,10 +135,16 @@ def memory(sizes: list[int], work: Path) -> list[dict]:
         path = work / f"rows{n}.txt"
         with open(path, "w") as f:
             f.writelines(distinct[i % len(distinct)] + "\n" for i in range(n))
-        rss, seconds = peak_rss([sys.executable, "-m", "sdclip.cli", "cache", str(path), "--out",
-                                 str(work / f"m{n}")])
-        out.append({"rows": n, "distinct": len(distinct), "peak RSS MiB": round(rss, 1), "seconds": round(seconds, 1),
-                    "rows/s": round(n / seconds, 1)})
+        rss, seconds = peak_rss([sys.executable, "-m", "sdclip.cli", "cache", str(path), "--out", str(work / f"m{n}")])
+        out.append(
+            {
+                "rows": n,
+                "distinct": len(distinct),
+                "peak RSS MiB": round(rss, 1),
+                "seconds": round(seconds, 1),
+                "rows/s": round(n / seconds, 1),
+            }
+        )
         shutil.rmtree(work / f"m{n}", ignore_errors=True)
     return out
 
@@ -146,9 +177,11 @@ def main() -> None:
     md = write_results("cache", rows, ["contender", "rows", "seconds (median)", "rows/s", "vs raw"], args.out, extra)
     lines = ["| rows | distinct | peak RSS MiB | seconds | rows/s |", "|---|---|---|---|---|"]
     lines += [f"| {m['rows']} | {m['distinct']} | {m['peak RSS MiB']} | {m['seconds']} | {m['rows/s']} |" for m in mem]
-    summary = (f"\nlocal engine / raw encode: {extra['local_vs_raw']}x; dedup gain (each caption x4): "
-               f"{extra['dedup_gain']}x; ray / local: {extra['ray_vs_local']}; dedup table: "
-               f"{extra['dedup_table_bytes_per_unique']} bytes per unique caption\n\n" + "\n".join(lines) + "\n")
+    summary = (
+        f"\nlocal engine / raw encode: {extra['local_vs_raw']}x; dedup gain (each caption x4): "
+        f"{extra['dedup_gain']}x; ray / local: {extra['ray_vs_local']}; dedup table: "
+        f"{extra['dedup_table_bytes_per_unique']} bytes per unique caption\n\n" + "\n".join(lines) + "\n"
+    )
     (Path(args.out) / "cache.md").write_text(md + summary)
     print(md + summary)
 

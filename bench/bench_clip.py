@@ -17,21 +17,24 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import write_results
 
-from sdclip.clip import CLIPModel  # noqa: E402
-from sdclip.images import pixel_values  # noqa: E402
-from sdclip.loss import clamp_logit_scale_, contrastive_loss  # noqa: E402
-from sdclip.shapes import Shapes  # noqa: E402
-from sdclip.train import TrainConfig, _optimizer  # noqa: E402
+from sdclip.clip import CLIPModel
+from sdclip.images import pixel_values
+from sdclip.loss import clamp_logit_scale_, contrastive_loss
+from sdclip.shapes import Shapes
+from sdclip.train import TrainConfig, _optimizer
 
 CONFIGS = {
-    "tiny": dict(text_width=128, text_layers=2, vision_width=128, vision_layers=3, image_size=48, patch_size=8,
-                 embed_dim=128),
-    "small": dict(text_width=128, text_layers=2, vision_width=192, vision_layers=3, image_size=48, patch_size=8,
-                  embed_dim=128),
-    "small64": dict(text_width=128, text_layers=2, vision_width=128, vision_layers=4, image_size=64, patch_size=8,
-                    embed_dim=128),
+    "tiny": dict(
+        text_width=128, text_layers=2, vision_width=128, vision_layers=3, image_size=48, patch_size=8, embed_dim=128
+    ),
+    "small": dict(
+        text_width=128, text_layers=2, vision_width=192, vision_layers=3, image_size=48, patch_size=8, embed_dim=128
+    ),
+    "small64": dict(
+        text_width=128, text_layers=2, vision_width=128, vision_layers=4, image_size=64, patch_size=8, embed_dim=128
+    ),
     "base": dict(text_width=256, text_layers=4, vision_width=256, vision_layers=4, image_size=64, patch_size=8),
 }
 
@@ -65,9 +68,15 @@ def measure(name: str, batch: int, steps: int) -> dict:
     model.encode_image(pixels)
     encode = batch / (time.perf_counter() - t0)
     size = sum(p.numel() for p in model.parameters()) * 2 / 1e6
-    return {"config": name, "train pairs/s": round(batch / wall, 1), "s/step": round(wall, 2),
-            "cpu/wall": round(cpu / wall, 2), "encode_image images/s": round(encode, 1),
-            "batch prep ms": round(prep * 1000), "fp16 MB": round(size, 1)}
+    return {
+        "config": name,
+        "train pairs/s": round(batch / wall, 1),
+        "s/step": round(wall, 2),
+        "cpu/wall": round(cpu / wall, 2),
+        "encode_image images/s": round(encode, 1),
+        "batch prep ms": round(prep * 1000),
+        "fp16 MB": round(size, 1),
+    }
 
 
 def main() -> None:

@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import unique_prompts  # noqa: E402
-from common import median, paired, write_results  # noqa: E402
+from bench_model import unique_prompts
+from common import median, paired, write_results
 
-import sdclip  # noqa: E402
+import sdclip
 
 warnings.filterwarnings("ignore")
 
@@ -46,8 +46,14 @@ def hf_model(folder: str):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    config = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                            hidden_act="quick_gelu", eos_token_id=49407)
+    config = CLIPTextConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        hidden_act="quick_gelu",
+        eos_token_id=49407,
+    )
     CLIPTextModel(config).save_pretrained(folder)
     return {impl: CLIPTextModel.from_pretrained(folder, attn_implementation=impl).eval() for impl in ("sdpa", "eager")}
 
@@ -55,11 +61,21 @@ def hf_model(folder: str):
 def export_transformers(model, path: str) -> None:
     ids = torch.full((2, 77), 49407, dtype=torch.long)
     with torch.no_grad():
-        torch.onnx.export(model, (ids,), path, input_names=["input_ids"],
-                          output_names=["last_hidden_state", "pooler_output"],
-                          dynamic_axes={"input_ids": {0: "batch", 1: "length"},
-                                        "last_hidden_state": {0: "batch", 1: "length"}, "pooler_output": {0: "batch"}},
-                          opset_version=17, dynamo=False, do_constant_folding=True)
+        torch.onnx.export(
+            model,
+            (ids,),
+            path,
+            input_names=["input_ids"],
+            output_names=["last_hidden_state", "pooler_output"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "length"},
+                "last_hidden_state": {0: "batch", 1: "length"},
+                "pooler_output": {0: "batch"},
+            },
+            opset_version=17,
+            dynamo=False,
+            do_constant_folding=True,
+        )
 
 
 def contenders(folder: str, work: str) -> tuple[dict, dict, dict]:
@@ -81,8 +97,18 @@ def contenders(folder: str, work: str) -> tuple[dict, dict, dict]:
     t0 = time.perf_counter()
     fused = os.path.join(work, "clip-text-fused.onnx")
     optimized = optimize_model(plain, model_type="clip", num_heads=12, hidden_size=768)
-    fused_ops = sorted({n.op_type for n in optimized.model.graph.node} & {"Attention", "MultiHeadAttention",
-                        "SkipLayerNormalization", "LayerNormalization", "QuickGelu", "FastGelu", "BiasGelu"})
+    fused_ops = sorted(
+        {n.op_type for n in optimized.model.graph.node}
+        & {
+            "Attention",
+            "MultiHeadAttention",
+            "SkipLayerNormalization",
+            "LayerNormalization",
+            "QuickGelu",
+            "FastGelu",
+            "BiasGelu",
+        }
+    )
     optimized.save_model_to_file(fused)
     setup["ORT transformer optimizer"] = time.perf_counter() - t0
     notes["ONNX Runtime + optimizer"] = "fused ops: " + ", ".join(fused_ops)
@@ -94,7 +120,9 @@ def contenders(folder: str, work: str) -> tuple[dict, dict, dict]:
 
     for name, path in (("ONNX Runtime", plain), ("ONNX Runtime + optimizer", fused)):
         s = session(path)
-        fns[name] = (lambda s: lambda ids: torch.from_numpy(s.run(["last_hidden_state"], {"input_ids": ids.numpy()})[0]))(s)
+        fns[name] = (
+            lambda s: lambda ids: torch.from_numpy(s.run(["last_hidden_state"], {"input_ids": ids.numpy()})[0])
+        )(s)
 
     core = ov.Core()
     t0 = time.perf_counter()
@@ -113,7 +141,8 @@ def contenders(folder: str, work: str) -> tuple[dict, dict, dict]:
     setup["ORT dynamic quantization"] = time.perf_counter() - t0
     s8 = session(q8)
     fns["ONNX Runtime int8 (dynamic)"] = lambda ids: torch.from_numpy(
-        s8.run(["last_hidden_state"], {"input_ids": ids.numpy()})[0])
+        s8.run(["last_hidden_state"], {"input_ids": ids.numpy()})[0]
+    )
     try:
         import nncf
 
@@ -122,7 +151,8 @@ def contenders(folder: str, work: str) -> tuple[dict, dict, dict]:
         compiled8 = core.compile_model(compressed, "CPU", ov_config)
         setup["NNCF int8 weight compression"] = time.perf_counter() - t0
         fns["OpenVINO int8 (NNCF weights)"] = lambda ids: torch.from_numpy(
-            compiled8({"input_ids": ids.numpy()})[compiled8.outputs[0]].copy())
+            compiled8({"input_ids": ids.numpy()})[compiled8.outputs[0]].copy()
+        )
     except ImportError:
         notes["OpenVINO int8 (NNCF weights)"] = "nncf not installed"
 
@@ -168,10 +198,18 @@ def run(batches: list[int], quick: bool, out: str) -> tuple[list[dict], dict]:
             for name, ts in times.items():
                 t = median(ts)
                 mean, low, diff = fid[name]
-                rows.append({"batch": batch, "contender": name, "ms": f"{t * 1e3:.1f}", "prompts/s": f"{batch / t:.2f}",
-                             "vs transformers sdpa": f"{base / t:.2f}x", "max |Δ|": f"{diff:.1e}",
-                             "cosine mean / min": f"{mean:.6f} / {low:.6f}",
-                             "notes": notes.get(name, "") + (f"first call {first[name]:.0f} s" if name in first else "")})
+                rows.append(
+                    {
+                        "batch": batch,
+                        "contender": name,
+                        "ms": f"{t * 1e3:.1f}",
+                        "prompts/s": f"{batch / t:.2f}",
+                        "vs transformers sdpa": f"{base / t:.2f}x",
+                        "max |Δ|": f"{diff:.1e}",
+                        "cosine mean / min": f"{mean:.6f} / {low:.6f}",
+                        "notes": notes.get(name, "") + (f"first call {first[name]:.0f} s" if name in first else ""),
+                    }
+                )
             write_results("engines", rows, HEADER, out, {"setup_seconds": setup})  # each batch size as it ends
     return rows, {"setup_seconds": setup}
 
@@ -183,8 +221,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 repetitions")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--threads", type=int, help="threads for every contender (default: torch's default, one per "
-                    "core); 1 gives steadier ratios on a machine shared with other jobs")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        help="threads for every contender (default: torch's default, one per "
+        "core); 1 gives steadier ratios on a machine shared with other jobs",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "out"))
     args = ap.parse_args()
     if args.threads:
@@ -193,7 +235,8 @@ def main() -> None:
     extra["threads"] = torch.get_num_threads()
     md = write_results("engines", rows, HEADER, args.out, extra)
     setup = f"- threads per contender: {extra['threads']}\n" + "\n".join(
-        f"- {k}: {v:.1f} s" for k, v in extra["setup_seconds"].items())
+        f"- {k}: {v:.1f} s" for k, v in extra["setup_seconds"].items()
+    )
     with open(Path(args.out) / "engines.md", "a") as f:
         f.write(f"\nSetup (not in the timings):\n{setup}\n")
     print(md + "\nSetup:\n" + setup)

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import unique_prompts  # noqa: E402
-from common import write_results  # noqa: E402
+from bench_model import unique_prompts
+from common import write_results
 
-import sdclip  # noqa: E402
-from sdclip.accel import CudaGraphEncoder  # noqa: E402
+import sdclip
+from sdclip.accel import CudaGraphEncoder
 
 
 def cuda_ms(fn, repeats: int, warmup: int = 10) -> float:
@@ -56,12 +56,20 @@ def main() -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    config = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                            hidden_act="quick_gelu", eos_token_id=49407)
+    config = CLIPTextConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        hidden_act="quick_gelu",
+        eos_token_id=49407,
+    )
     with tempfile.TemporaryDirectory() as folder:
         CLIPTextModel(config).save_pretrained(folder)
-        hf = {impl: CLIPTextModel.from_pretrained(folder, attn_implementation=impl, torch_dtype=dtype).cuda().eval()
-              for impl in ("sdpa", "eager")}
+        hf = {
+            impl: CLIPTextModel.from_pretrained(folder, attn_implementation=impl, torch_dtype=dtype).cuda().eval()
+            for impl in ("sdpa", "eager")
+        }
         te = sdclip.load(folder, dtype=args.dtype, device="cuda")
     tower = te.towers[0]
     rows = []
@@ -78,12 +86,26 @@ def main() -> None:
             }
             ms = {name: cuda_ms(fn, repeats) for name, fn in contenders.items()}
         for name, t in ms.items():
-            rows.append({"workload": f"batch {batch}, {args.dtype}", "implementation": name, "ms": f"{t:.3f}",
-                         "prompts/s": f"{batch / t * 1e3:.0f}", "vs transformers sdpa": f"{ms['transformers sdpa'] / t:.2f}x",
-                         "notes": f"max abs diff vs transformers {diff:.1e}" if name == "sdclip eager" else ""})
+            rows.append(
+                {
+                    "workload": f"batch {batch}, {args.dtype}",
+                    "implementation": name,
+                    "ms": f"{t:.3f}",
+                    "prompts/s": f"{batch / t * 1e3:.0f}",
+                    "vs transformers sdpa": f"{ms['transformers sdpa'] / t:.2f}x",
+                    "notes": f"max abs diff vs transformers {diff:.1e}" if name == "sdclip eager" else "",
+                }
+            )
     device = torch.cuda.get_device_name()
-    print(write_results("gpu", rows, ["workload", "implementation", "ms", "prompts/s", "vs transformers sdpa", "notes"],
-                        args.out, {"device": device}))
+    print(
+        write_results(
+            "gpu",
+            rows,
+            ["workload", "implementation", "ms", "prompts/s", "vs transformers sdpa", "notes"],
+            args.out,
+            {"device": device},
+        )
+    )
     print(json.dumps({"device": device}))
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, write_results  # noqa: E402
+from common import median, write_results
 
 MEASURE = r"""
 import json, sys, time
@@ -44,7 +44,8 @@ def mark(name): marks.append((name, time.perf_counter()))
 import torch; mark("import torch")
 import sdclip, sdclip.encoder, sdclip.cli; mark("import sdclip (encoder, cli)")
 te = sdclip.load(sys.argv[1], backend=sys.argv[3]); mark("sdclip.load: read the text encoder from the file")
-out = te.encode(["a photo of a cat"]); mark("encode one prompt" + (" (engine session built from the cached export)" if sys.argv[3] != "torch" else ""))
+out = te.encode(["a photo of a cat"])
+mark("encode one prompt" + (" (engine session built from the cached export)" if sys.argv[3] != "torch" else ""))
 sdclip.cli._write_tensors(sys.argv[2], {"hidden": out.hidden, "pooled": out.pooled}, {}); mark("write the .safetensors")
 prev, rows = t0, []
 for name, t in marks:
@@ -59,8 +60,9 @@ def build(path: Path) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                      num_attention_heads=12)).half()
+    te = CLIPTextModel(
+        CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+    ).half()
     tensors = {f"cond_stage_model.transformer.{k}": v for k, v in te.state_dict().items()}
     unet_params = 859_520_964  # SD1 U-Net
     for i in range(unet_params // (1280 * 1280)):
@@ -87,42 +89,86 @@ def main() -> None:
     size = path.stat().st_size
     rows = []
     for dtype in ("float32", "float16"):
-        runs = [json.loads(subprocess.run([sys.executable, "-c", MEASURE, str(path), dtype], check=True,
-                                          capture_output=True, text=True).stdout) for _ in range(args.repeats)]
+        runs = [
+            json.loads(
+                subprocess.run(
+                    [sys.executable, "-c", MEASURE, str(path), dtype], check=True, capture_output=True, text=True
+                ).stdout
+            )
+            for _ in range(args.repeats)
+        ]
         peak = median([r["peak"] - r["base"] for r in runs])
         weights = runs[0]["weights"]
-        rows.append({"measure": f"load text encoder as {dtype}", "file": f"{size / 2**30:.2f} GiB",
-                     "seconds": f"{median([r['seconds'] for r in runs]):.2f}",
-                     "peak RSS over baseline": f"{peak / 2**20:.0f} MiB",
-                     "text-encoder weight bytes": f"{weights / 2**20:.0f} MiB",
-                     "peak / weights": f"{peak / weights:.2f}x"})
+        rows.append(
+            {
+                "measure": f"load text encoder as {dtype}",
+                "file": f"{size / 2**30:.2f} GiB",
+                "seconds": f"{median([r['seconds'] for r in runs]):.2f}",
+                "peak RSS over baseline": f"{peak / 2**20:.0f} MiB",
+                "text-encoder weight bytes": f"{weights / 2**20:.0f} MiB",
+                "peak / weights": f"{peak / weights:.2f}x",
+            }
+        )
     walls = []
     out = Path(args.out) / "bench-load-encode.safetensors"
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        subprocess.run(["sdclip", "encode", "a photo of a cat", "--model", str(path), "--out", str(out)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["sdclip", "encode", "a photo of a cat", "--model", str(path), "--out", str(out)],
+            check=True,
+            capture_output=True,
+        )
         walls.append(time.perf_counter() - t0)
-    rows.append({"measure": "`sdclip encode` one prompt, process start to output (warm page cache)",
-                 "file": f"{size / 2**30:.2f} GiB", "seconds": f"{median(walls):.2f}"})
+    rows.append(
+        {
+            "measure": "`sdclip encode` one prompt, process start to output (warm page cache)",
+            "file": f"{size / 2**30:.2f} GiB",
+            "seconds": f"{median(walls):.2f}",
+        }
+    )
     for backend in ("torch", "onnxruntime"):
         if backend != "torch" and importlib.util.find_spec(backend) is None:
             continue
         t0 = time.perf_counter()  # the interpreter's own start-up: what the phases do not see
         subprocess.run([sys.executable, "-c", "pass"], check=True)
         python_start = time.perf_counter() - t0
-        runs = [json.loads(subprocess.run([sys.executable, "-c", PHASES, str(path), str(out), backend], check=True,
-                                          capture_output=True, text=True).stdout.splitlines()[-1])
-                for _ in range(args.repeats + (backend != "torch"))][(backend != "torch"):]  # first: the export
+        runs = [
+            json.loads(
+                subprocess.run(
+                    [sys.executable, "-c", PHASES, str(path), str(out), backend],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout.splitlines()[-1]
+            )
+            for _ in range(args.repeats + (backend != "torch"))
+        ][(backend != "torch") :]  # first: the export
         phases = [("python start-up", python_start)] + [
-            (name, median([r["rows"][i][1] for r in runs])) for i, (name, _) in enumerate(runs[0]["rows"])]
+            (name, median([r["rows"][i][1] for r in runs])) for i, (name, _) in enumerate(runs[0]["rows"])
+        ]
         for name, seconds in phases:
-            rows.append({"measure": f"phase, backend={backend}: {name}", "file": f"{size / 2**30:.2f} GiB",
-                         "seconds": f"{seconds:.2f}"})
-        rows.append({"measure": f"phases total, backend={backend}", "file": f"{size / 2**30:.2f} GiB",
-                     "seconds": f"{sum(s for _, s in phases):.2f}"})
-    print(write_results("load", rows, ["measure", "file", "seconds", "peak RSS over baseline",
-                                       "text-encoder weight bytes", "peak / weights"], args.out))
+            rows.append(
+                {
+                    "measure": f"phase, backend={backend}: {name}",
+                    "file": f"{size / 2**30:.2f} GiB",
+                    "seconds": f"{seconds:.2f}",
+                }
+            )
+        rows.append(
+            {
+                "measure": f"phases total, backend={backend}",
+                "file": f"{size / 2**30:.2f} GiB",
+                "seconds": f"{sum(s for _, s in phases):.2f}",
+            }
+        )
+    print(
+        write_results(
+            "load",
+            rows,
+            ["measure", "file", "seconds", "peak RSS over baseline", "text-encoder weight bytes", "peak / weights"],
+            args.out,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -20,16 +20,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, paired, write_results  # noqa: E402
+from common import median, paired, write_results
 
-import sdclip  # noqa: E402
+import sdclip
 
-WORDS = ("astronaut horse mars detailed portrait landscape castle forest river mountain sunset neon city "
-         "dragon knight robot ocean ship storm painting photo cinematic lighting volumetric fog golden hour "
-         "masterpiece watercolor oil sketch anime studio ghibli octane render unreal engine trending artstation "
-         "sharp focus bokeh macro wide angle elegant intricate ornate baroque gothic futuristic vintage").split()
-LABELS = ("cat dog fox horse car plane ship bird tree house flower mountain person bicycle train bus "
-          "apple banana chair table clock lamp guitar piano book cup bottle phone laptop shoe hat").split()
+WORDS = (
+    "astronaut horse mars detailed portrait landscape castle forest river mountain sunset neon city "
+    "dragon knight robot ocean ship storm painting photo cinematic lighting volumetric fog golden hour "
+    "masterpiece watercolor oil sketch anime studio ghibli octane render unreal engine trending artstation "
+    "sharp focus bokeh macro wide angle elegant intricate ornate baroque gothic futuristic vintage"
+).split()
+LABELS = (
+    "cat dog fox horse car plane ship bird tree house flower mountain person bicycle train bus "
+    "apple banana chair table clock lamp guitar piano book cup bottle phone laptop shoe hat"
+).split()
 
 
 def unique_prompts(n: int, seed: int = 0) -> list[str]:
@@ -67,8 +71,14 @@ def build(folder: str):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    config = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                            hidden_act="quick_gelu", eos_token_id=49407)
+    config = CLIPTextConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        hidden_act="quick_gelu",
+        eos_token_id=49407,
+    )
     CLIPTextModel(config).save_pretrained(folder)
     hf = {impl: CLIPTextModel.from_pretrained(folder, attn_implementation=impl).eval() for impl in ("sdpa", "eager")}
     return hf, sdclip.load(folder), sdclip.load(folder, quantize="int8")
@@ -92,8 +102,12 @@ def run(quick: bool = False, compile: bool = False) -> tuple[list[dict], dict]:
             ref = hf["sdpa"](ids).last_hidden_state
             exact = (tower(ids).hidden - ref).abs().max().item()
             fid = cosine_fidelity(ref, tower8(ids).hidden)
-            contenders = {"sdclip": lambda: tower(ids), "sdclip int8": lambda: tower8(ids),
-                          "transformers sdpa": lambda: hf["sdpa"](ids), "transformers eager": lambda: hf["eager"](ids)}
+            contenders = {
+                "sdclip": lambda: tower(ids),
+                "sdclip int8": lambda: tower8(ids),
+                "transformers sdpa": lambda: hf["sdpa"](ids),
+                "transformers eager": lambda: hf["eager"](ids),
+            }
             if compiled is not None:
                 t0 = time.perf_counter()
                 compiled_diff = (compiled(ids).hidden - ref).abs().max().item()
@@ -108,14 +122,22 @@ def run(quick: bool = False, compile: bool = False) -> tuple[list[dict], dict]:
                 note = f"first call (compile) {compile_s:.0f} s, max abs diff {compiled_diff:.1e}"
             if name == "sdclip int8":
                 note = f"cosine mean {fid[0]:.5f} / min {fid[1]:.5f}, max abs diff {fid[2]:.3f}"
-            rows.append({"workload": f"(a/b) batch {batch}, unique 77-token prompts", "implementation": name,
-                         "ms": f"{t * 1e3:.1f}", "prompts/s": f"{batch / t:.2f}",
-                         "vs transformers sdpa": f"{base / t:.2f}x",
-                         "% of matmul peak": f"{100 * batch * flops / t / 1e9 / peak:.0f}%", "notes": note})
+            rows.append(
+                {
+                    "workload": f"(a/b) batch {batch}, unique 77-token prompts",
+                    "implementation": name,
+                    "ms": f"{t * 1e3:.1f}",
+                    "prompts/s": f"{batch / t:.2f}",
+                    "vs transformers sdpa": f"{base / t:.2f}x",
+                    "% of matmul peak": f"{100 * batch * flops / t / 1e9 / peak:.0f}%",
+                    "notes": note,
+                }
+            )
 
     labels = [f"a photo of a {label}" for label in LABELS] * 2  # 64 zero-shot prompts
     ids = te.tokenize(labels)
     from transformers import CLIPTokenizer
+
     with tempfile.TemporaryDirectory() as d:
         sdclip.Tokenizer().save_hf(d)
         longest = CLIPTokenizer.from_pretrained(d)(labels, padding=True, return_tensors="pt")
@@ -123,17 +145,27 @@ def run(quick: bool = False, compile: bool = False) -> tuple[list[dict], dict]:
         pooled = te.encode_ids(ids, hidden=False).pooled
         exact = (pooled - hf["sdpa"](ids).pooler_output).abs().max().item()
         te.reuse.cache.clear()
-        times = paired({
-            "sdclip pooled-only": lambda: te.encode_ids(ids, hidden=False),
-            "transformers sdpa, padded to 77": lambda: hf["sdpa"](ids),
-            "transformers sdpa, padded to longest + mask": lambda: hf["sdpa"](**longest),
-        }, repeats=repeats)
+        times = paired(
+            {
+                "sdclip pooled-only": lambda: te.encode_ids(ids, hidden=False),
+                "transformers sdpa, padded to 77": lambda: hf["sdpa"](ids),
+                "transformers sdpa, padded to longest + mask": lambda: hf["sdpa"](**longest),
+            },
+            repeats=repeats,
+        )
     base = median(times["transformers sdpa, padded to 77"])
     for name, ts in times.items():
         t = median(ts)
-        rows.append({"workload": "(d) pooled only: 64 zero-shot label prompts", "implementation": name,
-                     "ms": f"{t * 1e3:.1f}", "prompts/s": f"{64 / t:.1f}", "vs transformers sdpa": f"{base / t:.2f}x",
-                     "notes": f"max abs diff {exact:.1e}" if name.startswith("sdclip") else ""})
+        rows.append(
+            {
+                "workload": "(d) pooled only: 64 zero-shot label prompts",
+                "implementation": name,
+                "ms": f"{t * 1e3:.1f}",
+                "prompts/s": f"{64 / t:.1f}",
+                "vs transformers sdpa": f"{base / t:.2f}x",
+                "notes": f"max abs diff {exact:.1e}" if name.startswith("sdclip") else "",
+            }
+        )
     return rows, {"matmul_peak_gflops": peak, "flops_per_prompt": flops}
 
 

@@ -47,8 +47,13 @@ from sdclip.prompts import chunk  # noqa: E402
 
 COLOURS = ["red", "blue", "green", "orange", "purple", "yellow", "white", "black"]
 SHAPES = ["star", "square", "circle", "cross", "triangle", "hexagon"]
-PREFIXES = ["", "masterpiece, best quality, ", "(masterpiece:1.2), highly detailed, sharp focus, ",
-            "a photo of ", "(cinematic lighting:1.1), 8k, "]
+PREFIXES = [
+    "",
+    "masterpiece, best quality, ",
+    "(masterpiece:1.2), highly detailed, sharp focus, ",
+    "a photo of ",
+    "(cinematic lighting:1.1), 8k, ",
+]
 NEGATIVES = [None, "blurry", "lowres, (bad anatomy:1.2), worst quality", "ugly"]
 
 
@@ -69,12 +74,19 @@ def workload(n: int, seed: int = 0) -> list[tuple[str, dict]]:
         r = rng.random()
         if r < 0.5:
             k = rng.randint(1, 4)
-            body = {"prompts": [prompt(rng) for _ in range(k)], "dialect": rng.choice(["a1111", "comfy", "diffusers"]),
-                    "negative": rng.choice(NEGATIVES)}
+            body = {
+                "prompts": [prompt(rng) for _ in range(k)],
+                "dialect": rng.choice(["a1111", "comfy", "diffusers"]),
+                "negative": rng.choice(NEGATIVES),
+            }
             out.append(("/v1/encode", body))
         elif r < 0.8:
-            out.append(("/v1/embeddings", {"input": [prompt(rng).replace("(", "").replace(")", "")
-                                                     for _ in range(rng.randint(1, 4))]}))
+            out.append(
+                (
+                    "/v1/embeddings",
+                    {"input": [prompt(rng).replace("(", "").replace(")", "") for _ in range(rng.randint(1, 4))]},
+                )
+            )
         else:
             out.append(("/v1/tokenize", {"prompt": prompt(rng), "dialect": rng.choice(["a1111", "comfy", "compel"])}))
     return out
@@ -84,7 +96,7 @@ def key(path: str, body: dict) -> str:
     return path + json.dumps(body, sort_keys=True)
 
 
-def reference(te: "sdclip.TextEncoder", path: str, body: dict) -> object:
+def reference(te: sdclip.TextEncoder, path: str, body: dict) -> object:
     """The in-process answer to one request."""
     if path == "/v1/encode":
         cond = sdclip.encode_prompts(te, body["prompts"], body["negative"], dialect=body["dialect"], cache=None)
@@ -112,7 +124,7 @@ def difference(path: str, response: httpx.Response, want: object) -> float:
     return 0.0 if same else float("inf")
 
 
-def engine_seconds(te: "sdclip.TextEncoder", requests: list[tuple[str, dict]], batch: int = 64) -> float:
+def engine_seconds(te: sdclip.TextEncoder, requests: list[tuple[str, dict]], batch: int = 64) -> float:
     """The same work in-process, batched: encode prompts grouped by dialect and negative, embeddings in batches,
     tokenize one by one (a fresh conditioning cache: repeats inside the workload are free, as in the server)."""
     cache = ConditioningCache()
@@ -129,9 +141,9 @@ def engine_seconds(te: "sdclip.TextEncoder", requests: list[tuple[str, dict]], b
     for (dialect, negative), prompts in groups.items():
         conditioner = sdclip.Conditioner(te, dialect, cache=cache)
         for s in range(0, len(prompts), batch):
-            conditioner.encode(prompts[s:s + batch], negative)
+            conditioner.encode(prompts[s : s + batch], negative)
     for s in range(0, len(inputs), batch):
-        te.encode(inputs[s:s + batch], hidden=False)
+        te.encode(inputs[s : s + batch], hidden=False)
     tok = te.tokenizers[0]
     for body in tokenize:
         tok.encode(body["prompt"])
@@ -154,6 +166,7 @@ async def load_phase(base: str, requests: list, wants: dict, clients: int) -> di
     latencies, statuses, wrong, lost, worst = [], {}, {}, 0, 0.0
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as client:
+
         async def worker() -> None:
             nonlocal lost, worst
             while todo:
@@ -171,14 +184,24 @@ async def load_phase(base: str, requests: list, wants: dict, clients: int) -> di
                     if delta:
                         wrong[path] = wrong.get(path, 0) + 1
                         worst = max(worst, delta)
+
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - t0
     latencies.sort()
-    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
-    return {"wall_s": wall, "statuses": statuses, "wrong": sum(wrong.values()), "wrong_by_route": wrong,
-            "max_abs_difference": worst, "lost": lost, "answered": len(latencies),
-            "p50_ms": 1000 * pick(0.5), "p99_ms": 1000 * pick(0.99), "max_ms": 1000 * latencies[-1]}
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+    return {
+        "wall_s": wall,
+        "statuses": statuses,
+        "wrong": sum(wrong.values()),
+        "wrong_by_route": wrong,
+        "max_abs_difference": worst,
+        "lost": lost,
+        "answered": len(latencies),
+        "p50_ms": 1000 * pick(0.5),
+        "p99_ms": 1000 * pick(0.99),
+        "max_ms": 1000 * latencies[-1],
+    }
 
 
 def heavy(i: int) -> dict:
@@ -186,11 +209,16 @@ def heavy(i: int) -> dict:
     return {"prompts": [f"{i} {j} " + "a (red:1.1) star, blue square, " * 4 for j in range(16)], "dialect": "a1111"}
 
 
-async def overload_phase(base: str, n: int, te: "sdclip.TextEncoder") -> dict:
+async def overload_phase(base: str, n: int, te: sdclip.TextEncoder) -> dict:
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as client:
-        rs = await asyncio.gather(*(client.post("/v1/encode", json=heavy(i), headers={"Accept": "application/octet-stream"})
-                                    for i in range(n)), return_exceptions=True)
+        rs = await asyncio.gather(
+            *(
+                client.post("/v1/encode", json=heavy(i), headers={"Accept": "application/octet-stream"})
+                for i in range(n)
+            ),
+            return_exceptions=True,
+        )
         statuses: dict[int, int] = {}
         retry_after = True
         checked = wrong = 0
@@ -207,8 +235,14 @@ async def overload_phase(base: str, n: int, te: "sdclip.TextEncoder") -> dict:
                 wrong += not torch.equal(load_safetensors(r.content)["hidden"], want.hidden)
         after = await client.post("/v1/encode", json={"prompts": "a red star", "dialect": "a1111"})
         ready = await client.get("/readyz")
-    return {"sent": n, "statuses": statuses, "retry_after_on_every_503": retry_after, "sample_checked": checked,
-            "sample_wrong": wrong, "recovered": after.status_code == 200 and ready.status_code == 200}
+    return {
+        "sent": n,
+        "statuses": statuses,
+        "retry_after_on_every_503": retry_after,
+        "sample_checked": checked,
+        "sample_wrong": wrong,
+        "recovered": after.status_code == 200 and ready.status_code == 200,
+    }
 
 
 async def disconnect_round(base: str, n: int, after_s: float) -> int:
@@ -232,7 +266,7 @@ def rss_kb(pid: int) -> int:
 
 def queue_depth(base: str) -> float:
     text = httpx.get(base + "/metrics").text
-    return sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("sdclip_queue_depth{"))
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("sdclip_queue_depth{"))
 
 
 def settle(base: str, timeout: float = 60) -> float:
@@ -277,10 +311,27 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "sdclip.cli", "serve", "--port", str(port), "--log-level",
-                               "warning", "--queue-size", str(args.queue_size), "--max-batch", str(args.max_batch),
-                               "--max-wait-ms", str(args.max_wait_ms), "--threads", str(threads)],
-                              env={**os.environ, "PYTHONPATH": str(HERE.parent / "src")})
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sdclip.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--queue-size",
+            str(args.queue_size),
+            "--max-batch",
+            str(args.max_batch),
+            "--max-wait-ms",
+            str(args.max_wait_ms),
+            "--threads",
+            str(threads),
+        ],
+        env={**os.environ, "PYTHONPATH": str(HERE.parent / "src")},
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -313,11 +364,16 @@ def main() -> None:
             cuts = [asyncio.run(disconnect_round(base, 100, 0.3)) for _ in range(5)]
             depth = settle(base)
             after_rss = rss_kb(server.pid)
-            disconnect = {"rounds": 5, "cut_off": cuts, "queue_depth_after": depth, "rss_before_mb": before_rss / 1024,
-                          "rss_after_mb": after_rss / 1024,
-                          "rss_growth_pct": 100 * (after_rss - before_rss) / before_rss,
-                          "server_alive": server.poll() is None,
-                          "still_answers": httpx.post(base + "/v1/tokenize", json={"prompt": "a"}).status_code == 200}
+            disconnect = {
+                "rounds": 5,
+                "cut_off": cuts,
+                "queue_depth_after": depth,
+                "rss_before_mb": before_rss / 1024,
+                "rss_after_mb": after_rss / 1024,
+                "rss_growth_pct": 100 * (after_rss - before_rss) / before_rss,
+                "server_alive": server.poll() is None,
+                "still_answers": httpx.post(base + "/v1/tokenize", json={"prompt": "a"}).status_code == 200,
+            }
             print(json.dumps(disconnect), file=sys.stderr)
         server.send_signal(signal.SIGTERM)
         exit_code = server.wait(60)
@@ -328,35 +384,57 @@ def main() -> None:
 
     five = sum(v for k, v in load["statuses"].items() if k >= 500)
     rows = [
-        {"what": f"load: {args.requests} requests, {args.clients} clients", "value":
-         f"{load['answered']} answered, {load['lost']} lost, {load['wrong']} not bit-identical "
-         f"{load['wrong_by_route'] or ''} (max abs difference {load['max_abs_difference']:.1e}), {five} 5xx "
-         f"(statuses {load['statuses']})"},
-        {"what": "latency p50 / p99 / max", "value": f"{load['p50_ms']:.1f} / {load['p99_ms']:.1f} / "
-                                                      f"{load['max_ms']:.1f} ms"},
-        {"what": "throughput", "value": f"{load['requests_per_s']:.0f} requests/s, {load['prompts_per_s']:.0f} prompts/s"},
-        {"what": "engine in-process, same work, batches of 64", "value": f"{load['engine_prompts_per_s']:.0f} prompts/s"},
+        {
+            "what": f"load: {args.requests} requests, {args.clients} clients",
+            "value": f"{load['answered']} answered, {load['lost']} lost, {load['wrong']} not bit-identical "
+            f"{load['wrong_by_route'] or ''} (max abs difference {load['max_abs_difference']:.1e}), {five} 5xx "
+            f"(statuses {load['statuses']})",
+        },
+        {
+            "what": "latency p50 / p99 / max",
+            "value": f"{load['p50_ms']:.1f} / {load['p99_ms']:.1f} / {load['max_ms']:.1f} ms",
+        },
+        {
+            "what": "throughput",
+            "value": f"{load['requests_per_s']:.0f} requests/s, {load['prompts_per_s']:.0f} prompts/s",
+        },
+        {
+            "what": "engine in-process, same work, batches of 64",
+            "value": f"{load['engine_prompts_per_s']:.0f} prompts/s",
+        },
         {"what": "server / engine", "value": f"{load['ratio_to_engine']:.2f}x (target >= 0.8x)"},
     ]
     if overload is not None and disconnect is not None:
         rows += [
-        {"what": f"overload: {overload['sent']} heavy requests (16 prompts) at once, queue {args.queue_size}",
-         "value": f"statuses {overload['statuses']}, Retry-After on every 503: {overload['retry_after_on_every_503']}, "
-                  f"sample of answers checked {overload['sample_checked']} wrong {overload['sample_wrong']}, "
-                  f"alive {overload['server_alive']}, recovered {overload['recovered']}, queue after "
-                  f"{overload['queue_depth_after']:g}"},
-        {"what": "disconnects: 5 rounds x 100 heavy requests cut off after 0.3 s", "value":
-         f"cut off {disconnect['cut_off']}, queue after {disconnect['queue_depth_after']:g}, RSS "
-         f"{disconnect['rss_before_mb']:.0f} -> {disconnect['rss_after_mb']:.0f} MB "
-         f"({disconnect['rss_growth_pct']:+.1f} %), still answers {disconnect['still_answers']}"}]
+            {
+                "what": f"overload: {overload['sent']} heavy requests (16 prompts) at once, queue {args.queue_size}",
+                "value": f"statuses {overload['statuses']}, "
+                f"Retry-After on every 503: {overload['retry_after_on_every_503']}, "
+                f"sample of answers checked {overload['sample_checked']} wrong {overload['sample_wrong']}, "
+                f"alive {overload['server_alive']}, recovered {overload['recovered']}, queue after "
+                f"{overload['queue_depth_after']:g}",
+            },
+            {
+                "what": "disconnects: 5 rounds x 100 heavy requests cut off after 0.3 s",
+                "value": f"cut off {disconnect['cut_off']}, queue after {disconnect['queue_depth_after']:g}, RSS "
+                f"{disconnect['rss_before_mb']:.0f} -> {disconnect['rss_after_mb']:.0f} MB "
+                f"({disconnect['rss_growth_pct']:+.1f} %), still answers {disconnect['still_answers']}",
+            },
+        ]
     rows += [
-        {"what": "server RSS: started / after the load", "value": f"{baseline_rss / 1024:.0f} / "
-                                                                   f"{after_load_rss / 1024:.0f} MB"},
+        {
+            "what": "server RSS: started / after the load",
+            "value": f"{baseline_rss / 1024:.0f} / {after_load_rss / 1024:.0f} MB",
+        },
         {"what": "SIGTERM exit status", "value": str(exit_code)},
     ]
-    text = write_results("serve", rows, ["what", "value"], args.out,
-                         {"load": load, "overload": overload, "disconnect": disconnect, "exit_code": exit_code,
-                          "machine": machine()})
+    text = write_results(
+        "serve",
+        rows,
+        ["what", "value"],
+        args.out,
+        {"load": load, "overload": overload, "disconnect": disconnect, "exit_code": exit_code, "machine": machine()},
+    )
     print(text)
 
 

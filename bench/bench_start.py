@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, write_results  # noqa: E402
+from common import median, write_results
 
 CLI = [sys.executable, "-m", "sdclip.cli"]
 COMMANDS = {
@@ -28,7 +28,13 @@ COMMANDS = {
     "sdclip --help": [*CLI, "--help"],
     'sdclip tokenize "a photo of a cat"': [*CLI, "tokenize", "a photo of a cat"],
     "sdclip parse --dialect a1111 (one prompt)": [*CLI, "parse", "--dialect", "a1111", "a (red:1.2) fox AND a dog"],
-    "sdclip tokens --dialect a1111 (one prompt)": [*CLI, "tokens", "--dialect", "a1111", "masterpiece, (best:1.3) BREAK a cat"],
+    "sdclip tokens --dialect a1111 (one prompt)": [
+        *CLI,
+        "tokens",
+        "--dialect",
+        "a1111",
+        "masterpiece, (best:1.3) BREAK a cat",
+    ],
 }
 TARGET = 0.3
 
@@ -39,7 +45,9 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     before = os.times()
     subprocess.run(cmd, check=True, capture_output=True)
     after = os.times()
-    return time.perf_counter() - t0, (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return time.perf_counter() - t0, (after.children_user - before.children_user) + (
+        after.children_system - before.children_system
+    )
 
 
 def main() -> None:
@@ -51,7 +59,7 @@ def main() -> None:
     repeats = 3 if args.quick else args.repeats
     walls: dict[str, list[float]] = {name: [] for name in COMMANDS}
     cpus: dict[str, list[float]] = {name: [] for name in COMMANDS}
-    for name, cmd in COMMANDS.items():  # warm the page cache
+    for cmd in COMMANDS.values():  # warm the page cache
         timed(cmd)
     for _ in range(repeats):  # interleaved: drift hits every command alike
         for name, cmd in COMMANDS.items():
@@ -62,12 +70,21 @@ def main() -> None:
     for name in COMMANDS:
         wall, cpu = median(walls[name]), median(cpus[name])
         yardstick = "yardstick" in name
-        rows.append({"command": name, "wall s (median)": f"{wall:.3f}", "wall s (min)": f"{min(walls[name]):.3f}",
-                     "cpu s (median)": f"{cpu:.3f}",
-                     "target": "" if yardstick else f"≤ {TARGET} s wall",
-                     "met": "" if yardstick else ("met" if wall <= TARGET else "not met (median)")})
-    print(write_results("start", rows, ["command", "wall s (median)", "wall s (min)", "cpu s (median)", "target", "met"],
-                        args.out))
+        rows.append(
+            {
+                "command": name,
+                "wall s (median)": f"{wall:.3f}",
+                "wall s (min)": f"{min(walls[name]):.3f}",
+                "cpu s (median)": f"{cpu:.3f}",
+                "target": "" if yardstick else f"≤ {TARGET} s wall",
+                "met": "" if yardstick else ("met" if wall <= TARGET else "not met (median)"),
+            }
+        )
+    print(
+        write_results(
+            "start", rows, ["command", "wall s (median)", "wall s (min)", "cpu s (median)", "target", "met"], args.out
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,10 @@ def contenders(texts: list[str], folder: Path) -> dict[str, tuple]:
     out["CLIPTokenizerFast"] = (lambda: fast(texts)["input_ids"], fast.backend_tokenizer.model._clear_cache)
     slow = CLIPTokenizer.from_pretrained(folder)
     specials = dict(slow.cache)
-    out["CLIPTokenizer (slow)"] = (lambda: [slow(t)["input_ids"] for t in texts],
-                                   lambda: setattr(slow, "cache", dict(specials)))
+    out["CLIPTokenizer (slow)"] = (
+        lambda: [slow(t)["input_ids"] for t in texts],
+        lambda: setattr(slow, "cache", dict(specials)),
+    )
     return out
 
 
@@ -55,8 +57,11 @@ def load_times(folder: Path, repeats: int = 3) -> dict[str, float]:
         tokmod._bundled_merges.cache_clear()  # read and unzip the merges again
         return Tokenizer()
 
-    fns = {"sdclip bundled": bundled, "sdclip from_folder": lambda: Tokenizer.from_folder(folder),
-           "CLIPTokenizerFast": lambda: CLIPTokenizerFast.from_pretrained(folder)}
+    fns = {
+        "sdclip bundled": bundled,
+        "sdclip from_folder": lambda: Tokenizer.from_folder(folder),
+        "CLIPTokenizerFast": lambda: CLIPTokenizerFast.from_pretrained(folder),
+    }
     return {name: median(ts) for name, ts in paired(fns, repeats, warmup=0).items()}
 
 
@@ -89,8 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         write_results("tokenizer", rows, header, args.out, {"load_s": loads})
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows, "load_s": loads,
-                                               "time": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {"machine": machine(), "rows": rows, "load_s": loads, "time": time.strftime("%Y-%m-%d %H:%M")}, indent=2
+            )
+        )
 
 
 def measure(corpus_name: str, texts: list[str], folder: Path, args: argparse.Namespace) -> list[dict]:
@@ -104,19 +112,29 @@ def measure(corpus_name: str, texts: list[str], folder: Path, args: argparse.Nam
         def run():
             clear()
             encode()
+
         return run
 
     seconds: dict[tuple[str, str], float] = {}
     for state in ("cold", "warm"):
-        for group, repeats in (([n for n in runs if "slow" not in n], args.repeats),
-                               (["CLIPTokenizer (slow)"], args.slow_repeats)):
+        for group, repeats in (
+            ([n for n in runs if "slow" not in n], args.repeats),
+            (["CLIPTokenizer (slow)"], args.slow_repeats),
+        ):
             fns = {n: (cold(*runs[n]) if state == "cold" else runs[n][0]) for n in group}
             for name, ts in paired(fns, repeats).items():
                 seconds[name, state] = median(ts)
-    rows = [{"corpus": f"{corpus_name} ({len(texts)})", "tokenizer": name, "state": state,
-             "prompts/s": round(len(texts) / s), "ms/corpus": round(1000 * s, 1),
-             "vs Fast": round(seconds["CLIPTokenizerFast", state] / s, 2)}
-            for (name, state), s in seconds.items()]
+    rows = [
+        {
+            "corpus": f"{corpus_name} ({len(texts)})",
+            "tokenizer": name,
+            "state": state,
+            "prompts/s": round(len(texts) / s),
+            "ms/corpus": round(1000 * s, 1),
+            "vs Fast": round(seconds["CLIPTokenizerFast", state] / s, 2),
+        }
+        for (name, state), s in seconds.items()
+    ]
     return sorted(rows, key=lambda r: (r["state"], -r["prompts/s"]))
 
 

@@ -21,16 +21,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import WORDS, build  # noqa: E402
-from common import median, paired, write_results  # noqa: E402
+from bench_model import WORDS, build
+from common import median, paired, write_results
 
-import sdclip  # noqa: E402
-from sdclip.cache import default_cache  # noqa: E402
-from sdclip.prompts import a1111  # noqa: E402
+import sdclip
+from sdclip.cache import default_cache
+from sdclip.prompts import a1111
 
-PREFIXES = ["masterpiece, best quality, ultra detailed, 8k, ", "photo, realistic, sharp focus, dslr, ",
-            "anime style, key visual, vibrant, studio quality, "]
-NEGATIVE = "lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, cropped, worst quality, jpeg artifacts"
+PREFIXES = [
+    "masterpiece, best quality, ultra detailed, 8k, ",
+    "photo, realistic, sharp focus, dslr, ",
+    "anime style, key visual, vibrant, studio quality, ",
+]
+NEGATIVE = (
+    "lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, cropped, worst quality, jpeg artifacts"
+)
 IMAGES_PER_PROMPT = 4
 
 
@@ -64,7 +69,7 @@ def run(quick: bool = False) -> list[dict]:
         return sdclip.Conditioner(te, "a1111").encode(lines, negative=NEGATIVE)
 
     def transformers_batched():
-        return [hf(rows[s:s + 32]).last_hidden_state for s in range(0, len(rows), 32)]
+        return [hf(rows[s : s + 32]).last_hidden_state for s in range(0, len(rows), 32)]
 
     def diffusers_loop():
         return [(hf(p).last_hidden_state, hf(n).last_hidden_state) for p, n in per_image]
@@ -79,20 +84,32 @@ def run(quick: bool = False) -> list[dict]:
             row_of[i] = r
             r += len(chunk_rows(tok, line)) + 1
         diff = max((out.hidden[i, :77] - reference[row_of[i]]).abs().max().item() for i in plain)
-        times = paired({"sdclip (a1111 dialect, cold caches)": sdclip_cold,
-                        "transformers sdpa, batched, no reuse": transformers_batched,
-                        "diffusers-style loop (prompt and negative per image)": diffusers_loop},
-                       repeats=2 if quick else 4)
+        times = paired(
+            {
+                "sdclip (a1111 dialect, cold caches)": sdclip_cold,
+                "transformers sdpa, batched, no reuse": transformers_batched,
+                "diffusers-style loop (prompt and negative per image)": diffusers_loop,
+            },
+            repeats=2 if quick else 4,
+        )
     base = median(times["transformers sdpa, batched, no reuse"])
     out_rows = []
     for name, ts in times.items():
         t = median(ts)
-        out_rows.append({"workload": f"(c) {len(lines) // IMAGES_PER_PROMPT} prompts x {IMAGES_PER_PROMPT} images + "
-                                     f"negative, {len(rows)} chunk encodes", "implementation": name,
-                         "ms": f"{t * 1e3:.0f}", "images/s": f"{len(lines) / t:.2f}",
-                         "vs transformers sdpa": f"{base / t:.2f}x",
-                         "notes": f"max abs diff on unweighted 1-chunk prompts {diff:.1e}; {len(rows.unique(dim=0))}"
-                                  f" distinct rows" if name.startswith("sdclip") else ""})
+        out_rows.append(
+            {
+                "workload": f"(c) {len(lines) // IMAGES_PER_PROMPT} prompts x {IMAGES_PER_PROMPT} images + "
+                f"negative, {len(rows)} chunk encodes",
+                "implementation": name,
+                "ms": f"{t * 1e3:.0f}",
+                "images/s": f"{len(lines) / t:.2f}",
+                "vs transformers sdpa": f"{base / t:.2f}x",
+                "notes": f"max abs diff on unweighted 1-chunk prompts {diff:.1e}; {len(rows.unique(dim=0))}"
+                f" distinct rows"
+                if name.startswith("sdclip")
+                else "",
+            }
+        )
     return out_rows
 
 
@@ -101,8 +118,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "out"))
     args = ap.parse_args()
-    print(write_results("workload", run(args.quick), ["workload", "implementation", "ms", "images/s",
-                                                      "vs transformers sdpa", "notes"], args.out))
+    print(
+        write_results(
+            "workload",
+            run(args.quick),
+            ["workload", "implementation", "ms", "images/s", "vs transformers sdpa", "notes"],
+            args.out,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}, {date.today().isoformat()}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Python {platform.python_version()}, {date.today().isoformat()}"
+    )
 
 
 def paired(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -46,7 +48,9 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def write_results(name: str, rows: list[dict], header: list[str], out_dir: str | Path, extra: dict | None = None) -> str:
+def write_results(
+    name: str, rows: list[dict], header: list[str], out_dir: str | Path, extra: dict | None = None
+) -> str:
     """Write ``<name>.json`` and ``<name>.md`` under ``out_dir``; return the markdown table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,14 +25,14 @@ from common import machine  # noqa: E402
 BENCHES = {
     "model": ["bench_model.py", "--compile"],  # (a) batch 1, (b) batch 8/32 + int8 + compile, (d) pooled-only, peak
     "engines": ["bench_engines.py", "--threads", "1"],  # vs ONNX Runtime, OpenVINO, torch.compile, int8 paths
-    "workload": ["bench_workload.py"],    # (c) a realistic generation workload
+    "workload": ["bench_workload.py"],  # (c) a realistic generation workload
     "determinism": ["bench_determinism.py"],  # what the same-answer guarantee costs on (a)-(d)
-    "load": ["bench_load.py"],            # (e) cold start from a 2 GB SD1 file, peak memory
-    "start": ["bench_start.py"],          # (e) commands without a model: process start to exit, no torch
+    "load": ["bench_load.py"],  # (e) cold start from a 2 GB SD1 file, peak memory
+    "start": ["bench_start.py"],  # (e) commands without a model: process start to exit, no torch
     "tokenizer": ["bench_tokenizer.py"],  # (f) tokenizer vs CLIPTokenizerFast
-    "clip": ["bench_clip.py"],            # CLIP training pairs/s and encode_image images/s
-    "serve": ["bench_serve.py"],          # sdclip serve under load: exactness, latency, overload, disconnects
-    "cache": ["bench_cache.py"],          # sdclip cache: local engine vs raw encode, dedup, Ray, RSS on 1M rows
+    "clip": ["bench_clip.py"],  # CLIP training pairs/s and encode_image images/s
+    "serve": ["bench_serve.py"],  # sdclip serve under load: exactness, latency, overload, disconnects
+    "cache": ["bench_cache.py"],  # sdclip cache: local engine vs raw encode, dedup, Ray, RSS on 1M rows
 }
 
 

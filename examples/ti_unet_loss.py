@@ -92,15 +92,26 @@ def main() -> None:
             target = noise
         return F.mse_loss(pred.float(), target.float())
 
-    embedding = sdclip.train_embedding(te, loss_fn=unet_loss, token=args.token, init_word=args.init_word,
-                                       vectors=args.vectors, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                                       out=args.out, resume=args.resume)
+    embedding = sdclip.train_embedding(
+        te,
+        loss_fn=unet_loss,
+        token=args.token,
+        init_word=args.init_word,
+        vectors=args.vectors,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        out=args.out,
+        resume=args.resume,
+    )
     path = sdclip.save_embedding(embedding, Path(args.out) / f"{embedding.name}.safetensors")
     if len(embedding.vectors) == 2:  # SDXL: diffusers loads each encoder's part on its own
-        how = (f"from safetensors.torch import load_file; parts = load_file({str(path)!r}); "
-               f"pipe.load_textual_inversion(parts['clip_l'], token={embedding.token!r}, "
-               f"text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer); the same with parts['clip_g'], "
-               f"pipe.text_encoder_2, pipe.tokenizer_2")
+        how = (
+            f"from safetensors.torch import load_file; parts = load_file({str(path)!r}); "
+            f"pipe.load_textual_inversion(parts['clip_l'], token={embedding.token!r}, "
+            f"text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer); the same with parts['clip_g'], "
+            f"pipe.text_encoder_2, pipe.tokenizer_2"
+        )
     else:
         how = f"pipe.load_textual_inversion({str(path)!r}, token={embedding.token!r})"
     print(f"wrote {path}; diffusers: {how}; A1111 / ComfyUI prompts call it {embedding.name}")

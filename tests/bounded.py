@@ -27,6 +27,7 @@ for argv in json.loads(sys.argv[1]):
     print(json.dumps({"rc": rc, "stderr": err.getvalue(), "stdout": out.getvalue()[-2000:]}), flush=True)
 """
 
+
 @dataclass
 class Outcome:
     rc: int
@@ -37,6 +38,7 @@ class Outcome:
 def _limit(memory: int):
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
     return apply
 
 
@@ -48,8 +50,14 @@ def _env() -> dict[str, str]:
 
 def run_cli(calls: list[list[str]], *, memory: int = MEMORY_CAP, timeout: float = 120) -> list[Outcome]:
     """``sdclip`` ``calls`` (argv lists) in one capped child: each call's exit status, stderr and stdout."""
-    done = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(calls)], capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=_limit(memory), env=_env())
+    done = subprocess.run(
+        [sys.executable, "-c", _DRIVER, json.dumps(calls)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=_limit(memory),
+        env=_env(),
+    )
     outcomes = [Outcome(**json.loads(line)) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(outcomes) == len(calls), f"the child died (exit {done.returncode}): {done.stderr[-3000:]}"
     return outcomes
@@ -57,7 +65,13 @@ def run_cli(calls: list[list[str]], *, memory: int = MEMORY_CAP, timeout: float 
 
 def run_python(code: str, *, memory: int = MEMORY_CAP, timeout: float = 120) -> str:
     """Run ``code`` in a capped child; its stdout (the child must exit 0)."""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=_limit(memory), env=_env())
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=_limit(memory),
+        env=_env(),
+    )
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-3000:]}"
     return done.stdout

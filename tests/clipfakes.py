@@ -23,25 +23,59 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             elif p.dim() == 1:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5 if p.dim() == 2 else
-                        torch.randn(p.shape, generator=g) * (p[0].numel()) ** -0.5)
+                p.copy_(
+                    torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5
+                    if p.dim() == 2
+                    else torch.randn(p.shape, generator=g) * (p[0].numel()) ** -0.5
+                )
     return module
 
 
-def vision_config(width: int = 64, layers: int = 2, heads: int = 4, image_size: int = 32, patch: int = 8,
-                  projection: int = 24, act: str = "quick_gelu") -> CLIPVisionConfig:
-    return CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
-                            num_attention_heads=heads, image_size=image_size, patch_size=patch,
-                            projection_dim=projection, hidden_act=act)
+def vision_config(
+    width: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    image_size: int = 32,
+    patch: int = 8,
+    projection: int = 24,
+    act: str = "quick_gelu",
+) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=projection,
+        hidden_act=act,
+    )
 
 
-def clip_model(seed: int = 0, act: str = "quick_gelu", text_width: int = 48, vision_width: int = 64,
-               projection: int = 24, image_size: int = 32, patch: int = 8, heads: int = 4) -> CLIPModel:
+def clip_model(
+    seed: int = 0,
+    act: str = "quick_gelu",
+    text_width: int = 48,
+    vision_width: int = 64,
+    projection: int = 24,
+    image_size: int = 32,
+    patch: int = 8,
+    heads: int = 4,
+) -> CLIPModel:
     """A tiny random transformers CLIPModel with the full CLIP vocabulary and context."""
-    text = CLIPTextConfig(hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=2,
-                          num_attention_heads=heads, projection_dim=projection, hidden_act=act)
-    config = CLIPConfig(text_config=text.to_dict(), projection_dim=projection,
-                        vision_config=vision_config(vision_width, 2, heads, image_size, patch, projection, act).to_dict())
+    text = CLIPTextConfig(
+        hidden_size=text_width,
+        intermediate_size=2 * text_width,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        projection_dim=projection,
+        hidden_act=act,
+    )
+    config = CLIPConfig(
+        text_config=text.to_dict(),
+        projection_dim=projection,
+        vision_config=vision_config(vision_width, 2, heads, image_size, patch, projection, act).to_dict(),
+    )
     torch.manual_seed(seed)
     return randomize(CLIPModel(config).eval(), seed)  # type: ignore[return-value]
 
@@ -49,7 +83,7 @@ def clip_model(seed: int = 0, act: str = "quick_gelu", text_width: int = 48, vis
 def _openai_tower(state: dict[str, torch.Tensor], hf: str, out: str) -> dict[str, torch.Tensor]:
     """transformers encoder layers under ``hf`` -> OpenAI resblocks under ``out``."""
     result = {}
-    layers = {int(k[len(hf):].split(".")[2]) for k in state if k.startswith(hf + "encoder.layers.")}
+    layers = {int(k[len(hf) :].split(".")[2]) for k in state if k.startswith(hf + "encoder.layers.")}
     for i in layers:
         a, b = f"{hf}encoder.layers.{i}.", f"{out}transformer.resblocks.{i}."
         for p in ("weight", "bias"):

@@ -36,6 +36,7 @@ FILLER_SHAPES = {  # U-Net / VAE / scheduler tensors a real checkpoint carries b
 
 # --- tensors under each naming scheme ---------------------------------------------------------
 
+
 def hf_tensors(model: TextModel, *, projection: bool = True) -> dict[str, torch.Tensor]:
     """transformers' own names: ``text_model.*`` and, with a projection, ``text_projection.weight``."""
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
@@ -59,8 +60,10 @@ def openclip_tensors(model: TextModel, *, projection: str | None = "matmul") -> 
     """
     hf = hf_tensors(model)
     t = "text_model."
-    out = {"token_embedding.weight": hf[t + "embeddings.token_embedding.weight"],
-           "positional_embedding": hf[t + "embeddings.position_embedding.weight"]}
+    out = {
+        "token_embedding.weight": hf[t + "embeddings.token_embedding.weight"],
+        "positional_embedding": hf[t + "embeddings.position_embedding.weight"],
+    }
     for i in range(model.config.num_hidden_layers):
         src, dst = f"{t}encoder.layers.{i}.", f"transformer.resblocks.{i}."
         for p in ("weight", "bias"):
@@ -107,6 +110,7 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, **ckpt: object) -> Path:
 
 # --- Hugging Face / diffusers folders -----------------------------------------------------------
 
+
 def text_model(model: TextModel, *, projection: bool = True) -> TextModel:
     """The tower as the transformers class a folder would hold (CLIPTextModel when no projection)."""
     if projection or isinstance(model, CLIPTextModel):
@@ -116,8 +120,15 @@ def text_model(model: TextModel, *, projection: bool = True) -> TextModel:
     return plain
 
 
-def write_hf_folder(model: TextModel, folder: Path, *, weights: str = "model.safetensors", projection: bool = True,
-                    flat: bool = False, position_ids_dtype: torch.dtype | None = None) -> Path:
+def write_hf_folder(
+    model: TextModel,
+    folder: Path,
+    *,
+    weights: str = "model.safetensors",
+    projection: bool = True,
+    flat: bool = False,
+    position_ids_dtype: torch.dtype | None = None,
+) -> Path:
     """A transformers folder: ``config.json`` + one of ``model.safetensors``, ``model.fp16.safetensors``
     (and no fp32 file), ``pytorch_model.bin``, or sharded safetensors (``weights="sharded"``).
 
@@ -165,11 +176,16 @@ def write_tokenizer(folder: Path, pad: str = "<|endoftext|>") -> Path:
         shutil.rmtree(tmp)
     for name, data in _VOCAB.items():
         (folder / name).write_bytes(data)
-    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-                "pad_token": pad}
+    specials = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad,
+    }
     (folder / "special_tokens_map.json").write_text(json.dumps(specials))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **specials}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **specials})
+    )
     return folder
 
 
@@ -177,13 +193,20 @@ def write_pipeline(folder: Path, pipeline: str, encoders: list[tuple[TextModel, 
     """A diffusers pipeline folder: ``model_index.json``, ``text_encoder/`` + ``tokenizer/`` and, for a
     second encoder, ``text_encoder_2/`` + ``tokenizer_2/``.  ``encoders``: (model, with projection,
     tokenizer pad token) each."""
-    index = {"_class_name": pipeline, "_diffusers_version": "0.39.0",
-             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    index = {
+        "_class_name": pipeline,
+        "_diffusers_version": "0.39.0",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
     for n, (model, projection, pad) in enumerate(encoders):
         suffix = "" if n == 0 else f"_{n + 1}"
         write_hf_folder(model, folder / f"text_encoder{suffix}", projection=projection)
         write_tokenizer(folder / f"tokenizer{suffix}", pad)
-        index[f"text_encoder{suffix}"] = ["transformers", "CLIPTextModelWithProjection" if projection else "CLIPTextModel"]
+        index[f"text_encoder{suffix}"] = [
+            "transformers",
+            "CLIPTextModelWithProjection" if projection else "CLIPTextModel",
+        ]
         index[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
     (folder / "unet").mkdir(parents=True, exist_ok=True)
     (folder / "unet" / "config.json").write_text("{}")
@@ -195,10 +218,12 @@ def write_clip_repo(model: TextModel, folder: Path) -> Path:
     """An ``openai/clip-vit-large-patch14``-style folder: a whole CLIPModel (tiny vision tower) in
     ``model.safetensors`` with ``config.json`` nesting the text config, the tokenizer files beside."""
     text = model.config.to_dict()
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=32, patch_size=16)
-    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision,
-                                projection_dim=model.config.projection_dim)).eval()
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16
+    )
+    clip = CLIPModel(
+        CLIPConfig(text_config=text, vision_config=vision, projection_dim=model.config.projection_dim)
+    ).eval()
     state = clip.state_dict()
     state.update(hf_tensors(model))
     clip.load_state_dict(state)
@@ -209,6 +234,7 @@ def write_clip_repo(model: TextModel, folder: Path) -> Path:
 
 # --- single files -------------------------------------------------------------------------------
 
+
 def write_sd1(model: TextModel, path: Path, *, old: bool = False) -> Path:
     """SD1 single file: ``cond_stage_model.transformer.text_model.*`` (``old``: without ``text_model.``)
     with float ``position_ids``, U-Net / VAE filler; ``.ckpt`` = a Lightning-style pickle."""
@@ -216,8 +242,7 @@ def write_sd1(model: TextModel, path: Path, *, old: bool = False) -> Path:
     tensors["text_model.embeddings.position_ids"] = position_ids(torch.float32)
     if old:
         tensors = {k.removeprefix("text_model."): v for k, v in tensors.items()}
-    return _save({**filler(), **prefixed("cond_stage_model.transformer.", tensors)}, path,
-                 epoch=6, global_step=840000)
+    return _save({**filler(), **prefixed("cond_stage_model.transformer.", tensors)}, path, epoch=6, global_step=840000)
 
 
 def write_sd2(model: TextModel, path: Path, *, projection: str | None = "matmul") -> Path:
@@ -247,8 +272,14 @@ def write_sdxl(clip_l: TextModel, clip_g: TextModel, path: Path, *, g_projection
     l_tensors["text_model.embeddings.position_ids"] = position_ids()
     g_tensors = openclip_tensors(clip_g, projection=g_projection)
     g_tensors["logit_scale"] = torch.tensor(4.6052)
-    return _save({**filler(), **prefixed("conditioner.embedders.0.transformer.", l_tensors),
-                  **prefixed("conditioner.embedders.1.model.", g_tensors)}, path)
+    return _save(
+        {
+            **filler(),
+            **prefixed("conditioner.embedders.0.transformer.", l_tensors),
+            **prefixed("conditioner.embedders.1.model.", g_tensors),
+        },
+        path,
+    )
 
 
 def write_sdxl_refiner(clip_g: TextModel, path: Path) -> Path:
@@ -261,8 +292,11 @@ def write_sdxl_refiner(clip_g: TextModel, path: Path) -> Path:
 def write_sd3(clip_l: TextModel, clip_g: TextModel, path: Path) -> Path:
     """SD3-style file: both towers in HF layout with projections under ``text_encoders.clip_{l,g}.transformer.``
     and a T5 filler tensor."""
-    tensors = {**filler(), "text_encoders.t5xxl.transformer.shared.weight": torch.randn(64, 16),
-               "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight": torch.randn(16, 16)}
+    tensors = {
+        **filler(),
+        "text_encoders.t5xxl.transformer.shared.weight": torch.randn(64, 16),
+        "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight": torch.randn(16, 16),
+    }
     for name, model in (("clip_l", clip_l), ("clip_g", clip_g)):
         tensors.update(prefixed(f"text_encoders.{name}.transformer.", hf_tensors(model)))
     return _save(tensors, path)
@@ -280,23 +314,34 @@ def write_open_clip(model: TextModel, path: Path, *, variant: str = "plain") -> 
     """open_clip checkpoints: ``plain`` state dict, ``ddp`` training checkpoint
     ``{"epoch", "state_dict": {"module.*"}}``, ``custom`` CustomTextCLIP (``text.*``)."""
     text = openclip_tensors(model)
-    other = {"logit_scale": torch.tensor(4.6052), "visual.conv1.weight": torch.randn(8, 3, 4, 4),
-             "visual.transformer.resblocks.0.attn.in_proj_weight": torch.randn(24, 8),
-             "visual.proj": torch.randn(8, model.config.projection_dim)}
+    other = {
+        "logit_scale": torch.tensor(4.6052),
+        "visual.conv1.weight": torch.randn(8, 3, 4, 4),
+        "visual.transformer.resblocks.0.attn.in_proj_weight": torch.randn(24, 8),
+        "visual.proj": torch.randn(8, model.config.projection_dim),
+    }
     if variant == "custom":
         tensors = {**prefixed("text.", text), **other}
     else:
         tensors = {**text, **other}
     path.parent.mkdir(parents=True, exist_ok=True)
     if variant == "ddp":
-        torch.save({"epoch": 32, "name": "run", "state_dict": prefixed("module.", tensors),
-                    "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]}}, path)
+        torch.save(
+            {
+                "epoch": 32,
+                "name": "run",
+                "state_dict": prefixed("module.", tensors),
+                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]},
+            },
+            path,
+        )
     else:
         torch.save(tensors, path)
     return path
 
 
 # --- OpenAI CLIP TorchScript archive -------------------------------------------------------------
+
 
 class QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -359,8 +404,9 @@ class OpenAIText(nn.Module):
         self.embed_dim = c.projection_dim
         self.token_embedding = nn.Embedding(c.vocab_size, c.hidden_size)
         self.positional_embedding = nn.Parameter(torch.empty(c.max_position_embeddings, c.hidden_size))
-        self.transformer = Transformer(c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
-                                       c.intermediate_size, c.hidden_act)
+        self.transformer = Transformer(
+            c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size, c.hidden_act
+        )
         self.ln_final = nn.LayerNorm(c.hidden_size)
         self.text_projection = nn.Parameter(torch.empty(c.hidden_size, c.projection_dim))
         self.logit_scale = nn.Parameter(torch.tensor(4.6052))
@@ -401,8 +447,10 @@ def write_openai_pt(model: TextModel, path: Path, *, script: bool = False) -> Pa
 
 # --- Hugging Face hub cache ----------------------------------------------------------------------
 
-def write_hub_cache(cache: Path, repo_id: str, source: Path, commit: str = "0123456789abcdef0123456789abcdef01234567"
-                    ) -> Path:
+
+def write_hub_cache(
+    cache: Path, repo_id: str, source: Path, commit: str = "0123456789abcdef0123456789abcdef01234567"
+) -> Path:
     """Lay ``source``'s files out as huggingface_hub caches ``repo_id``: blobs named by content hash,
     ``snapshots/<commit>/`` links to them, ``refs/main`` naming the commit.  Returns the snapshot."""
     repo = cache / ("models--" + repo_id.replace("/", "--"))

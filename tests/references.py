@@ -33,10 +33,21 @@ class Arch:
     pad: int  # the pad id Stable Diffusion uses with this tower
 
     def config(self, **overrides) -> CLIPTextConfig:
-        values = dict(vocab_size=49408, hidden_size=self.width, intermediate_size=self.mlp,
-                      num_hidden_layers=self.layers, num_attention_heads=self.heads, max_position_embeddings=77,
-                      hidden_act=self.activation, projection_dim=self.projection, layer_norm_eps=1e-5,
-                      bos_token_id=49406, eos_token_id=49407, pad_token_id=1, attn_implementation="eager")
+        values = dict(
+            vocab_size=49408,
+            hidden_size=self.width,
+            intermediate_size=self.mlp,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            max_position_embeddings=77,
+            hidden_act=self.activation,
+            projection_dim=self.projection,
+            layer_norm_eps=1e-5,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=1,
+            attn_implementation="eager",
+        )
         values.update(overrides)
         return CLIPTextConfig(**values)
 
@@ -50,26 +61,50 @@ ARCHS = {
 }
 VIT_L_PARAMETERS = 123_060_480  # CLIPTextModel ViT-L/14 without projection (reference doc §2)
 
-_WORDS = ("cat dog castle forest astronaut portrait cinematic lighting watercolor ancient city river "
-          "mountain sunset neon cyberpunk detailed 8k photograph oil painting of a the with and by").split()
+_WORDS = (
+    "cat dog castle forest astronaut portrait cinematic lighting watercolor ancient city river "
+    "mountain sunset neon cyberpunk detailed 8k photograph oil painting of a the with and by"
+).split()
 
 
 def _prompts() -> list[str]:
     fixed = [
-        "", " ", "a", "cat", "a photo of a cat", "A Photo Of A CAT!!", "an astronaut riding a horse on mars",
+        "",
+        " ",
+        "a",
+        "cat",
+        "a photo of a cat",
+        "A Photo Of A CAT!!",
+        "an astronaut riding a horse on mars",
         "masterpiece, best quality, (extremely detailed:1.2), 1girl, solo, looking at viewer",
-        "a [dog|cat] in the (rain), [[blurry]], {hat}", "photo of <|endoftext|> a dog",
-        "<|startoftext|>explicit specials<|endoftext|> and more", "3.14159 2718 1,000,000 42%",
-        "naïve café crème brûlée", "東京の夜景、ネオン", "красивый пейзаж", "🐱🐶🦄 emoji party 🎉",
-        "don't won't it's we're they've i'm you'll she'd", "&amp; &lt;b&gt; html &quot;entities&quot;",
-        "tab\tseparated\nnew line  double  space", "!!!???...,,,;;;:::", "a" * 200,
-        " ".join(["word"] * 80), " ".join(["supercalifragilistic"] * 30),
-        "lorem ipsum dolor sit amet, " * 12, "a very long prompt " + "with many many details, " * 20,
-        "ÆØÅ æøå ß ẞ ĳ œ", "mixed CASE and UPPER and lower", "https://example.com/path?x=1&y=2",
-        "snake_case_words and kebab-case-words", "#hashtag @mention $dollar ^caret ~tilde `backtick`",
-        "   leading and trailing spaces   ", "\u00a0non-breaking\u00a0spaces\u2003em space",
+        "a [dog|cat] in the (rain), [[blurry]], {hat}",
+        "photo of <|endoftext|> a dog",
+        "<|startoftext|>explicit specials<|endoftext|> and more",
+        "3.14159 2718 1,000,000 42%",
+        "naïve café crème brûlée",
+        "東京の夜景、ネオン",
+        "красивый пейзаж",
+        "🐱🐶🦄 emoji party 🎉",
+        "don't won't it's we're they've i'm you'll she'd",
+        "&amp; &lt;b&gt; html &quot;entities&quot;",
+        "tab\tseparated\nnew line  double  space",
+        "!!!???...,,,;;;:::",
+        "a" * 200,
+        " ".join(["word"] * 80),
+        " ".join(["supercalifragilistic"] * 30),
+        "lorem ipsum dolor sit amet, " * 12,
+        "a very long prompt " + "with many many details, " * 20,
+        "ÆØÅ æøå ß ẞ ĳ œ",
+        "mixed CASE and UPPER and lower",
+        "https://example.com/path?x=1&y=2",
+        "snake_case_words and kebab-case-words",
+        "#hashtag @mention $dollar ^caret ~tilde `backtick`",
+        "   leading and trailing spaces   ",
+        "\u00a0non-breaking\u00a0spaces\u2003em space",
         "a photo of a cat, trending on artstation, by greg rutkowski",
-        "zebra " * 74, "zebra " * 75, "zebra " * 76,  # around the 75-token limit
+        "zebra " * 74,
+        "zebra " * 75,
+        "zebra " * 76,  # around the 75-token limit
     ]
     rng = random.Random(1234)
     generated = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 100))) for _ in range(28)]
@@ -132,8 +167,9 @@ def drop_last_layer(model: CLIPTextModelWithProjection) -> CLIPTextModelWithProj
     config = model.config.to_dict()
     config["num_hidden_layers"] -= 1
     short = CLIPTextModelWithProjection(CLIPTextConfig(**config)).eval()
-    short.load_state_dict({k: v for k, v in model.state_dict().items()
-                           if f"layers.{model.config.num_hidden_layers - 1}." not in k})
+    short.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if f"layers.{model.config.num_hidden_layers - 1}." not in k}
+    )
     return short.requires_grad_(False)
 
 
@@ -148,17 +184,23 @@ def sdclip_outputs(tower: sdclip.TextTransformer, ids: torch.Tensor) -> dict[str
     """sdclip's counterparts of transformers' outputs, from one forward pass."""
     with torch.inference_mode():
         out = tower(ids, layer=-1, final_norm=True, output_hidden_states=True)
-    return {"hidden_states": out.hidden_states, "last_hidden_state": out.hidden, "pooler_output": out.pooled,
-            "text_embeds": out.pooled_projected}
+    return {
+        "hidden_states": out.hidden_states,
+        "last_hidden_state": out.hidden,
+        "pooler_output": out.pooled,
+        "text_embeds": out.pooled_projected,
+    }
 
 
 def max_diffs(tower: sdclip.TextTransformer, ref: Reference, *, projection: bool = True) -> dict[str, float]:
     """max |Δ| per output (hidden states: the worst layer) of ``tower`` against ``ref``."""
     ours = sdclip_outputs(tower, ref.ids)
     assert len(ours["hidden_states"]) == len(ref.hidden_states), "number of hidden states"
-    diffs = {"hidden_states": max(_diff(a, b) for a, b in zip(ours["hidden_states"], ref.hidden_states)),
-             "last_hidden_state": _diff(ours["last_hidden_state"], ref.last_hidden_state),
-             "pooler_output": _diff(ours["pooler_output"], ref.pooler_output)}
+    diffs = {
+        "hidden_states": max(_diff(a, b) for a, b in zip(ours["hidden_states"], ref.hidden_states)),
+        "last_hidden_state": _diff(ours["last_hidden_state"], ref.last_hidden_state),
+        "pooler_output": _diff(ours["pooler_output"], ref.pooler_output),
+    }
     if projection:
         assert ours["text_embeds"] is not None, "the tower lost its projection"
         diffs["text_embeds"] = _diff(ours["text_embeds"], ref.text_embeds)

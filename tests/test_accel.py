@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import condfakes
 import pytest
 import torch
 
-import condfakes
 import sdclip
 import sdclip.cli
 from sdclip.accel import CudaGraphEncoder, quantize_int8
@@ -60,8 +60,9 @@ def test_compile_is_close_to_eager_and_keeps_the_module(tmp_path):
         for prompts in (PROMPTS, PROMPTS[:1]):
             a, b = plain.encode(prompts), compiled.encode(prompts)
             assert (a.hidden - b.hidden).abs().max() <= 1e-5 and (a.pooled - b.pooled).abs().max() <= 1e-5
-        assert (compiled.encode_ids(sdclip.Tokenizer()(PROMPTS), hidden=False).pooled
-                - plain.encode(PROMPTS).pooled).abs().max() <= 1e-5  # pooled-only: shorter rows
+        assert (
+            compiled.encode_ids(sdclip.Tokenizer()(PROMPTS), hidden=False).pooled - plain.encode(PROMPTS).pooled
+        ).abs().max() <= 1e-5  # pooled-only: shorter rows
     assert compiled.towers[0]._compiled_call_impl is not None
     with pytest.raises(sdclip.BadInput, match="choose one"):
         sdclip.load(folder, compile=True, quantize="int8")

@@ -7,19 +7,25 @@ import importlib.util
 import subprocess
 import sys
 
+import layouts
 import pytest
 import torch
-
-import layouts
-import sdclip
 from references import PROMPTS, TOLERANCE, Arch, assert_close, build, hidden_state, reference
+
+import sdclip
 from sdclip import backends
 from sdclip.errors import BadInput, SdclipError
 
 INSTALLED = [b for b in ("onnxruntime", "openvino") if importlib.util.find_spec(b) and importlib.util.find_spec("onnx")]
-ENGINES = [pytest.param(b, marks=pytest.mark.skipif(b not in INSTALLED, reason=f"{b} is not installed "
-                                                    f"(pip install 'sdclip[{backends._EXTRAS[b]}]')"))
-           for b in ("onnxruntime", "openvino")]
+ENGINES = [
+    pytest.param(
+        b,
+        marks=pytest.mark.skipif(
+            b not in INSTALLED, reason=f"{b} is not installed (pip install 'sdclip[{backends._EXTRAS[b]}]')"
+        ),
+    )
+    for b in ("onnxruntime", "openvino")
+]
 SOME = PROMPTS[:12]
 # small enough to export in seconds; bench/bench_engines.py measures the full ViT-L/14 shape's fidelity
 SMALL = Arch(128, 3, 2, 512, "quick_gelu", 96, 49407)
@@ -47,8 +53,12 @@ def test_exact_to_transformers(model, cache, backend):
     ids = te.tokenize(SOME)
     ref = reference(hf, ids)
     out = te.encode_ids(ids, layer=-1, final_norm=True)
-    assert_close({"last_hidden_state": (out.hidden - ref.last_hidden_state).abs().max().item(),
-                  "pooler_output": (out.pooled - ref.pooler_output).abs().max().item()})
+    assert_close(
+        {
+            "last_hidden_state": (out.hidden - ref.last_hidden_state).abs().max().item(),
+            "pooler_output": (out.pooled - ref.pooler_output).abs().max().item(),
+        }
+    )
     assert list(cache.glob("exports/*.onnx")), "the engine did not run: no export in the cache"
     for layer, final_norm in ((-2, False), (0, False)):
         got = te.encode_ids(ids, layer=layer, final_norm=final_norm).hidden
@@ -91,9 +101,23 @@ def test_cli_backend(model, cache, backend, tmp_path):
 
     _, path, _ = model
     for name in ("torch", backend):
-        done = subprocess.run([sys.executable, "-m", "sdclip.cli", "encode", "a photo of a cat", "--model", str(path),
-                               "--backend", name, "--out", str(tmp_path / f"{name}.safetensors")],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sdclip.cli",
+                "encode",
+                "a photo of a cat",
+                "--model",
+                str(path),
+                "--backend",
+                name,
+                "--out",
+                str(tmp_path / f"{name}.safetensors"),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 0, done.stderr
     a, b = load_file(tmp_path / "torch.safetensors"), load_file(tmp_path / f"{backend}.safetensors")
     assert (a["hidden"] - b["hidden"]).abs().max().item() <= TOLERANCE

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import condfakes
 import pytest
 import torch
 
-import condfakes
 from sdclip import Conditioner
 from sdclip.cache import ConditioningCache
 
@@ -23,8 +23,11 @@ def test_cached_equals_uncached(dialect: str):
     assert cache.misses and not cache.hits
     second = Conditioner(te, dialect, cache=cache).encode(PROMPTS, negative="blurry")
     assert cache.hits == cache.misses  # every lookup of the second call hit
-    for a, b, c in ((plain.hidden, first.hidden, second.hidden), (plain.pooled, first.pooled, second.pooled),
-                    (plain.negative_hidden, first.negative_hidden, second.negative_hidden)):
+    for a, b, c in (
+        (plain.hidden, first.hidden, second.hidden),
+        (plain.pooled, first.pooled, second.pooled),
+        (plain.negative_hidden, first.negative_hidden, second.negative_hidden),
+    ):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 

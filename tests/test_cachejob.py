@@ -28,11 +28,22 @@ from sdclip.dataset import Columns, expand, read_rows
 
 pa = pytest.importorskip("pyarrow")
 pytestmark = pytest.mark.usefixtures("one_thread")
-import pyarrow.parquet as pq
+import pyarrow.parquet as pq  # noqa: E402 - after the importorskip above
 
-CAPTIONS = ["a red circle", "a blue square on a green field", "a red circle", "a yellow star",
-            "two small purple triangles", "a blue square on a green field", "an orange hexagon", "a grey cross",
-            "a pink ring around a dot", "a yellow star", "a long caption " + "with many words " * 30, "a black oval"]
+CAPTIONS = [
+    "a red circle",
+    "a blue square on a green field",
+    "a red circle",
+    "a yellow star",
+    "two small purple triangles",
+    "a blue square on a green field",
+    "an orange hexagon",
+    "a grey cross",
+    "a pink ring around a dot",
+    "a yellow star",
+    "a long caption " + "with many words " * 30,
+    "a black oval",
+]
 
 
 def _options(**kw) -> cachejob.CacheOptions:
@@ -70,15 +81,21 @@ def sd1_file(tmp_path_factory) -> Path:
 
 # --- readers -------------------------------------------------------------------------------------------
 
+
 def test_every_input_type_with_stable_ids(tmp_path: Path):
     (tmp_path / "a.txt").write_bytes(b"first\n\nbad \xff bytes\nlast")
-    (tmp_path / "b.jsonl").write_text('"plain"\n\n{"caption": "obj"}\n{"text": "t", "key": 7}\nnot json\n',
-                                      encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text(
+        '"plain"\n\n{"caption": "obj"}\n{"text": "t", "key": 7}\nnot json\n', encoding="utf-8"
+    )
     (tmp_path / "c.csv").write_text("name,caption\nx1,one\nx2,two\n", encoding="utf-8")
     pq.write_table(pa.table({"text": ["p1", "p2"], "k": ["r1", "r2"]}), tmp_path / "d.parquet")
     with tarfile.open(tmp_path / "e.tar", "w") as tar:
-        for name, data in [("s/0001.jpg", b"img"), ("s/0001.txt", b"tar one"), ("s/0002.caption", b"tar two"),
-                           ("s/0003.jpg", b"no caption")]:
+        for name, data in [
+            ("s/0001.jpg", b"img"),
+            ("s/0001.txt", b"tar one"),
+            ("s/0002.caption", b"tar two"),
+            ("s/0003.jpg", b"no caption"),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -89,18 +106,38 @@ def test_every_input_type_with_stable_ids(tmp_path: Path):
     (kohya / "sub" / "img2.jpg").write_bytes(b"")
     (kohya / "sub" / "img2.caption").write_text("folder two", encoding="utf-8")
     (kohya / "img3.webp").write_bytes(b"")
-    paths = expand([str(tmp_path / "a.txt"), str(tmp_path / "*.jsonl"), str(tmp_path / "c.csv"),
-                    str(tmp_path / "d.parquet"), str(tmp_path / "e.tar"), str(kohya)])
+    paths = expand(
+        [
+            str(tmp_path / "a.txt"),
+            str(tmp_path / "*.jsonl"),
+            str(tmp_path / "c.csv"),
+            str(tmp_path / "d.parquet"),
+            str(tmp_path / "e.tar"),
+            str(kohya),
+        ]
+    )
     rows = list(read_rows(paths))
     got = [(r.id.replace(str(tmp_path) + "/", ""), r.caption, r.error is not None) for r in rows]
     assert got == [
-        ("a.txt:1", "first", False), ("a.txt:2", None, True), ("a.txt:3", None, True), ("a.txt:4", "last", False),
-        ("b.jsonl:1", "plain", False), ("b.jsonl:3", "obj", False), ("b.jsonl:4", "t", False),
+        ("a.txt:1", "first", False),
+        ("a.txt:2", None, True),
+        ("a.txt:3", None, True),
+        ("a.txt:4", "last", False),
+        ("b.jsonl:1", "plain", False),
+        ("b.jsonl:3", "obj", False),
+        ("b.jsonl:4", "t", False),
         ("b.jsonl:5", None, True),
-        ("c.csv:1", "one", False), ("c.csv:2", "two", False),
-        ("d.parquet:1", "p1", False), ("d.parquet:2", "p2", False),
-        ("e.tar:s/0001", "tar one", False), ("e.tar:s/0002", "tar two", False), ("e.tar:s/0003", None, True),
-        ("img1.png", "folder one", False), ("img3.webp", None, True), ("sub/img2.jpg", "folder two", False)]
+        ("c.csv:1", "one", False),
+        ("c.csv:2", "two", False),
+        ("d.parquet:1", "p1", False),
+        ("d.parquet:2", "p2", False),
+        ("e.tar:s/0001", "tar one", False),
+        ("e.tar:s/0002", "tar two", False),
+        ("e.tar:s/0003", None, True),
+        ("img1.png", "folder one", False),
+        ("img3.webp", None, True),
+        ("sub/img2.jpg", "folder two", False),
+    ]
     assert "UTF-8" in rows[2].error and rows[1].error == "empty caption"
     by_column = list(read_rows(expand([str(tmp_path / "c.csv")]), Columns("name", None)))
     assert [r.caption for r in by_column] == ["x1", "x2"]
@@ -115,17 +152,22 @@ def test_every_input_type_with_stable_ids(tmp_path: Path):
 
 # --- exact rows ----------------------------------------------------------------------------------------------
 
+
 def _rows(out: Path) -> dict[str, sdclip.cachefile.CachedRow]:
     return {row.id: row for row in sdclip.open_cache(out)}
 
 
-def _reference_by_batch(te, captions: list[str], batch_size: int, shard_rows: int = 3,
-                        **options) -> dict[str, sdclip.Conditioning]:
+def _reference_by_batch(
+    te, captions: list[str], batch_size: int, shard_rows: int = 3, **options
+) -> dict[str, sdclip.Conditioning]:
     """What the job computes: unique captions in first-seen order, cut into shards, each encoded batch_size at a
     time, each batch with no cross-call state (prefix cache cleared, no conditioning cache)."""
     uniques = list(dict.fromkeys(captions))
-    batches = [uniques[s:s + shard_rows][b:b + batch_size] for s in range(0, len(uniques), shard_rows)
-               for b in range(0, min(shard_rows, len(uniques) - s), batch_size)]
+    batches = [
+        uniques[s : s + shard_rows][b : b + batch_size]
+        for s in range(0, len(uniques), shard_rows)
+        for b in range(0, min(shard_rows, len(uniques) - s), batch_size)
+    ]
     out = {}
     for batch in batches:
         te.reuse.cache.clear()
@@ -135,8 +177,12 @@ def _reference_by_batch(te, captions: list[str], batch_size: int, shard_rows: in
                 out[c] = sdclip.encode_prompts(te, c, cache=None, **options)
             continue
         for i, c in enumerate(batch):
-            out[c] = sdclip.Conditioning(cond.hidden[i:i + 1], None if cond.pooled is None else cond.pooled[i:i + 1],
-                                         cond.negative_hidden[i:i + 1], None)
+            out[c] = sdclip.Conditioning(
+                cond.hidden[i : i + 1],
+                None if cond.pooled is None else cond.pooled[i : i + 1],
+                cond.negative_hidden[i : i + 1],
+                None,
+            )
     return out
 
 
@@ -204,6 +250,7 @@ def test_sdxl_rows_hold_pooled_and_to_diffusers(tmp_path: Path, sdxl):
     loader = torch.utils.data.DataLoader(cache, batch_size=2, collate_fn=list)
     assert sum(len(b) for b in loader) == 5
     import pickle
+
     copy = pickle.loads(pickle.dumps(cache))  # what a DataLoader worker gets
     assert torch.equal(copy[1].hidden, row.hidden)
     with pytest.raises(KeyError):
@@ -211,6 +258,7 @@ def test_sdxl_rows_hold_pooled_and_to_diffusers(tmp_path: Path, sdxl):
 
 
 # --- the folder: index, manifest, errors, verify, refusing other jobs --------------------------------------------
+
 
 def test_index_manifest_errors_and_verify(tmp_path: Path, capsys):
     inputs = tmp_path / "caps.txt"
@@ -223,6 +271,7 @@ def test_index_manifest_errors_and_verify(tmp_path: Path, capsys):
     assert index["id"] == [f"{inputs}:1", f"{inputs}:4", f"{inputs}:5"]
     assert index["shard"] == [0, 0, 0] and index["row"] == [0, 1, 0]
     import hashlib
+
     assert index["caption_sha256"][0] == hashlib.sha256(b"one").hexdigest()
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert [e["id"] for e in errors] == [f"{inputs}:2", f"{inputs}:3", f"{inputs}:6"]
@@ -263,10 +312,15 @@ def test_another_model_or_options_is_refused(tmp_path: Path, capsys, sd1_file: P
 
 # --- resume -------------------------------------------------------------------------------------------------
 
+
 def test_sigkill_at_20_random_moments_then_resume_is_bit_identical(tmp_path: Path):
     """One job killed 20 times at random moments, restarted each time, finishes as an uninterrupted run."""
-    captions = [f"a {c} {s} number {i}" for i, (c, s) in
-                enumerate((c, s) for c in ("red", "blue", "green", "pink") for s in ("circle", "star", "cross"))]
+    captions = [
+        f"a {c} {s} number {i}"
+        for i, (c, s) in enumerate(
+            (c, s) for c in ("red", "blue", "green", "pink") for s in ("circle", "star", "cross")
+        )
+    ]
     captions = captions * 2 + ["a red circle number 0"]
     inputs = _txt(tmp_path, captions)
     args = [str(inputs), "--shard-rows", "2", "--batch-size", "2", "--dtype", "float32"]
@@ -301,6 +355,7 @@ def test_sigkill_at_20_random_moments_then_resume_is_bit_identical(tmp_path: Pat
 
 # --- kohya ----------------------------------------------------------------------------------------------------
 
+
 def test_kohya_npz_beside_each_image(tmp_path: Path, sdxl):
     folder = tmp_path / "data"
     (folder / "sub").mkdir(parents=True)
@@ -321,6 +376,7 @@ def test_kohya_npz_beside_each_image(tmp_path: Path, sdxl):
 
 # --- Ray ------------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray of 2 CPUs for this module.  On a heavily loaded machine Ray's node can miss its own start-up
@@ -330,7 +386,7 @@ def local_ray():
     os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its node misses start-up
+    except Exception as e:
         ray.shutdown()
         pytest.skip(f"a local Ray did not start on this machine (ray-project/ray#65983 under load): {e}")
     yield ray

@@ -14,14 +14,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import layouts
 import pytest
 import torch
+from references import (
+    ARCHS,
+    PROMPTS,
+    TOLERANCE,
+    VIT_L_PARAMETERS,
+    Arch,
+    Reference,
+    assert_close,
+    build,
+    drop_last_layer,
+    hidden_state,
+    max_diffs,
+    reference,
+)
 from safetensors.torch import load_file, save_file
 
-import layouts
 import sdclip
-from references import (ARCHS, PROMPTS, TOLERANCE, VIT_L_PARAMETERS, Arch, Reference, assert_close, build,
-                        drop_last_layer, hidden_state, max_diffs, reference)
 from sdclip.checkpoint import Usage
 from sdclip.model import count_parameters
 
@@ -73,6 +85,7 @@ def hf_parameters(model: layouts.TextModel, projection: bool) -> int:
 def _info(path: Path, capsys) -> dict:
     """What ``sdclip info --json`` prints."""
     from sdclip.cli import main
+
     capsys.readouterr()
     assert main(["info", "--json", str(path)]) == 0
     return json.loads(capsys.readouterr().out)
@@ -80,9 +93,19 @@ def _info(path: Path, capsys) -> dict:
 
 def _info_sd1(info: dict, t: Towers) -> None:
     (e,) = info["encoders"]
-    assert (e["role"], e["layers"], e["width"], e["heads"], e["mlp_width"], e["activation"], e["dtype"],
-            e["projection_dim"], e["pad_id"], e["default_layer"], e["default_final_norm"]) == \
-        ("clip_l", 2, 768, 12, 3072, "quick_gelu", "float32", 0, 49407, -1, True)
+    assert (
+        e["role"],
+        e["layers"],
+        e["width"],
+        e["heads"],
+        e["mlp_width"],
+        e["activation"],
+        e["dtype"],
+        e["projection_dim"],
+        e["pad_id"],
+        e["default_layer"],
+        e["default_final_norm"],
+    ) == ("clip_l", 2, 768, 12, 3072, "quick_gelu", "float32", 0, 49407, -1, True)
     ignored = info["ignored"]
     assert ignored["cond_stage_model.transformer.text_model.embeddings.position_ids"] == 1
     assert ignored["model.diffusion_model.*"] == 3 and ignored["first_stage_model.encoder.*"] == 1
@@ -92,19 +115,42 @@ def _info_sd1(info: dict, t: Towers) -> None:
 
 def _info_sdxl(info: dict, t: Towers) -> None:
     l, g = info["encoders"]
-    assert (l["role"], l["key_prefix"], l["naming"], l["projection_dim"]) == \
-        ("clip_l", "conditioner.embedders.0.transformer.text_model.", "hf", 0)
-    assert (g["role"], g["key_prefix"], g["naming"], g["layers"], g["width"], g["heads"], g["mlp_width"],
-            g["activation"], g["projection_dim"], g["pad_id"], g["default_layer"], g["default_final_norm"]) == \
-        ("clip_g", "conditioner.embedders.1.model.", "openclip", 2, 1280, 20, 5120, "gelu", 1280, 0, -2, False)
+    assert (l["role"], l["key_prefix"], l["naming"], l["projection_dim"]) == (
+        "clip_l",
+        "conditioner.embedders.0.transformer.text_model.",
+        "hf",
+        0,
+    )
+    assert (
+        g["role"],
+        g["key_prefix"],
+        g["naming"],
+        g["layers"],
+        g["width"],
+        g["heads"],
+        g["mlp_width"],
+        g["activation"],
+        g["projection_dim"],
+        g["pad_id"],
+        g["default_layer"],
+        g["default_final_norm"],
+    ) == ("clip_g", "conditioner.embedders.1.model.", "openclip", 2, 1280, 20, 5120, "gelu", 1280, 0, -2, False)
     assert info["ignored"]["conditioner.embedders.1.model.logit_scale"] == 1
     assert info["ignored"]["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] == 1
 
 
 def _info_kohya_sd2(info: dict, t: Towers) -> None:
     (e,) = info["encoders"]
-    assert (e["layers"], e["width"], e["heads"], e["activation"], e["projection_dim"], e["pad_id"],
-            e["default_layer"], e["default_final_norm"]) == (1, 1024, 16, "gelu", 0, 0, -1, True)
+    assert (
+        e["layers"],
+        e["width"],
+        e["heads"],
+        e["activation"],
+        e["projection_dim"],
+        e["pad_id"],
+        e["default_layer"],
+        e["default_final_norm"],
+    ) == (1, 1024, 16, "gelu", 0, 0, -1, True)
     assert any("all ones" in n for n in e["notes"]) and any("copy of block 0" in n for n in e["notes"])
     ignored = info["ignored"]
     assert ignored["cond_stage_model.model.transformer.resblocks.1.*"] == 12  # the dummy block
@@ -114,8 +160,16 @@ def _info_kohya_sd2(info: dict, t: Towers) -> None:
 
 def _info_openai(info: dict, t: Towers) -> None:
     (e,) = info["encoders"]
-    assert (e["role"], e["layers"], e["width"], e["heads"], e["activation"], e["dtype"], e["projection_dim"],
-            e["key_prefix"]) == ("clip_b", 12, 512, 8, "quick_gelu", "float16", 512, "")
+    assert (
+        e["role"],
+        e["layers"],
+        e["width"],
+        e["heads"],
+        e["activation"],
+        e["dtype"],
+        e["projection_dim"],
+        e["key_prefix"],
+    ) == ("clip_b", 12, 512, 8, "quick_gelu", "float16", 512, "")
     for key in ("logit_scale", "input_resolution", "context_length", "vocab_size"):
         assert info["ignored"][key] == 1
     assert info["ignored"]["visual.transformer.*"] > 0
@@ -133,59 +187,174 @@ class Case:
 
 SDXL_USAGE = (-2, False)
 CASES = {
-    "hf-folder": Case(lambda t, d: layouts.write_hf_folder(t.model("L2"), d / "clip"),
-                      [("L2", True)], "clip", "Hugging Face CLIP", (-1, True)),
+    "hf-folder": Case(
+        lambda t, d: layouts.write_hf_folder(t.model("L2"), d / "clip"),
+        [("L2", True)],
+        "clip",
+        "Hugging Face CLIP",
+        (-1, True),
+    ),
     "hf-folder-fp16-only": Case(
         lambda t, d: layouts.write_hf_folder(t.model("L2"), d / "clip", weights="model.fp16.safetensors"),
-        [("L2", True)], "clip", "Hugging Face CLIP", (-1, True)),
+        [("L2", True)],
+        "clip",
+        "Hugging Face CLIP",
+        (-1, True),
+    ),
     "hf-pytorch-bin-float-position-ids": Case(
-        lambda t, d: layouts.write_hf_folder(t.model("L2"), d / "clip", weights="pytorch_model.bin",
-                                             position_ids_dtype=torch.float32),
-        [("L2", True)], "clip", "Hugging Face CLIP", (-1, True)),
+        lambda t, d: layouts.write_hf_folder(
+            t.model("L2"), d / "clip", weights="pytorch_model.bin", position_ids_dtype=torch.float32
+        ),
+        [("L2", True)],
+        "clip",
+        "Hugging Face CLIP",
+        (-1, True),
+    ),
     "hf-flat-keys-position-ids": Case(
-        lambda t, d: layouts.write_hf_folder(t.model("L2"), d / "clip", projection=False, flat=True,
-                                             position_ids_dtype=torch.int64),
-        [("L2", False)], "clip", "flat keys", (-1, True)),
-    "hf-sharded": Case(lambda t, d: layouts.write_hf_folder(t.model("L2"), d / "clip", weights="sharded"),
-                       [("L2", True)], "clip", "Hugging Face CLIP", (-1, True)),
-    "sd1-safetensors-vit-l": Case(lambda t, d: layouts.write_sd1(t.model("L"), d / "sd1.safetensors"),
-                                  [("L", False)], "sd1", "SD1 single file", (-1, True)),
-    "sd1-ckpt": Case(lambda t, d: layouts.write_sd1(t.model("L2"), d / "sd1.ckpt"),
-                     [("L2", False)], "sd1", "SD1 single file", (-1, True), _info_sd1),
-    "sd1-old-layout": Case(lambda t, d: layouts.write_sd1(t.model("L2"), d / "sd1.safetensors", old=True),
-                           [("L2", False)], "sd1", "old layout", (-1, True)),
-    "sd2": Case(lambda t, d: layouts.write_sd2(t.model("H"), d / "sd2.safetensors"),
-                [("H", True)], "sd2", "SD2 single file", (-2, True)),
-    "sd2-kohya": Case(lambda t, d: layouts.write_kohya_sd2(t.model("H23"), d / "sd2.safetensors"),
-                      [("H23", False)], "sd2", "SD2 single file", (-1, True), _info_kohya_sd2),
-    "sdxl": Case(lambda t, d: layouts.write_sdxl(t.model("L2"), t.model("G"), d / "sdxl.safetensors"),
-                 [("L2", False), ("G", True)], "sdxl", "SDXL single file", SDXL_USAGE, _info_sdxl),
-    "sdxl-refiner": Case(lambda t, d: layouts.write_sdxl_refiner(t.model("G"), d / "refiner.ckpt"),
-                         [("G", True)], "sdxl-refiner", "SDXL refiner", SDXL_USAGE),
-    "sd3": Case(lambda t, d: layouts.write_sd3(t.model("L2"), t.model("G"), d / "sd3.safetensors"),
-                [("L2", True), ("G", True)], "sd3", "SD3", SDXL_USAGE),
-    "comfyui-clipsave": Case(lambda t, d: layouts.write_comfy_clip(t.model("L2"), d / "clip_l.safetensors"),
-                             [("L2", True)], "clip", "ComfyUI CLIPSave", (-1, True)),
-    "openai-pt-traced": Case(lambda t, d: layouts.write_openai_pt(t.model("B"), d / "ViT-B-32.pt"),
-                             [("B", True)], "clip", "TorchScript", (-1, True), _info_openai),
-    "openai-pt-scripted": Case(lambda t, d: layouts.write_openai_pt(t.model("L2"), d / "ViT-L-14.pt", script=True),
-                               [("L2", True)], "clip", "TorchScript", (-1, True)),
-    "open-clip-ddp": Case(lambda t, d: layouts.write_open_clip(t.model("H"), d / "epoch_32.pt", variant="ddp"),
-                          [("H", True)], "clip", "open_clip", (-1, True)),
-    "open-clip-plain": Case(lambda t, d: layouts.write_open_clip(t.model("L2"), d / "open_clip_pytorch_model.bin"),
-                            [("L2", True)], "clip", "open_clip", (-1, True)),
-    "open-clip-custom-text": Case(lambda t, d: layouts.write_open_clip(t.model("L2"), d / "c.pt", variant="custom"),
-                                  [("L2", True)], "clip", "open_clip", (-1, True)),
-    "diffusers-sd1": Case(lambda t, d: layouts.write_pipeline(d / "sd1", "StableDiffusionPipeline",
-                                                              [(t.model("L2"), False, "<|endoftext|>")]),
-                          [("L2", False)], "sd1", "diffusers pipeline", (-1, True)),
-    "diffusers-sd2": Case(lambda t, d: layouts.write_pipeline(d / "sd2", "StableDiffusionPipeline",
-                                                              [(t.model("H23"), False, "!")]),
-                          [("H23", False)], "sd2", "diffusers pipeline", (-1, True)),
-    "diffusers-sdxl": Case(lambda t, d: layouts.write_pipeline(d / "sdxl", "StableDiffusionXLPipeline",
-                                                               [(t.model("L2"), False, "<|endoftext|>"),
-                                                                (t.model("G"), True, "!")]),
-                           [("L2", False), ("G", True)], "sdxl", "diffusers pipeline", SDXL_USAGE),
+        lambda t, d: layouts.write_hf_folder(
+            t.model("L2"), d / "clip", projection=False, flat=True, position_ids_dtype=torch.int64
+        ),
+        [("L2", False)],
+        "clip",
+        "flat keys",
+        (-1, True),
+    ),
+    "hf-sharded": Case(
+        lambda t, d: layouts.write_hf_folder(t.model("L2"), d / "clip", weights="sharded"),
+        [("L2", True)],
+        "clip",
+        "Hugging Face CLIP",
+        (-1, True),
+    ),
+    "sd1-safetensors-vit-l": Case(
+        lambda t, d: layouts.write_sd1(t.model("L"), d / "sd1.safetensors"),
+        [("L", False)],
+        "sd1",
+        "SD1 single file",
+        (-1, True),
+    ),
+    "sd1-ckpt": Case(
+        lambda t, d: layouts.write_sd1(t.model("L2"), d / "sd1.ckpt"),
+        [("L2", False)],
+        "sd1",
+        "SD1 single file",
+        (-1, True),
+        _info_sd1,
+    ),
+    "sd1-old-layout": Case(
+        lambda t, d: layouts.write_sd1(t.model("L2"), d / "sd1.safetensors", old=True),
+        [("L2", False)],
+        "sd1",
+        "old layout",
+        (-1, True),
+    ),
+    "sd2": Case(
+        lambda t, d: layouts.write_sd2(t.model("H"), d / "sd2.safetensors"),
+        [("H", True)],
+        "sd2",
+        "SD2 single file",
+        (-2, True),
+    ),
+    "sd2-kohya": Case(
+        lambda t, d: layouts.write_kohya_sd2(t.model("H23"), d / "sd2.safetensors"),
+        [("H23", False)],
+        "sd2",
+        "SD2 single file",
+        (-1, True),
+        _info_kohya_sd2,
+    ),
+    "sdxl": Case(
+        lambda t, d: layouts.write_sdxl(t.model("L2"), t.model("G"), d / "sdxl.safetensors"),
+        [("L2", False), ("G", True)],
+        "sdxl",
+        "SDXL single file",
+        SDXL_USAGE,
+        _info_sdxl,
+    ),
+    "sdxl-refiner": Case(
+        lambda t, d: layouts.write_sdxl_refiner(t.model("G"), d / "refiner.ckpt"),
+        [("G", True)],
+        "sdxl-refiner",
+        "SDXL refiner",
+        SDXL_USAGE,
+    ),
+    "sd3": Case(
+        lambda t, d: layouts.write_sd3(t.model("L2"), t.model("G"), d / "sd3.safetensors"),
+        [("L2", True), ("G", True)],
+        "sd3",
+        "SD3",
+        SDXL_USAGE,
+    ),
+    "comfyui-clipsave": Case(
+        lambda t, d: layouts.write_comfy_clip(t.model("L2"), d / "clip_l.safetensors"),
+        [("L2", True)],
+        "clip",
+        "ComfyUI CLIPSave",
+        (-1, True),
+    ),
+    "openai-pt-traced": Case(
+        lambda t, d: layouts.write_openai_pt(t.model("B"), d / "ViT-B-32.pt"),
+        [("B", True)],
+        "clip",
+        "TorchScript",
+        (-1, True),
+        _info_openai,
+    ),
+    "openai-pt-scripted": Case(
+        lambda t, d: layouts.write_openai_pt(t.model("L2"), d / "ViT-L-14.pt", script=True),
+        [("L2", True)],
+        "clip",
+        "TorchScript",
+        (-1, True),
+    ),
+    "open-clip-ddp": Case(
+        lambda t, d: layouts.write_open_clip(t.model("H"), d / "epoch_32.pt", variant="ddp"),
+        [("H", True)],
+        "clip",
+        "open_clip",
+        (-1, True),
+    ),
+    "open-clip-plain": Case(
+        lambda t, d: layouts.write_open_clip(t.model("L2"), d / "open_clip_pytorch_model.bin"),
+        [("L2", True)],
+        "clip",
+        "open_clip",
+        (-1, True),
+    ),
+    "open-clip-custom-text": Case(
+        lambda t, d: layouts.write_open_clip(t.model("L2"), d / "c.pt", variant="custom"),
+        [("L2", True)],
+        "clip",
+        "open_clip",
+        (-1, True),
+    ),
+    "diffusers-sd1": Case(
+        lambda t, d: layouts.write_pipeline(
+            d / "sd1", "StableDiffusionPipeline", [(t.model("L2"), False, "<|endoftext|>")]
+        ),
+        [("L2", False)],
+        "sd1",
+        "diffusers pipeline",
+        (-1, True),
+    ),
+    "diffusers-sd2": Case(
+        lambda t, d: layouts.write_pipeline(d / "sd2", "StableDiffusionPipeline", [(t.model("H23"), False, "!")]),
+        [("H23", False)],
+        "sd2",
+        "diffusers pipeline",
+        (-1, True),
+    ),
+    "diffusers-sdxl": Case(
+        lambda t, d: layouts.write_pipeline(
+            d / "sdxl",
+            "StableDiffusionXLPipeline",
+            [(t.model("L2"), False, "<|endoftext|>"), (t.model("G"), True, "!")],
+        ),
+        [("L2", False), ("G", True)],
+        "sdxl",
+        "diffusers pipeline",
+        SDXL_USAGE,
+    ),
 }
 
 

@@ -32,14 +32,19 @@ def rand(g: torch.Generator, *shape: int) -> torch.Tensor:
 def hf_tower(prefix: str, width: int = WIDTH, seed: int = 0, proj: int = 0) -> dict[str, torch.Tensor]:
     """A random CLIP text tower in Hugging Face naming (``proj``: add text_projection.weight)."""
     g = torch.Generator().manual_seed(seed)
-    sd = {f"{prefix}text_model.embeddings.token_embedding.weight": rand(g, VOCAB, width),
-          f"{prefix}text_model.embeddings.position_embedding.weight": rand(g, 77, width),
-          f"{prefix}text_model.final_layer_norm.weight": 1 + rand(g, width),
-          f"{prefix}text_model.final_layer_norm.bias": rand(g, width)}
+    sd = {
+        f"{prefix}text_model.embeddings.token_embedding.weight": rand(g, VOCAB, width),
+        f"{prefix}text_model.embeddings.position_embedding.weight": rand(g, 77, width),
+        f"{prefix}text_model.final_layer_norm.weight": 1 + rand(g, width),
+        f"{prefix}text_model.final_layer_norm.bias": rand(g, width),
+    }
     for i in range(LAYERS):
         b = f"{prefix}text_model.encoder.layers.{i}."
         for x in ("q", "k", "v", "out"):
-            sd[f"{b}self_attn.{x}_proj.weight"], sd[f"{b}self_attn.{x}_proj.bias"] = rand(g, width, width), rand(g, width)
+            sd[f"{b}self_attn.{x}_proj.weight"], sd[f"{b}self_attn.{x}_proj.bias"] = (
+                rand(g, width, width),
+                rand(g, width),
+            )
         for n in (1, 2):
             sd[f"{b}layer_norm{n}.weight"], sd[f"{b}layer_norm{n}.bias"] = 1 + rand(g, width), rand(g, width)
         sd[f"{b}mlp.fc1.weight"], sd[f"{b}mlp.fc1.bias"] = rand(g, 2 * width, width), rand(g, 2 * width)
@@ -52,9 +57,14 @@ def hf_tower(prefix: str, width: int = WIDTH, seed: int = 0, proj: int = 0) -> d
 def openclip_tower(prefix: str, width: int, seed: int = 1, proj: int = PROJ) -> dict[str, torch.Tensor]:
     """A random text tower in OpenCLIP naming (fused in_proj, text_projection [width, proj])."""
     g = torch.Generator().manual_seed(seed)
-    sd = {f"{prefix}token_embedding.weight": rand(g, VOCAB, width), f"{prefix}positional_embedding": rand(g, 77, width),
-          f"{prefix}ln_final.weight": 1 + rand(g, width), f"{prefix}ln_final.bias": rand(g, width),
-          f"{prefix}text_projection": rand(g, width, proj), f"{prefix}logit_scale": torch.tensor(4.6)}
+    sd = {
+        f"{prefix}token_embedding.weight": rand(g, VOCAB, width),
+        f"{prefix}positional_embedding": rand(g, 77, width),
+        f"{prefix}ln_final.weight": 1 + rand(g, width),
+        f"{prefix}ln_final.bias": rand(g, width),
+        f"{prefix}text_projection": rand(g, width, proj),
+        f"{prefix}logit_scale": torch.tensor(4.6),
+    }
     for i in range(LAYERS):
         b = f"{prefix}transformer.resblocks.{i}."
         sd[f"{b}attn.in_proj_weight"], sd[f"{b}attn.in_proj_bias"] = rand(g, 3 * width, width), rand(g, 3 * width)
@@ -67,11 +77,21 @@ def openclip_tower(prefix: str, width: int, seed: int = 1, proj: int = PROJ) -> 
 
 
 def hf_config(proj: int = 0) -> dict:
-    config = {"architectures": ["CLIPTextModelWithProjection" if proj else "CLIPTextModel"], "model_type": "clip_text_model",
-              "hidden_size": WIDTH, "intermediate_size": 2 * WIDTH, "num_hidden_layers": LAYERS,
-              "num_attention_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 77,
-              "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407,
-              "pad_token_id": 1}
+    config = {
+        "architectures": ["CLIPTextModelWithProjection" if proj else "CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "hidden_size": WIDTH,
+        "intermediate_size": 2 * WIDTH,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": 2,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 77,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "bos_token_id": 49406,
+        "eos_token_id": 49407,
+        "pad_token_id": 1,
+    }
     return {**config, "projection_dim": proj} if proj else config
 
 
@@ -88,12 +108,23 @@ def models(tmp_path_factory) -> dict[str, Path]:
         (folder / "config.json").write_text(json.dumps(hf_config(proj)))
         out[name] = folder
     out["single"] = root / "sd1.safetensors"
-    save_file({**hf_tower("cond_stage_model.transformer."), "model.diffusion_model.out.0.weight": torch.ones(4),
-               "model.diffusion_model.out.2.weight": torch.ones(4), "first_stage_model.encoder.w": torch.ones(2)},
-              out["single"])
+    save_file(
+        {
+            **hf_tower("cond_stage_model.transformer."),
+            "model.diffusion_model.out.0.weight": torch.ones(4),
+            "model.diffusion_model.out.2.weight": torch.ones(4),
+            "first_stage_model.encoder.w": torch.ones(2),
+        },
+        out["single"],
+    )
     out["two"] = root / "two.safetensors"
-    save_file({**hf_tower("conditioner.embedders.0.transformer.", seed=2),
-               **openclip_tower("conditioner.embedders.1.model.", 128)}, out["two"])
+    save_file(
+        {
+            **hf_tower("conditioner.embedders.0.transformer.", seed=2),
+            **openclip_tower("conditioner.embedders.1.model.", 128),
+        },
+        out["two"],
+    )
     return out
 
 
@@ -121,15 +152,27 @@ def read_out(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 # --- help ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("command", [[], ["tokenize"], ["encode"], ["info"]])
 def test_help(capsys, command):
     code, out, err = run(capsys, *command, "--help")
     assert code == 0 and err == ""
     assert out.startswith("usage: sdclip")
-    expected = {(): ["tokenize", "encode", "info", "Exit status"], ("tokenize",): ["--file", "--mode", ".jsonl"],
-                ("encode",): ["--out", "--layer", "--final-norm", "--no-final-norm", "--encoder", "--dtype",
-                              "--device", "pooled_projected"],
-                ("info",): ["layout", "--json"]}[tuple(command)]
+    expected = {
+        (): ["tokenize", "encode", "info", "Exit status"],
+        ("tokenize",): ["--file", "--mode", ".jsonl"],
+        ("encode",): [
+            "--out",
+            "--layer",
+            "--final-norm",
+            "--no-final-norm",
+            "--encoder",
+            "--dtype",
+            "--device",
+            "pooled_projected",
+        ],
+        ("info",): ["layout", "--json"],
+    }[tuple(command)]
     for word in expected:
         assert word in out, word
 
@@ -139,19 +182,30 @@ def test_version(capsys):
     assert code == 0 and out.strip() == f"sdclip {sdclip.__version__}"
 
 
-@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["encode", "a cat"], ["tokenize", "--mode", "xx", "a"],
-                                  ["encode", "a", "-m", "x", "-o", "y", "--layer", "two"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["encode", "a cat"],
+        ["tokenize", "--mode", "xx", "a"],
+        ["encode", "a", "-m", "x", "-o", "y", "--layer", "two"],
+    ],
+)
 def test_usage_errors_are_one_line_exit_2(capsys, argv):
     assert_bad(capsys, 2, *argv, words=("--help",))
 
 
 # --- tokenize --------------------------------------------------------------------------------
 
+
 def test_tokenize_arguments(capsys):
     code, out, err = run(capsys, "tokenize", "a photo of a cat", "")
     assert code == 0 and err == ""
-    assert [json.loads(line) for line in out.splitlines()] == [[49406, 320, 1125, 539, 320, 2368, 49407],
-                                                               [49406, 49407]]
+    assert [json.loads(line) for line in out.splitlines()] == [
+        [49406, 320, 1125, 539, 320, 2368, 49407],
+        [49406, 49407],
+    ]
 
 
 def test_tokenize_no_truncation_no_padding(capsys):
@@ -203,11 +257,14 @@ def test_tokenize_with_model(capsys, models):
     assert code == 0 and json.loads(out) == [49406, 320, 2368, 49407]
 
 
-@pytest.mark.parametrize("content,words", [
-    ('"ok"\n{"prompt": "x"}\n', ("prompts.jsonl:2", "JSON string")),
-    ('"ok"\nnot json\n', ("prompts.jsonl:2",)),
-    ("", ("no prompts",)),
-])
+@pytest.mark.parametrize(
+    "content,words",
+    [
+        ('"ok"\n{"prompt": "x"}\n', ("prompts.jsonl:2", "JSON string")),
+        ('"ok"\nnot json\n', ("prompts.jsonl:2",)),
+        ("", ("no prompts",)),
+    ],
+)
 def test_bad_prompt_files(capsys, tmp_path, content, words):
     f = tmp_path / "prompts.jsonl"
     f.write_text(content)
@@ -229,6 +286,7 @@ def test_prompt_file_not_utf8(capsys, tmp_path):
 
 
 # --- encode ----------------------------------------------------------------------------------
+
 
 def test_encode_hf_folder(capsys, models, tmp_path):
     out_file = tmp_path / "sub" / "out.safetensors"
@@ -261,8 +319,11 @@ def test_encode_matches_transformers(capsys, models, tmp_path):
         tensors, meta = read_out(out_file)
         assert set(tensors) == {"hidden", "pooled", "pooled_projected"}
         assert tensors["pooled_projected"].shape == (2, PROJ)
-        expected = {"default": ref.last_hidden_state, "penultimate raw": ref.hidden_states[-2],
-                    "layer 1 + LN": model.text_model.final_layer_norm(ref.hidden_states[1])}[name]
+        expected = {
+            "default": ref.last_hidden_state,
+            "penultimate raw": ref.hidden_states[-2],
+            "layer 1 + LN": model.text_model.final_layer_norm(ref.hidden_states[1]),
+        }[name]
         torch.testing.assert_close(tensors["hidden"], expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(tensors["pooled_projected"], ref.text_embeds, rtol=1e-5, atol=1e-5)
     assert (meta["layer"], meta["final_norm"]) == ("1", "True")
@@ -272,8 +333,20 @@ def test_encode_two_encoder_file(capsys, models, tmp_path):
     te = sdclip.load(models["two"])
     for encoder, width in ((1, WIDTH), (2, 128)):
         out_file = tmp_path / f"e{encoder}.safetensors"
-        code, _, err = run(capsys, "encode", "a cat", "-m", models["two"], "-o", out_file, "--encoder", encoder,
-                           "--layer", "-2", "--no-final-norm")
+        code, _, err = run(
+            capsys,
+            "encode",
+            "a cat",
+            "-m",
+            models["two"],
+            "-o",
+            out_file,
+            "--encoder",
+            encoder,
+            "--layer",
+            "-2",
+            "--no-final-norm",
+        )
         assert code == 0, err
         tensors, meta = read_out(out_file)
         assert tensors["hidden"].shape == (1, 77, width) and meta["encoder"] == str(encoder)
@@ -283,8 +356,19 @@ def test_encode_two_encoder_file(capsys, models, tmp_path):
         if encoder == 2:
             assert tensors["pooled_projected"].shape == (1, PROJ)
             torch.testing.assert_close(tensors["pooled_projected"], ref.pooled_projected, rtol=0, atol=0)
-    assert_bad(capsys, 2, "encode", "a", "-m", models["two"], "-o", tmp_path / "x.safetensors", "--encoder", "3",
-               words=("encoder 3",))
+    assert_bad(
+        capsys,
+        2,
+        "encode",
+        "a",
+        "-m",
+        models["two"],
+        "-o",
+        tmp_path / "x.safetensors",
+        "--encoder",
+        "3",
+        words=("encoder 3",),
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -308,13 +392,16 @@ def test_encode_prompts_from_jsonl(capsys, models, tmp_path):
     assert tensors["hidden"].shape[0] == 3 and json.loads(meta["prompts"]) == ["a\nb", "c", ""]
 
 
-@pytest.mark.parametrize("argv,code,words", [
-    (["--layer", "5"], 2, ("layer 5",)),
-    (["--layer", "-4"], 2, ("layer -4",)),
-    (["--encoder", "2"], 2, ("encoder 2",)),
-    (["--encoder", "0"], 2, ("encoder 0",)),
-    (["--device", "nonsense"], 2, ("nonsense",)),
-])
+@pytest.mark.parametrize(
+    "argv,code,words",
+    [
+        (["--layer", "5"], 2, ("layer 5",)),
+        (["--layer", "-4"], 2, ("layer -4",)),
+        (["--encoder", "2"], 2, ("encoder 2",)),
+        (["--encoder", "0"], 2, ("encoder 0",)),
+        (["--device", "nonsense"], 2, ("nonsense",)),
+    ],
+)
 def test_encode_bad_options(capsys, models, tmp_path, argv, code, words):
     out_file = tmp_path / "out.safetensors"
     assert_bad(capsys, code, "encode", "a cat", "-m", models["single"], "-o", out_file, *argv, words=words)
@@ -323,8 +410,19 @@ def test_encode_bad_options(capsys, models, tmp_path, argv, code, words):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_encode_on_a_missing_gpu_is_a_failure(capsys, models, tmp_path):
-    assert_bad(capsys, 1, "encode", "a", "-m", models["single"], "-o", tmp_path / "o.safetensors", "--device", "cuda",
-               words=("CUDA",))
+    assert_bad(
+        capsys,
+        1,
+        "encode",
+        "a",
+        "-m",
+        models["single"],
+        "-o",
+        tmp_path / "o.safetensors",
+        "--device",
+        "cuda",
+        words=("CUDA",),
+    )
 
 
 def test_encode_out_is_a_folder(capsys, models, tmp_path):
@@ -344,8 +442,12 @@ def test_encode_bad_model_files(capsys, tmp_path):
     truncated.write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{")
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
-    cases = {tmp_path / "missing.safetensors": "no such file", evil: "posix.system", truncated: "truncated",
-             empty_dir: "no weights"}
+    cases = {
+        tmp_path / "missing.safetensors": "no such file",
+        evil: "posix.system",
+        truncated: "truncated",
+        empty_dir: "no weights",
+    }
     for model, word in cases.items():
         err = assert_bad(capsys, 2, "encode", "a cat", "-m", model, "-o", out_file, words=(word, str(model)))
         assert "Traceback" not in err
@@ -377,14 +479,25 @@ def test_bad_input_class_is_exit_2_everywhere(capsys, monkeypatch):
 
 # --- info ------------------------------------------------------------------------------------
 
+
 def test_info_single_file(capsys, models):
     code, out, err = run(capsys, "info", models["single"])
     assert code == 0 and err == ""
     te = sdclip.load(models["single"])
     params = sum(p.numel() for p in te.towers[0].parameters())
-    for text in ("layout:", "family:", "layers 2", f"width {WIDTH}", "heads 1", "activation quick_gelu",
-                 "dtype float32", f"{params:,} parameters", "ignored: 3 tensors", "model.diffusion_model.*",
-                 "first_stage_model.encoder.*"):
+    for text in (
+        "layout:",
+        "family:",
+        "layers 2",
+        f"width {WIDTH}",
+        "heads 1",
+        "activation quick_gelu",
+        "dtype float32",
+        f"{params:,} parameters",
+        "ignored: 3 tensors",
+        "model.diffusion_model.*",
+        "first_stage_model.encoder.*",
+    ):
         assert text in out, (text, out)
 
 
@@ -403,19 +516,22 @@ def test_info_folder_without_ignored(capsys, models):
 
 def test_broken_pipe_is_quiet(models):
     """`sdclip tokenize ... | head -1`: no BrokenPipeError noise."""
-    proc = subprocess.run(f"'{SCRIPT}' tokenize --file - | head -1", shell=True, capture_output=True, text=True,
-                          input="a cat\n" * 20_000)  # 500 kB: far more than a pipe holds
+    proc = subprocess.run(
+        f"'{SCRIPT}' tokenize --file - | head -1", shell=True, capture_output=True, text=True, input="a cat\n" * 20_000
+    )  # 500 kB: far more than a pipe holds
     assert proc.stdout.strip() == "[49406, 320, 2368, 49407]"
     assert "Error" not in proc.stderr, proc.stderr
 
 
 # --- the installed console script ------------------------------------------------------------
 
+
 def test_console_script(models, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out_file = tmp_path / "out.safetensors"
-    ok = subprocess.run([SCRIPT, "encode", "a cat", "-m", models["proj"], "-o", out_file], capture_output=True,
-                        text=True, env=env)
+    ok = subprocess.run(
+        [SCRIPT, "encode", "a cat", "-m", models["proj"], "-o", out_file], capture_output=True, text=True, env=env
+    )
     assert ok.returncode == 0 and ok.stdout == "", ok.stderr
     assert read_out(out_file)[0]["pooled_projected"].shape == (1, PROJ)
 

@@ -38,8 +38,21 @@ def test_empty_prompt_files_are_named(tmp_path, capsys, content, said):
     assert f"{f}: {said}" in err(capsys)
     empty = tmp_path / "neg.txt"
     empty.write_text("")
-    assert main(["encode", "a", "--dialect", "a1111", "--negative-file", str(empty),
-                 "--out", str(tmp_path / "c.safetensors")]) == 2
+    assert (
+        main(
+            [
+                "encode",
+                "a",
+                "--dialect",
+                "a1111",
+                "--negative-file",
+                str(empty),
+                "--out",
+                str(tmp_path / "c.safetensors"),
+            ]
+        )
+        == 2
+    )
     assert f"{empty}: the file is empty: no negative prompts" in err(capsys)
 
 
@@ -63,19 +76,24 @@ def test_prompt_errors_name_file_and_line(tmp_path, capsys):
     assert not (tmp_path / "c.safetensors").exists()
 
 
-@pytest.mark.parametrize("argv, said", [
-    (["zeroshot", "x.png", "--labels", "a,b", "--template", "{} {}"], "must hold exactly one '{}'"),
-    (["zeroshot", "x.png", "--labels", "a,b", "--template", "a {label}"], "must hold exactly one '{}'"),
-    (["zeroshot", "x.png", "--labels", "a,b", "--template", "a {"], "template 'a {'"),
-    (["ti", "train", "x/", "--token", "<t>", "--init-word", "a", "--template", "{} {}", "--out", "o"],
-     "must hold exactly one '{}'"),
-    (["train-clip", "--out", "run", "--lr", "nan"], "argument --lr: 'nan' is not a finite number"),
-    (["train-clip", "--out", "run", "--lr", "inf"], "argument --lr: 'inf' is not a finite number"),
-    (["shapes", "--size", "100000", "--out", "pics"], "too large"),
-    (["encode", "a", "--device", "meta", "--out", "c.safetensors"], "meta device only tracks shapes"),
-    (["tokenize", "--pad-id", "-1", "--chunks", "a"], "--pad-id -1 is not a token id"),
-    (["tokenize", "--pad-id", "49408", "--dialect", "a1111", "a"], "--pad-id 49408 is not a token id"),
-])
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["zeroshot", "x.png", "--labels", "a,b", "--template", "{} {}"], "must hold exactly one '{}'"),
+        (["zeroshot", "x.png", "--labels", "a,b", "--template", "a {label}"], "must hold exactly one '{}'"),
+        (["zeroshot", "x.png", "--labels", "a,b", "--template", "a {"], "template 'a {'"),
+        (
+            ["ti", "train", "x/", "--token", "<t>", "--init-word", "a", "--template", "{} {}", "--out", "o"],
+            "must hold exactly one '{}'",
+        ),
+        (["train-clip", "--out", "run", "--lr", "nan"], "argument --lr: 'nan' is not a finite number"),
+        (["train-clip", "--out", "run", "--lr", "inf"], "argument --lr: 'inf' is not a finite number"),
+        (["shapes", "--size", "100000", "--out", "pics"], "too large"),
+        (["encode", "a", "--device", "meta", "--out", "c.safetensors"], "meta device only tracks shapes"),
+        (["tokenize", "--pad-id", "-1", "--chunks", "a"], "--pad-id -1 is not a token id"),
+        (["tokenize", "--pad-id", "49408", "--dialect", "a1111", "a"], "--pad-id 49408 is not a token id"),
+    ],
+)
 def test_bad_options_exit_2(tmp_path, monkeypatch, capsys, argv, said):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
@@ -101,9 +119,11 @@ def test_a_bad_file_in_an_embeddings_folder_is_skipped_or_strict(tmp_path, capsy
 def test_closed_stdout_is_a_failure(tmp_path):
     """`sdclip tokenize ... >&-`: nothing can be written, so exit 1 with a message (not 0); a command that writes
     a file needs no stdout."""
+
     def run(argv):
         code = f"import sys; from sdclip.cli import main; sys.stdout = None; sys.exit(main({argv!r}))"
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
     closed = run(["tokenize", "a cat"])
     assert closed.returncode == 1 and "standard output is closed" in closed.stderr
     assert run(["encode", "a cat", "--out", str(tmp_path / "c.safetensors")]).returncode == 0

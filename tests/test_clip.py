@@ -57,9 +57,11 @@ def test_openai_state_dict_matches_transformers(tmp_path):
 
 
 def test_saved_model_loads_in_sdclip_and_transformers(tmp_path):
-    model = CLIPModel.create(TextConfig(width=64, layers=2, heads=2, mlp_width=128, projection_dim=32),
-                             VisionConfig(width=64, layers=2, heads=2, mlp_width=128, image_size=32, patch_size=8,
-                                          projection_dim=32), seed=3)
+    model = CLIPModel.create(
+        TextConfig(width=64, layers=2, heads=2, mlp_width=128, projection_dim=32),
+        VisionConfig(width=64, layers=2, heads=2, mlp_width=128, image_size=32, patch_size=8, projection_dim=32),
+        seed=3,
+    )
     model.save(tmp_path, dtype="float32")
     pixels = _pixels(2, 32)
     expected = model.logits(pixels, PROMPTS)
@@ -72,20 +74,25 @@ def test_saved_model_loads_in_sdclip_and_transformers(tmp_path):
     assert out.hidden.shape == (4, 77, 64) and te.towers[0].config.pad_id == 49407
     assert (out.pooled_projected - model.encode_text(PROMPTS, normalize=False)).abs().max() <= 1e-5
     tok = CLIPTokenizer.from_pretrained(tmp_path)
-    assert tok(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids.tolist() == \
-        model.tokenizer(PROMPTS, length=77, pad_id=49407).tolist()
+    assert (
+        tok(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids.tolist()
+        == model.tokenizer(PROMPTS, length=77, pad_id=49407).tolist()
+    )
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
     ref = CLIPImageProcessor.from_pretrained(tmp_path)(images=image, return_tensors="pt").pixel_values
     assert (model.pixels(image) - ref).abs().max() <= 1e-5
     # half precision is the default on disk
     model.save(tmp_path / "half")
-    assert (tmp_path / "half" / "model.safetensors").stat().st_size < (tmp_path / "model.safetensors").stat().st_size * 0.6
+    assert (tmp_path / "half" / "model.safetensors").stat().st_size < (
+        tmp_path / "model.safetensors"
+    ).stat().st_size * 0.6
 
 
 def test_trimmed_ids_change_nothing():
-    model = CLIPModel.create(TextConfig(width=64, layers=2, heads=2, mlp_width=128, projection_dim=16),
-                             VisionConfig(width=64, layers=1, heads=2, mlp_width=64, image_size=16, patch_size=8,
-                                          projection_dim=16))
+    model = CLIPModel.create(
+        TextConfig(width=64, layers=2, heads=2, mlp_width=128, projection_dim=16),
+        VisionConfig(width=64, layers=1, heads=2, mlp_width=64, image_size=16, patch_size=8, projection_dim=16),
+    )
     ids = model.tokenizer(PROMPTS, length=77, pad_id=49407)
     assert model.tokenize(PROMPTS).shape[1] < 77
     with torch.no_grad():
@@ -95,9 +102,11 @@ def test_trimmed_ids_change_nothing():
 
 @pytest.fixture(scope="module")
 def tiny() -> CLIPModel:
-    return CLIPModel.create(TextConfig(width=64, layers=1, heads=2, mlp_width=128, projection_dim=16),
-                            VisionConfig(width=64, layers=1, heads=2, mlp_width=64, image_size=32, patch_size=16,
-                                         projection_dim=16), seed=4)
+    return CLIPModel.create(
+        TextConfig(width=64, layers=1, heads=2, mlp_width=128, projection_dim=16),
+        VisionConfig(width=64, layers=1, heads=2, mlp_width=64, image_size=32, patch_size=16, projection_dim=16),
+        seed=4,
+    )
 
 
 def test_zero_shot_and_prompt_ensembling(tiny, tmp_path):
@@ -108,8 +117,12 @@ def test_zero_shot_and_prompt_ensembling(tiny, tmp_path):
     probs = tiny.zero_shot([images[0], images[1], tmp_path / "blue.png"], labels, templates)
     assert probs.shape == (3, 4) and torch.allclose(probs.sum(-1), torch.ones(3))
     classes = tiny.class_embeddings(labels, templates)
-    manual = torch.stack([torch.nn.functional.normalize(tiny.encode_text([t.format(label) for t in templates]).mean(0),
-                                                        dim=0) for label in labels])
+    manual = torch.stack(
+        [
+            torch.nn.functional.normalize(tiny.encode_text([t.format(label) for t in templates]).mean(0), dim=0)
+            for label in labels
+        ]
+    )
     assert (classes - manual).abs().max() <= 1e-6
     logits = tiny.logit_scale.exp() * tiny.encode_image(images) @ classes.t()
     assert (probs - logits.softmax(-1)).abs().max() <= 1e-6
@@ -123,7 +136,9 @@ def test_retrieval_both_ways(tiny):
     sims = tiny.similarity(images, texts)
     assert sims.shape == (5, 3) and sims.abs().max() <= 1 + 1e-6
     scores, idx = tiny.text_to_image(texts, images, k=2)
-    assert idx.shape == (3, 2) and torch.equal(idx[:, 0], sims.argmax(0)) and torch.equal(scores[:, 0], sims.max(0).values)
+    assert (
+        idx.shape == (3, 2) and torch.equal(idx[:, 0], sims.argmax(0)) and torch.equal(scores[:, 0], sims.max(0).values)
+    )
     scores, idx = tiny.image_to_text(images, texts, k=10)
     assert idx.shape == (5, 3) and torch.equal(idx[:, 0], sims.argmax(1))
 

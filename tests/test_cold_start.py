@@ -31,15 +31,19 @@ def run_probe(*argv: str) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("argv", [
-    ["--help"],
-    ["tokenize", "a photo of a cat", "an astronaut, (riding a horse:1.2)"],
-    ["tokenize", "--chunks", "--dialect", "comfy", "a (red:1.2) fox"],
-    ["parse", "--dialect", "a1111", "a (red:1.2) fox AND a [dog:cat:5]"],
-    ["parse", "--dialect", "compel", "a (fluffy)1.2 cat++", "--json"],
-    ["tokens", "--dialect", "a1111", "masterpiece, (best:1.3) quality BREAK a cat"],
-    ["encode", "--help"],
-], ids=lambda argv: " ".join(argv[:2]))
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["tokenize", "a photo of a cat", "an astronaut, (riding a horse:1.2)"],
+        ["tokenize", "--chunks", "--dialect", "comfy", "a (red:1.2) fox"],
+        ["parse", "--dialect", "a1111", "a (red:1.2) fox AND a [dog:cat:5]"],
+        ["parse", "--dialect", "compel", "a (fluffy)1.2 cat++", "--json"],
+        ["tokens", "--dialect", "a1111", "masterpiece, (best:1.3) quality BREAK a cat"],
+        ["encode", "--help"],
+    ],
+    ids=lambda argv: " ".join(argv[:2]),
+)
 def test_commands_without_a_model_never_import_torch(argv):
     result = run_probe(*argv)
     assert result["code"] == 0
@@ -53,11 +57,13 @@ def test_tokenize_output_unchanged_without_torch():
 
 
 def test_lazy_package_offers_every_public_name():
-    probe = ("import sdclip, sys; assert 'torch' not in sys.modules; "
-             "missing = [n for n in sdclip.__all__ if n not in dir(sdclip)]; assert not missing, missing; "
-             "values = [getattr(sdclip, n) for n in sdclip.__all__]; "
-             "assert sdclip.load.__module__ == 'sdclip.encoder'; assert sdclip.accel.quantize_int8; "
-             "print('ok')")
+    probe = (
+        "import sdclip, sys; assert 'torch' not in sys.modules; "
+        "missing = [n for n in sdclip.__all__ if n not in dir(sdclip)]; assert not missing, missing; "
+        "values = [getattr(sdclip, n) for n in sdclip.__all__]; "
+        "assert sdclip.load.__module__ == 'sdclip.encoder'; assert sdclip.accel.quantize_int8; "
+        "print('ok')"
+    )
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
     assert done.stdout.strip() == "ok", done.stderr

@@ -8,19 +8,19 @@ import json
 import math
 import warnings
 
+import condfakes
+import layouts
 import pytest
 import torch
+from clipfakes import randomize
+from condfakes import TOK
 from safetensors import safe_open
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-import condfakes
-import layouts
 import sdclip
-from clipfakes import randomize
-from condfakes import TOK
 from sdclip import BadInput, Conditioner, encode_prompts, layer_for, prompts
-from sdclip.cli import main
 from sdclip.checkpoint import Usage
+from sdclip.cli import main
 from sdclip.prompts.types import Conjunction, Schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,6 +57,7 @@ def empty_row(te, encoder: int = 1, usage: Usage | None = None) -> torch.Tensor:
 
 # --- A1111 emphasis -------------------------------------------------------------------------------
 
+
 def a1111_reference(z: torch.Tensor, w: torch.Tensor, mode: str = "original") -> torch.Tensor:
     """A1111's emphasis of one chunk tensor [R, 77, C], token by token."""
     out = z.clone()
@@ -78,8 +79,13 @@ def test_a1111_emphasis(sd1, mode):
 
 def test_a1111_ignore_and_none(sd1):
     plain_ = raw(sd1, prompts.chunk("a red cat on a hill", "a1111", TOK))[0]
-    assert diff(encode_prompts(sd1, "a (red:1.5) cat on a [hill]", dialect="a1111", emphasis="ignore").hidden[0],
-                raw(sd1, prompts.chunk("a (red:1.5) cat on a [hill]", "a1111", TOK))[0]) == 0
+    assert (
+        diff(
+            encode_prompts(sd1, "a (red:1.5) cat on a [hill]", dialect="a1111", emphasis="ignore").hidden[0],
+            raw(sd1, prompts.chunk("a (red:1.5) cat on a [hill]", "a1111", TOK))[0],
+        )
+        == 0
+    )
     literal = prompts.chunk("a (red:1.5) cat", "a1111", TOK, emphasis=False)
     none = encode_prompts(sd1, "a (red:1.5) cat", dialect="a1111", emphasis="none").hidden[0]
     assert diff(none, raw(sd1, literal)[0]) == 0
@@ -140,6 +146,7 @@ def test_a1111_and_is_composable_diffusion(sd1):
 
 # --- ComfyUI and compel: from the empty prompt --------------------------------------------------------
 
+
 def lerp_reference(z: torch.Tensor, e: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     out = z.clone()
     for k in range(z.shape[0]):
@@ -199,6 +206,7 @@ def test_identical_rows_are_encoded_once(sd1):
 
 # --- layers -------------------------------------------------------------------------------------------
 
+
 def test_layer_numbering():
     sd1 = condfakes.encoder("sd1", layers=4)
     for dialect, skip in (("a1111", 2), ("comfy", -2), ("comfy", 2), ("diffusers", 1), ("compel", 1)):
@@ -233,6 +241,7 @@ def test_clip_skip_end_to_end(sd1):
 
 
 # --- SDXL -----------------------------------------------------------------------------------------------
+
 
 def test_sdxl_joins_encoders_and_pools_the_first_chunk(sdxl):
     prompt = "a (red:1.2) fox, " + "tree " * 90
@@ -278,6 +287,7 @@ def test_refiner_and_sd3_shapes():
 
 # --- outputs --------------------------------------------------------------------------------------------------
 
+
 def test_outputs(sd1, sdxl):
     cond = encode_prompts(sd1, ["a", "b"], negative=["x", "y"], dialect="a1111")
     assert set(cond.to_diffusers()) == {"prompt_embeds", "negative_prompt_embeds"}
@@ -285,8 +295,12 @@ def test_outputs(sd1, sdxl):
     assert positive[0][0] is cond.hidden and positive[0][1] == {} and negative[0][0] is cond.negative_hidden
     cond = encode_prompts(sdxl, "a", dialect="comfy")
     kwargs = cond.to_diffusers()
-    assert set(kwargs) == {"prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
-                           "negative_pooled_prompt_embeds"}
+    assert set(kwargs) == {
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "pooled_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+    }
     positive, negative = cond.to_comfy()
     assert positive[0][1]["pooled_output"] is cond.pooled and negative[0][1]["pooled_output"] is cond.negative_pooled
 
@@ -326,13 +340,17 @@ def test_warnings_are_quiet_for_plain_prompts(sd1):
 
 # --- the command line ------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def xl_folder(tmp_path_factory):
     """A diffusers SDXL folder: CLIP-L-like (width 32) and bigG-like (width 48, projection, pad "!") encoders."""
     l_model = randomize(CLIPTextModel(condfakes.hf_config(32, 2)).eval(), 1)
     g_model = randomize(CLIPTextModelWithProjection(condfakes.hf_config(48, 2, 48, "gelu")).eval(), 2)
-    return layouts.write_pipeline(tmp_path_factory.mktemp("xl"), "StableDiffusionXLPipeline",
-                                  [(l_model, False, "<|endoftext|>"), (g_model, True, "!")])
+    return layouts.write_pipeline(
+        tmp_path_factory.mktemp("xl"),
+        "StableDiffusionXLPipeline",
+        [(l_model, False, "<|endoftext|>"), (g_model, True, "!")],
+    )
 
 
 def read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -343,31 +361,57 @@ def read(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def test_cli_encode_with_a_dialect(capsys, xl_folder, tmp_path):
     prompts_ = ["a (red:1.2) fox", "a cat " * 30]
     out = tmp_path / "cond.safetensors"
-    assert main(["encode", *prompts_, "-m", str(xl_folder), "--dialect", "a1111", "--negative", "blurry",
-                 "-o", str(out)]) == 0
+    assert (
+        main(["encode", *prompts_, "-m", str(xl_folder), "--dialect", "a1111", "--negative", "blurry", "-o", str(out)])
+        == 0
+    )
     tensors, meta = read(out)
     want = encode_prompts(sdclip.load(xl_folder), prompts_, negative="blurry", dialect="a1111")
     assert {k: list(v.shape) for k, v in tensors.items()} == {
-        "hidden": [2, 77, 80], "pooled": [2, 48], "negative_hidden": [2, 77, 80], "negative_pooled": [2, 48]}
+        "hidden": [2, 77, 80],
+        "pooled": [2, 48],
+        "negative_hidden": [2, 77, 80],
+        "negative_pooled": [2, 48],
+    }
     for name in tensors:
         assert torch.equal(tensors[name], getattr(want, name)), name
     assert (meta["dialect"], meta["family"], json.loads(meta["negative"])) == ("a1111", "sdxl", "blurry")
     negatives = tmp_path / "neg.txt"
     negatives.write_text("ugly\nblurry\n")
-    assert main(["encode", *prompts_, "-m", str(xl_folder), "-d", "comfy", "--negative-file", str(negatives),
-                 "--clip-skip", "-1", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "encode",
+                *prompts_,
+                "-m",
+                str(xl_folder),
+                "-d",
+                "comfy",
+                "--negative-file",
+                str(negatives),
+                "--clip-skip",
+                "-1",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     tensors, _ = read(out)
     want = encode_prompts(sdclip.load(xl_folder), prompts_, negative=["ugly", "blurry"], dialect="comfy", clip_skip=-1)
     assert torch.equal(tensors["negative_hidden"], want.negative_hidden)
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--negative", "x"], "need --dialect"),
-    (["--dialect", "a1111", "--layer", "-2"], "--clip-skip"),
-    (["--dialect", "a1111", "--negative", "x", "--negative-file", "f"], "not both"),
-    (["--dialect", "diffusers", "--clip-skip", "9"], "does not have"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--negative", "x"], "need --dialect"),
+        (["--dialect", "a1111", "--layer", "-2"], "--clip-skip"),
+        (["--dialect", "a1111", "--negative", "x", "--negative-file", "f"], "not both"),
+        (["--dialect", "diffusers", "--clip-skip", "9"], "does not have"),
+    ],
+)
 def test_cli_encode_refusals(capsys, xl_folder, tmp_path, argv, words):
     code = main(["encode", "a cat", "-m", str(xl_folder), "-o", str(tmp_path / "x.safetensors"), *argv])
     err = capsys.readouterr().err

@@ -44,8 +44,14 @@ def test_folder_pairs(tmp_path):
 def test_webdataset_tar(tmp_path):
     path = tmp_path / "shard.tar"
     with tarfile.open(path, "w") as tar:
-        for name, data in [("0001.jpg", _png(0)), ("0001.txt", b"first"), ("0002.png", _png(1)),
-                           ("0002.txt", "zweite \u00fcber".encode()), ("0003.png", _png(2)), ("0004.txt", b"x")]:
+        for name, data in [
+            ("0001.jpg", _png(0)),
+            ("0001.txt", b"first"),
+            ("0002.png", _png(1)),
+            ("0002.txt", "zweite \u00fcber".encode()),
+            ("0003.png", _png(2)),
+            ("0004.txt", b"x"),
+        ]:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))

@@ -10,21 +10,28 @@ from __future__ import annotations
 
 import pytest
 import torch
+from condfakes import encoder as fake_encoder
 
 import sdclip
 from sdclip.cache import ConditioningCache
 from sdclip.checkpoint import Usage
 from sdclip.model import TextConfig, TextTransformer
 
-from condfakes import encoder as fake_encoder
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-QUALITY = ("masterpiece, best quality, ultra detailed, highres, sharp focus, intricate, beautiful lighting, "
-           "cinematic, 8k, professional photo, award winning, trending on artstation, ")
+QUALITY = (
+    "masterpiece, best quality, ultra detailed, highres, sharp focus, intricate, beautiful lighting, "
+    "cinematic, 8k, professional photo, award winning, trending on artstation, "
+)
 PROMPT = QUALITY + "a (red star:1.2) above a blue square"
-COMPANIONS = [QUALITY + "a cat", "a (blue:0.8) dog", QUALITY + "a bird", "lowres, bad anatomy", "",
-              QUALITY + "a fish on a plate, " * 6]  # the last one is three chunks long
+COMPANIONS = [
+    QUALITY + "a cat",
+    "a (blue:0.8) dog",
+    QUALITY + "a bird",
+    "lowres, bad anatomy",
+    "",
+    QUALITY + "a fish on a plate, " * 6,
+]  # the last one is three chunks long
 FILLERS = [QUALITY + w for w in ("a cow", "a hen", "a fox", "a pig", "an owl", "a bee")]
 DIALECTS = ["a1111", "comfy", "compel", "diffusers"]
 

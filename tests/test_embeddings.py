@@ -9,17 +9,17 @@ import json
 import warnings
 from pathlib import Path
 
+import condfakes
+import layouts
 import pytest
 import torch
+from clipfakes import randomize
+from condfakes import TOK
 from PIL import Image, PngImagePlugin
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
-import condfakes
-import layouts
 import sdclip
-from clipfakes import randomize
-from condfakes import TOK
 from sdclip import BadInput, Conditioner, encode_prompts, load_embeddings, read_embedding
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,16 +32,24 @@ def vectors(n: int = 2, width: int = WIDTH, seed: int = 0) -> torch.Tensor:
 
 
 def a1111_data(vec: torch.Tensor, name: str = "stored-name") -> dict:
-    return {"string_to_token": {"*": 265}, "string_to_param": {"*": vec}, "name": name, "step": 500,
-            "sd_checkpoint": "a1b2c3", "sd_checkpoint_name": "model"}
+    return {
+        "string_to_token": {"*": 265},
+        "string_to_param": {"*": vec},
+        "name": name,
+        "step": 500,
+        "sd_checkpoint": "a1b2c3",
+        "sd_checkpoint_name": "model",
+    }
 
 
 def write_png(path: Path, data: dict) -> Path:
     """An A1111 embedding image: the embedding as base64 JSON in a tEXt chunk, tensors as TORCHTENSOR lists."""
+
     def encode(obj):
         if isinstance(obj, torch.Tensor):
             return {"TORCHTENSOR": obj.tolist()}
         return {k: encode(v) for k, v in obj.items()} if isinstance(obj, dict) else obj
+
     info = PngImagePlugin.PngInfo()
     info.add_text("sd-ti-embedding", base64.b64encode(json.dumps(encode(data)).encode()).decode())
     Image.new("RGB", (8, 8), "red").save(path, pnginfo=info)
@@ -54,8 +62,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
     v = vectors()
     torch.save(a1111_data(v), d / "a1111.pt")
     torch.save(a1111_data(v), d / "a1111.bin")
-    torch.save({"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": v.clone().requires_grad_()}},
-               d / "original.pt")  # rinongal's textual_inversion, a Parameter and a token tensor
+    torch.save(
+        {"string_to_token": {"*": torch.tensor(265)}, "string_to_param": {"*": v.clone().requires_grad_()}},
+        d / "original.pt",
+    )  # rinongal's textual_inversion, a Parameter and a token tensor
     save_file({"emb_params": v}, d / "kohya.safetensors")
     save_file({"clip_l": vectors(3, 768, 1), "clip_g": vectors(3, 1280, 2)}, d / "xl.safetensors")
     torch.save({"<cat-toy>": v}, d / "learned_embeds.bin")
@@ -66,11 +76,14 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 # --- reading ------------------------------------------------------------------------------------------------
 
+
 def test_every_format(files):
     v = vectors()
     expected = {  # file: (name as A1111 / ComfyUI call it, diffusers token, vectors)
-        "a1111.pt": ("a1111", "stored-name", v), "a1111.bin": ("a1111", "stored-name", v),
-        "original.pt": ("original", "original", v), "kohya.safetensors": ("kohya", "emb_params", v),
+        "a1111.pt": ("a1111", "stored-name", v),
+        "a1111.bin": ("a1111", "stored-name", v),
+        "original.pt": ("original", "original", v),
+        "kohya.safetensors": ("kohya", "emb_params", v),
         "learned_embeds.bin": ("learned_embeds", "<cat-toy>", v),
         "learned_embeds.safetensors": ("learned_embeds", "<cat-toy>", v[:1]),
         "image.png": ("from-png", "from-png", v),
@@ -107,14 +120,26 @@ def test_folder_scan(tmp_path, files):
 class Boom:
     def __reduce__(self):
         import os
+
         return (os.system, ("touch /tmp/sdclip-ti-pwned",))
 
 
-@pytest.mark.parametrize("case, words", [
-    ("nan", "NaN"), ("empty", "shape"), ("cube", "shape"), ("int", "floating-point"), ("two_terms", "2 terms"),
-    ("xl_counts", "as many"), ("code", "refused"), ("zero_bytes", "empty"), ("many", "not an embedding"),
-    ("png_plain", "without an embedding"), ("png_garbage", "base64"),
-])
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("nan", "NaN"),
+        ("empty", "shape"),
+        ("cube", "shape"),
+        ("int", "floating-point"),
+        ("two_terms", "2 terms"),
+        ("xl_counts", "as many"),
+        ("code", "refused"),
+        ("zero_bytes", "empty"),
+        ("many", "not an embedding"),
+        ("png_plain", "without an embedding"),
+        ("png_garbage", "base64"),
+    ],
+)
 def test_bad_files(tmp_path, case, words):
     path = tmp_path / f"{case}.pt"
     v = vectors()
@@ -172,8 +197,10 @@ def models():
 
 CASES = {  # dialect: (prompt with the embeddings, the same prompt with the reference's words)
     "a1111": ("a photo of an (ember:1.3), tri on a hill", "a photo of an (cat:1.3), cat dog bird on a hill"),
-    "comfy": ("a photo of an (embedding:ember:1.3), embedding:tri on a hill",
-              "a photo of an (cat:1.3), cat dog bird on a hill"),
+    "comfy": (
+        "a photo of an (embedding:ember:1.3), embedding:tri on a hill",
+        "a photo of an (cat:1.3), cat dog bird on a hill",
+    ),
     "compel": ("a photo of an (<ember>)1.3, <tri> on a hill", "a photo of an (cat)1.3, cat dog bird on a hill"),
     "diffusers": ("a photo of an <ember>, <tri> on a hill", "a photo of an cat, cat dog bird on a hill"),
 }
@@ -244,8 +271,20 @@ def test_cli_embeddings(tmp_path, files, capsys):
     layouts.write_hf_folder(randomize(CLIPTextModel(condfakes.hf_config(WIDTH, 2)).eval()), model)
     layouts.write_tokenizer(model)
     out = tmp_path / "out.safetensors"
-    code = main(["encode", "a kohya cat", "--model", str(model), "--dialect", "a1111", "--embeddings", str(folder),
-                 "--out", str(out)])
+    code = main(
+        [
+            "encode",
+            "a kohya cat",
+            "--model",
+            str(model),
+            "--dialect",
+            "a1111",
+            "--embeddings",
+            str(folder),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     got = load_file(out)["hidden"]
     te = sdclip.load(model)
@@ -257,4 +296,3 @@ def test_cli_embeddings(tmp_path, files, capsys):
 def test_pickles_keep_their_text_fields(files):
     with sdclip.tensorfile.open_tensor_file(files["a1111.pt"]) as f:
         assert f.metadata["name"] == "stored-name" and f.metadata["sd_checkpoint"] == "a1b2c3"
-

@@ -7,13 +7,13 @@ import json
 import shutil
 from pathlib import Path
 
+import layouts
 import pytest
 import torch
+from references import ARCHS, PROMPTS, TOLERANCE, Arch, assert_close, build, hidden_state, max_diffs, reference
 from safetensors.torch import save_file
 
-import layouts
 import sdclip
-from references import ARCHS, PROMPTS, TOLERANCE, Arch, assert_close, build, hidden_state, max_diffs, reference
 
 SOME = PROMPTS[:16]
 TINY = Arch(128, 2, 2, 256, "quick_gelu", 96, 49407)
@@ -109,14 +109,14 @@ def test_pad_id_from_the_tokenizer_folder(out: Path, pad_token: str | None, pad_
     assert_close(max_diffs(te.tower(), reference(model, ids)))
 
 
-@pytest.mark.parametrize("dtype, bound", [("float16", 2 * 2.0 ** -10), ("bfloat16", 2 * 2.0 ** -7)])
+@pytest.mark.parametrize("dtype, bound", [("float16", 2 * 2.0**-10), ("bfloat16", 2 * 2.0**-7)])
 def test_half_precision_is_close_to_fp32(sdxl, dtype: str, bound: float):
     """fp16 / bf16 runs of both SDXL encoders stay within twice the dtype's unit roundoff of
     transformers' fp32 outputs, relative in Frobenius norm (measured: fp16 ~7e-4, bf16 ~8e-3)."""
     _, models, refs, path = sdxl
     te = sdclip.load(path, dtype=dtype)
     assert te.dtype == getattr(torch, dtype)
-    for encoder, (model, ref) in enumerate(zip(models, refs), 1):
+    for encoder, (_model, ref) in enumerate(zip(models, refs), 1):
         got = te.encode(SOME, encoder=encoder, layer=-1, final_norm=True)
         pairs = [(got.hidden, ref.last_hidden_state), (got.pooled, ref.pooler_output)]
         if encoder == 2:

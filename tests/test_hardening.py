@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from bounded import run_cli, run_python
 from safetensors.torch import save_file
+from test_tensorfile import HF, LAYERS, WIDTH, bad_input, hf_state, params, torch_zip
 
 import sdclip
-from bounded import run_cli, run_python
 from sdclip import BadInput, limits
 from sdclip.embeddings import load_embeddings, read_embedding
 from sdclip.images import open_image
 from sdclip.tensorfile import PickleFile, open_tensor_file
-from test_tensorfile import HF, LAYERS, WIDTH, bad_input, hf_state, params, torch_zip
 
 
 @pytest.fixture(scope="module", name="state")
@@ -43,19 +43,23 @@ def entry(key: str, begin: int, end: int, shape: list[int]) -> str:
 
 # --- A: silently wrong weights -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("entries, words", [
-    ([entry("a", 0, 16, [4]), entry("a", 16, 32, [4])], ["'a' twice"]),  # json keeps the last: silently wrong
-    ([entry("a", 0, 16, [4]), entry("b", 0, 16, [4])], ["overlaps", "a"]),
-    ([entry("a", 0, 16, [4]), entry("b", 8, 24, [4])], ["overlaps"]),
-    ([entry("a", 0, 16, [4]), entry("b", 20, 32, [3])], ["gap"]),
-    ([entry("a", 0, 16, [4])], ["trailing data"]),
-    ([entry("a", 0, 12, [4]), entry("b", 12, 32, [5])], ["tensor a has 12 bytes"]),
-    ([entry("a", 0, 16, [4]), entry("b", 16, 48, [8])], ["past the end"]),
-    (['"a": {"dtype": "F32", "shape": [true, 4], "data_offsets": [0, 16]}'], ["shape"]),
-    (['"a": {"dtype": "F32", "shape": [4], "data_offsets": [0]}'], ["data_offsets"]),
-    (['"a": [1, 2]'], ["tensor a"]),
-    (['"__metadata__": [1]', entry("a", 0, 32, [8])], ["__metadata__"]),
-])
+
+@pytest.mark.parametrize(
+    "entries, words",
+    [
+        ([entry("a", 0, 16, [4]), entry("a", 16, 32, [4])], ["'a' twice"]),  # json keeps the last: silently wrong
+        ([entry("a", 0, 16, [4]), entry("b", 0, 16, [4])], ["overlaps", "a"]),
+        ([entry("a", 0, 16, [4]), entry("b", 8, 24, [4])], ["overlaps"]),
+        ([entry("a", 0, 16, [4]), entry("b", 20, 32, [3])], ["gap"]),
+        ([entry("a", 0, 16, [4])], ["trailing data"]),
+        ([entry("a", 0, 12, [4]), entry("b", 12, 32, [5])], ["tensor a has 12 bytes"]),
+        ([entry("a", 0, 16, [4]), entry("b", 16, 48, [8])], ["past the end"]),
+        (['"a": {"dtype": "F32", "shape": [true, 4], "data_offsets": [0, 16]}'], ["shape"]),
+        (['"a": {"dtype": "F32", "shape": [4], "data_offsets": [0]}'], ["data_offsets"]),
+        (['"a": [1, 2]'], ["tensor a"]),
+        (['"__metadata__": [1]', entry("a", 0, 32, [8])], ["__metadata__"]),
+    ],
+)
 def test_safetensors_header_is_validated_fully(tmp_path, entries, words):
     path = raw_safetensors(tmp_path / "model.safetensors", "{" + ", ".join(entries) + "}", bytes(32))
     with pytest.raises(BadInput) as info:
@@ -66,8 +70,9 @@ def test_safetensors_header_is_validated_fully(tmp_path, entries, words):
 
 def test_a_valid_handwritten_header_still_reads(tmp_path):
     data = torch.arange(8, dtype=torch.float32).numpy().tobytes()
-    path = raw_safetensors(tmp_path / "ok.safetensors", "{" + entry("b", 16, 32, [4]) + ", " + entry("a", 0, 16, [4])
-                           + "}", data)
+    path = raw_safetensors(
+        tmp_path / "ok.safetensors", "{" + entry("b", 16, 32, [4]) + ", " + entry("a", 0, 16, [4]) + "}", data
+    )
     with open_tensor_file(path) as f:
         assert f.get("a").tolist() == [0, 1, 2, 3] and f.get("b").tolist() == [4, 5, 6, 7]
 
@@ -77,7 +82,7 @@ def _member(path: Path, name: str) -> tuple[int, int, int]:
     with zipfile.ZipFile(path) as z:
         info = z.getinfo(name)
     raw = path.read_bytes()
-    n, extra = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    n, extra = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
     return info.header_offset, info.header_offset + 30 + n + extra, info.file_size
 
 
@@ -92,8 +97,8 @@ def flip_a_weight_bit(raw: bytearray, header: int, start: int, size: int) -> Non
 
 def shift_the_record(raw: bytearray, header: int, start: int, size: int) -> None:
     """The local header's extra length points 4 bytes into the record's data."""
-    extra = struct.unpack("<H", raw[header + 28:header + 30])[0]
-    raw[header + 28:header + 30] = struct.pack("<H", extra + 4)
+    extra = struct.unpack("<H", raw[header + 28 : header + 30])[0]
+    raw[header + 28 : header + 30] = struct.pack("<H", extra + 4)
 
 
 @pytest.mark.parametrize("damage", [flip_a_weight_bit, shift_the_record])
@@ -134,8 +139,10 @@ def test_member_claiming_more_than_the_archive_holds(tmp_path, state):
     torch.save(state, path)
     record = _token_record(path).encode()
     raw = bytearray(path.read_bytes())
-    at = next(i for i in range(len(raw)) if raw[i:i + 4] == b"PK\x01\x02" and raw[i + 46:i + 46 + len(record)] == record)
-    raw[at + 20:at + 28] = struct.pack("<II", 0xFFFFFFF0, 0xFFFFFFF0)
+    at = next(
+        i for i in range(len(raw)) if raw[i : i + 4] == b"PK\x01\x02" and raw[i + 46 : i + 46 + len(record)] == record
+    )
+    raw[at + 20 : at + 28] = struct.pack("<II", 0xFFFFFFF0, 0xFFFFFFF0)
     path.write_bytes(bytes(raw))
     bad_input(path, record.decode(), "past the end")
 
@@ -143,15 +150,28 @@ def test_member_claiming_more_than_the_archive_holds(tmp_path, state):
 def openclip_state(layers: int = 2) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     w = 64
-    sd = {"token_embedding.weight": torch.randn(49408, w, generator=g) * 0.02,
-          "positional_embedding": torch.randn(77, w, generator=g) * 0.01,
-          "ln_final.weight": torch.ones(w), "ln_final.bias": torch.zeros(w)}
+    sd = {
+        "token_embedding.weight": torch.randn(49408, w, generator=g) * 0.02,
+        "positional_embedding": torch.randn(77, w, generator=g) * 0.01,
+        "ln_final.weight": torch.ones(w),
+        "ln_final.bias": torch.zeros(w),
+    }
     for i in range(layers):
         b = f"transformer.resblocks.{i}."
-        shapes = {"ln_1.weight": (w,), "ln_1.bias": (w,), "ln_2.weight": (w,), "ln_2.bias": (w,),
-                  "attn.in_proj_weight": (3 * w, w), "attn.in_proj_bias": (3 * w,), "attn.out_proj.weight": (w, w),
-                  "attn.out_proj.bias": (w,), "mlp.c_fc.weight": (2 * w, w), "mlp.c_fc.bias": (2 * w,),
-                  "mlp.c_proj.weight": (w, 2 * w), "mlp.c_proj.bias": (w,)}
+        shapes = {
+            "ln_1.weight": (w,),
+            "ln_1.bias": (w,),
+            "ln_2.weight": (w,),
+            "ln_2.bias": (w,),
+            "attn.in_proj_weight": (3 * w, w),
+            "attn.in_proj_bias": (3 * w,),
+            "attn.out_proj.weight": (w, w),
+            "attn.out_proj.bias": (w,),
+            "mlp.c_fc.weight": (2 * w, w),
+            "mlp.c_fc.bias": (2 * w,),
+            "mlp.c_proj.weight": (w, 2 * w),
+            "mlp.c_proj.bias": (w,),
+        }
         sd.update({b + k: torch.randn(*s, generator=g) * 0.05 for k, s in shapes.items()})
     return sd
 
@@ -182,6 +202,7 @@ def test_openclip_file_still_loads(tmp_path):
 
 
 # --- B: resource bombs, bounded ------------------------------------------------------------------------------
+
 
 def dag(depth: int, leaf: object) -> dict:
     """A dict graph ``depth`` levels deep whose two children are one object: 2^depth paths, a few hundred bytes."""
@@ -219,9 +240,13 @@ def bombs(tmp_path_factory, state) -> dict[str, Path]:
 
 
 BOMBS = {  # file -> words its refusal must hold
-    "dag.ckpt": ["1,000,000"], "dag_legacy.bin": ["1,000,000"], "loop.ckpt": ["holds itself"],
-    "loop_legacy.bin": ["holds itself"], "bytes.ckpt": ["data.pkl", "67,108,864"],
-    "stride0.ckpt": ["token_embedding", "stride 0"], "stride0_legacy.bin": ["token_embedding", "stride 0"],
+    "dag.ckpt": ["1,000,000"],
+    "dag_legacy.bin": ["1,000,000"],
+    "loop.ckpt": ["holds itself"],
+    "loop_legacy.bin": ["holds itself"],
+    "bytes.ckpt": ["data.pkl", "67,108,864"],
+    "stride0.ckpt": ["token_embedding", "stride 0"],
+    "stride0_legacy.bin": ["token_embedding", "stride 0"],
 }
 
 
@@ -234,14 +259,17 @@ def test_pickle_bombs_are_refused_within_bounds(bombs):
 
 
 def test_pickle_bombs_in_an_embeddings_folder_are_skipped_within_bounds(bombs):
-    out = run_python(f"""
+    out = run_python(
+        f"""
 import warnings
 from sdclip.embeddings import load_embeddings
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     found = load_embeddings({str(bombs['ti'])!r})
 print(len(found), "|".join(str(w.message) for w in caught))
-""", timeout=120)
+""",
+        timeout=120,
+    )
     count, messages = out.strip().split(" ", 1)
     assert count == "0" and "dag.pt" in messages and "loop.pt" in messages, out
 
@@ -267,8 +295,13 @@ def test_devices_and_fifos_are_refused_never_read(tmp_path):
     os.mkfifo(fifo)
     prompt_fifo = tmp_path / "prompts.txt"
     os.mkfifo(prompt_fifo)
-    calls = [["info", "/dev/zero"], ["tokenize", "--file", "/dev/zero"],
-             ["tokenize", "--file", str(prompt_fifo)], ["ti", "inspect", str(fifo)], ["info", str(fifo)]]
+    calls = [
+        ["info", "/dev/zero"],
+        ["tokenize", "--file", "/dev/zero"],
+        ["tokenize", "--file", str(prompt_fifo)],
+        ["ti", "inspect", str(fifo)],
+        ["info", str(fifo)],
+    ]
     outcomes = run_cli(calls, timeout=60)
     for call, outcome in zip(calls, outcomes):
         assert outcome.rc == 2 and "not a regular file" in outcome.stderr, (call, outcome.stderr)
@@ -306,13 +339,20 @@ def test_unreadable_weights_file_for_real(tmp_path, state):
 def png(width: int, height: int, chunks: list[tuple[bytes, bytes]], idat: bytes) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat)
-            + b"".join(chunk(k, b) for k, b in chunks) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", idat)
+        + b"".join(chunk(k, b) for k, b in chunks)
+        + chunk(b"IEND", b"")
+    )
 
 
 def embedding_text(n: int = 2, width: int = WIDTH) -> bytes:
     import base64
+
     vec = (torch.arange(n * width, dtype=torch.float32).reshape(n, width) / 1000).tolist()
     data = {"string_to_param": {"*": {"TORCHTENSOR": vec}}, "name": "huge-picture"}
     return base64.b64encode(json.dumps(data).encode())
@@ -327,11 +367,15 @@ def test_huge_png_embedding_is_read_without_decoding_pixels(tmp_path):
     folder.mkdir()
     path = folder / "picture.png"
     path.write_bytes(png(12000, 12000, [(b"zTXt", b"sd-ti-embedding\0\0" + zlib.compress(embedding_text()))], idat))
-    out = run_python(f"""
+    out = run_python(
+        f"""
 from sdclip.embeddings import load_embeddings
 [e] = load_embeddings({str(folder)!r})
 print(e.name, tuple(e.vectors["*"].shape), float(e.vectors["*"][1, 3]))
-""", memory=1 << 30, timeout=60)
+""",
+        memory=1 << 30,
+        timeout=60,
+    )
     assert out.split() == ["huge-picture", "(2,", f"{WIDTH})", str(float(torch.tensor((WIDTH + 3) / 1000)))], out
 
 
@@ -372,6 +416,7 @@ def test_ti_inspect_of_a_10000_vector_embedding_is_bounded(tmp_path):
 
 # --- C: prompt length ----------------------------------------------------------------------------------------
 
+
 def test_prompt_length_limit_everywhere():
     from sdclip.prompts import chunk, parse
 
@@ -391,13 +436,18 @@ def test_ten_megabyte_prompt_is_refused_within_bounds(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("short one\n" + "(a:1.1) " * 1_300_000 + "\n")
     out = tmp_path / "out.safetensors"
-    outcomes = run_cli([["encode", "--dialect", "a1111", "--file", str(prompts), "-o", str(out)],
-                        ["encode", "--dialect", "compel", "--file", str(prompts), "-o", str(out)],
-                        ["parse", "--dialect", "a1111", "--max-prompt-chars", "20", "(a:1.1) (b:1.2) (c:0.9)"]],
-                       timeout=120)
+    outcomes = run_cli(
+        [
+            ["encode", "--dialect", "a1111", "--file", str(prompts), "-o", str(out)],
+            ["encode", "--dialect", "compel", "--file", str(prompts), "-o", str(out)],
+            ["parse", "--dialect", "a1111", "--max-prompt-chars", "20", "(a:1.1) (b:1.2) (c:0.9)"],
+        ],
+        timeout=120,
+    )
     for outcome in outcomes[:2]:
-        assert outcome.rc == 2 and f"{prompts}:2: prompt" in outcome.stderr and "--max-prompt-chars" in outcome.stderr, \
-            outcome.stderr
+        assert (
+            outcome.rc == 2 and f"{prompts}:2: prompt" in outcome.stderr and "--max-prompt-chars" in outcome.stderr
+        ), outcome.stderr
     assert outcomes[2].rc == 2 and "limit of 20" in outcomes[2].stderr
     assert not out.exists()
 
@@ -413,6 +463,7 @@ def test_max_prompt_chars_raises_the_limit(tmp_path):
 
 # --- D: input errors name the file and the field -------------------------------------------------------------
 
+
 def hf_folder(tmp_path: Path, state: dict, config: dict | None = None, **replace: torch.Tensor) -> Path:
     folder = tmp_path / "model"
     folder.mkdir()
@@ -424,15 +475,18 @@ def hf_folder(tmp_path: Path, state: dict, config: dict | None = None, **replace
     return folder
 
 
-@pytest.mark.parametrize("config, words", [
-    ({"num_attention_heads": -2}, ["num_attention_heads", "-2"]),
-    ({"num_attention_heads": 2.5}, ["num_attention_heads", "2.5"]),
-    ({"num_attention_heads": "8"}, ["num_attention_heads", "'8'"]),
-    ({"hidden_act": ["gelu"]}, ["hidden_act"]),
-    ({"num_hidden_layers": True}, ["num_hidden_layers"]),
-    ({"num_attention_heads": 3}, ["width 64 is not divisible by 3 heads"]),
-    ({"hidden_act": "relu"}, ["unknown activation 'relu'"]),
-])
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ({"num_attention_heads": -2}, ["num_attention_heads", "-2"]),
+        ({"num_attention_heads": 2.5}, ["num_attention_heads", "2.5"]),
+        ({"num_attention_heads": "8"}, ["num_attention_heads", "'8'"]),
+        ({"hidden_act": ["gelu"]}, ["hidden_act"]),
+        ({"num_hidden_layers": True}, ["num_hidden_layers"]),
+        ({"num_attention_heads": 3}, ["width 64 is not divisible by 3 heads"]),
+        ({"hidden_act": "relu"}, ["unknown activation 'relu'"]),
+    ],
+)
 def test_config_json_values(tmp_path, state, config, words):
     folder = hf_folder(tmp_path, state, config)
     with pytest.raises(BadInput) as info:
@@ -442,12 +496,15 @@ def test_config_json_values(tmp_path, state, config, words):
     assert all(w in message for w in words), message
 
 
-@pytest.mark.parametrize("key, value, words", [
-    ("embeddings.position_embedding.weight", torch.tensor(1.0), ["position_embedding", "2 dimensions"]),
-    ("encoder.layers.0.mlp.fc1.weight", torch.tensor(1.0), ["fc1.weight", "2 dimensions"]),
-    ("embeddings.position_embedding.weight", torch.zeros(1, WIDTH), ["no room for BOS and EOS"]),
-    ("embeddings.token_embedding.weight", torch.zeros(1000, WIDTH), ["token_embedding", "1000"]),
-])
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("embeddings.position_embedding.weight", torch.tensor(1.0), ["position_embedding", "2 dimensions"]),
+        ("encoder.layers.0.mlp.fc1.weight", torch.tensor(1.0), ["fc1.weight", "2 dimensions"]),
+        ("embeddings.position_embedding.weight", torch.zeros(1, WIDTH), ["no room for BOS and EOS"]),
+        ("embeddings.token_embedding.weight", torch.zeros(1000, WIDTH), ["token_embedding", "1000"]),
+    ],
+)
 def test_tensor_shapes_that_cannot_be_a_model(tmp_path, state, key, value, words):
     folder = hf_folder(tmp_path, state, **{key: value})
     with pytest.raises(BadInput) as info:
@@ -459,7 +516,9 @@ def test_tensor_shapes_that_cannot_be_a_model(tmp_path, state, key, value, words
 def test_model_index_class_name_of_the_wrong_type(tmp_path, state):
     folder = tmp_path / "pipe"
     (folder / "text_encoder").mkdir(parents=True)
-    save_file({k.replace(HF, "text_model."): v for k, v in state.items()}, folder / "text_encoder" / "model.safetensors")
+    save_file(
+        {k.replace(HF, "text_model."): v for k, v in state.items()}, folder / "text_encoder" / "model.safetensors"
+    )
     (folder / "model_index.json").write_text(json.dumps({"_class_name": 5}))
     with pytest.raises(BadInput) as info:
         sdclip.load(folder)

@@ -10,13 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import layouts
 import pytest
 import torch
 from huggingface_hub import constants
-
-import layouts
-import sdclip
 from references import ARCHS, PROMPTS, assert_close, build, max_diffs, reference
+
+import sdclip
 from sdclip.checkpoint import Usage
 
 CLIP_REPO = "openai/clip-vit-large-patch14"
@@ -45,12 +45,16 @@ def cache(tmp_path: Path, monkeypatch):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-@pytest.mark.parametrize("repo, sub, family, layout, projection", [
-    (CLIP_REPO, "clip", "clip", "CLIPModel", True),
-    (SD_REPO, "sd", "sd1", "diffusers pipeline", False),
-])
-def test_cached_repo_matches_transformers(staged, cache: Path, repo: str, sub: str, family: str, layout: str,
-                                          projection: bool):
+@pytest.mark.parametrize(
+    "repo, sub, family, layout, projection",
+    [
+        (CLIP_REPO, "clip", "clip", "CLIPModel", True),
+        (SD_REPO, "sd", "sd1", "diffusers pipeline", False),
+    ],
+)
+def test_cached_repo_matches_transformers(
+    staged, cache: Path, repo: str, sub: str, family: str, layout: str, projection: bool
+):
     root, model, ref = staged
     snapshot = layouts.write_hub_cache(cache, repo, root / sub)
     te = sdclip.load(repo)
@@ -83,8 +87,9 @@ def test_cached_configs_without_weights_say_how_to_get_them(staged, cache: Path,
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    return subprocess.run([sys.executable, "-m", "sdclip.cli", *args], env={**clean, **env}, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "sdclip.cli", *args], env={**clean, **env}, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_reads_the_cache_under_hf_home(staged, tmp_path: Path):

@@ -18,8 +18,13 @@ PROCESSOR = CLIPImageProcessor()  # openai/clip-vit-*'s settings are the class d
 
 
 def _reference(image: Image.Image, size: int = 224) -> np.ndarray:
-    out = PROCESSOR(images=image, size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                    return_tensors="np", input_data_format="channels_last")
+    out = PROCESSOR(
+        images=image,
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        return_tensors="np",
+        input_data_format="channels_last",
+    )
     return out["pixel_values"][0]
 
 
@@ -35,12 +40,14 @@ def _picture(width: int, height: int, seed: int = 0) -> np.ndarray:
 def _png(width: int, height: int, color_type: int, depth: int, raw: bytes) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize("width,height", [(224, 224), (300, 200), (200, 300), (640, 480), (97, 1203), (50, 37),
-                                          (1, 1), (3, 500), (225, 224)])
+@pytest.mark.parametrize(
+    "width,height", [(224, 224), (300, 200), (200, 300), (640, 480), (97, 1203), (50, 37), (1, 1), (3, 500), (225, 224)]
+)
 def test_rgb_sizes_match_clip_image_processor(width, height):
     image = Image.fromarray(_picture(width, height, width + height))
     assert np.abs(preprocess(image) - _reference(image)).max() <= 1e-5
@@ -67,8 +74,14 @@ def test_modes_match_clip_image_processor(mode):
 
 def test_files_of_every_kind_decode_like_pillow(tmp_path):
     rgb = Image.fromarray(_picture(90, 70, 3))
-    cases = {"a.jpg": rgb, "b.png": rgb.convert("RGBA"), "c.gif": rgb.convert("P"), "d.webp": rgb,
-             "e.tiff": rgb.convert("CMYK"), "f.bmp": rgb.convert("L")}
+    cases = {
+        "a.jpg": rgb,
+        "b.png": rgb.convert("RGBA"),
+        "c.gif": rgb.convert("P"),
+        "d.webp": rgb,
+        "e.tiff": rgb.convert("CMYK"),
+        "f.bmp": rgb.convert("L"),
+    }
     for name, image in cases.items():
         image.save(tmp_path / name)
         ref = Image.open(tmp_path / name)
@@ -104,9 +117,14 @@ def test_bad_files_raise_bad_input_naming_the_file(tmp_path):
     # a valid PNG header declaring 20000 x 20000 pixels (with 50 bytes of data): never decoded
     (tmp_path / "bomb.png").write_bytes(_png(20000, 20000, 2, 8, b"\x00" * 50))
     (tmp_path / "wide.png").write_bytes(_png(9000, 8000, 0, 8, b"\x00" * 50))
-    for name, message in [("truncated.png", "truncated or corrupt"), ("empty.jpg", "empty file"),
-                          ("text.png", "not an image"), ("bomb.png", "decompression bomb"),
-                          ("wide.png", "9000 x 8000 pixels"), ("missing.png", "cannot read")]:
+    for name, message in [
+        ("truncated.png", "truncated or corrupt"),
+        ("empty.jpg", "empty file"),
+        ("text.png", "not an image"),
+        ("bomb.png", "decompression bomb"),
+        ("wide.png", "9000 x 8000 pixels"),
+        ("missing.png", "cannot read"),
+    ]:
         with pytest.raises(BadInput, match=message) as info:
             open_image(tmp_path / name)
         assert name in str(info.value)

@@ -9,18 +9,17 @@ import math
 import time
 from pathlib import Path
 
+import condfakes
+import layouts
 import numpy as np
 import pytest
 import torch
+from clipfakes import randomize
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-import condfakes
-import layouts
 import sdclip
-from clipfakes import randomize
-from sdclip import BadInput, Embedding, encode_prompts, read_embedding, save_embedding, train_embedding
-from sdclip import bundled
+from sdclip import BadInput, Embedding, bundled, encode_prompts, read_embedding, save_embedding, train_embedding
 from sdclip.cli import main
 from sdclip.clip import CLIPModel
 from sdclip.inversion import conditioning, initial_vectors
@@ -34,9 +33,11 @@ TOKEN = "<blob>"
 
 
 def tiny_clip(seed: int = 0) -> CLIPModel:
-    return CLIPModel.create(TextConfig(width=32, layers=2, heads=2, mlp_width=64, projection_dim=16),
-                            VisionConfig(width=32, layers=1, heads=2, mlp_width=64, image_size=16, patch_size=8,
-                                         projection_dim=16), seed=seed)
+    return CLIPModel.create(
+        TextConfig(width=32, layers=2, heads=2, mlp_width=64, projection_dim=16),
+        VisionConfig(width=32, layers=1, heads=2, mlp_width=64, image_size=16, patch_size=8, projection_dim=16),
+        seed=seed,
+    )
 
 
 def pixels(n: int = 3, seed: int = 0) -> torch.Tensor:
@@ -44,11 +45,13 @@ def pixels(n: int = 3, seed: int = 0) -> torch.Tensor:
 
 
 def digests(module: torch.nn.Module) -> dict[str, str]:
-    return {k: hashlib.sha256(v.detach().contiguous().numpy().tobytes()).hexdigest()
-            for k, v in module.state_dict().items()}
+    return {
+        k: hashlib.sha256(v.detach().contiguous().numpy().tobytes()).hexdigest() for k, v in module.state_dict().items()
+    }
 
 
 # --- training ------------------------------------------------------------------------------------------------
+
 
 def test_clip_objective_changes_only_the_new_vectors():
     model = tiny_clip()
@@ -64,8 +67,17 @@ def test_clip_objective_changes_only_the_new_vectors():
 
     torch.Tensor.backward = spy
     try:
-        e = train_embedding(model, pixels(), token=TOKEN, init_word="shape", vectors=2, steps=5, lr=1e-2,
-                            negatives=["a circle", "a square"], log=None)
+        e = train_embedding(
+            model,
+            pixels(),
+            token=TOKEN,
+            init_word="shape",
+            vectors=2,
+            steps=5,
+            lr=1e-2,
+            negatives=["a circle", "a square"],
+            log=None,
+        )
     finally:
         torch.Tensor.backward = original
     assert digests(model) == before
@@ -97,16 +109,27 @@ def test_init_word_repeated_or_averaged():
 
 def test_resume_continues_exactly(tmp_path):
     model, images = tiny_clip(), pixels()
-    settings = dict(token=TOKEN, init_word="shape", vectors=2, steps=6, checkpoint_every=2, lr=1e-2,
-                    negatives=["a circle"], log=None)
+    settings = dict(
+        token=TOKEN,
+        init_word="shape",
+        vectors=2,
+        steps=6,
+        checkpoint_every=2,
+        lr=1e-2,
+        negatives=["a circle"],
+        log=None,
+    )
     whole = train_embedding(model, images, out=tmp_path / "a", **settings)
     train_embedding(model, images, out=tmp_path / "b", until=3, **settings)
     resumed = train_embedding(model, images, out=tmp_path / "b", resume=True, log=None)
     assert torch.equal(whole.vectors["*"], resumed.vectors["*"])
 
     def rows(folder):
-        return [{k: v for k, v in json.loads(line).items() if k != "elapsed"}
-                for line in (tmp_path / folder / "metrics.jsonl").read_text().splitlines()]
+        return [
+            {k: v for k, v in json.loads(line).items() if k != "elapsed"}
+            for line in (tmp_path / folder / "metrics.jsonl").read_text().splitlines()
+        ]
+
     assert rows("a") == rows("b") and len(rows("a")) == 6
     assert (tmp_path / "b" / "loss.png").is_file()
     with pytest.raises(BadInput, match="other example images"):
@@ -124,14 +147,24 @@ def test_loss_hook_sees_the_sdxl_conditioning():
         noise = torch.randn(batch.hidden.shape, generator=batch.generator)
         return ((batch.hidden - noise) ** 2).mean() + batch.pooled.square().mean()
 
-    e = train_embedding(te, loss_fn=loss_fn, token=TOKEN, init_word="a cat", vectors=2, steps=2, batch_size=3,
-                        templates=["a photo of {}", "{} on a hill"], log=None)
+    e = train_embedding(
+        te,
+        loss_fn=loss_fn,
+        token=TOKEN,
+        init_word="a cat",
+        vectors=2,
+        steps=2,
+        batch_size=3,
+        templates=["a photo of {}", "{} on a hill"],
+        log=None,
+    )
     assert set(e.vectors) == {"clip_l", "clip_g"} and e.vectors["clip_g"].shape == (2, 48)
     first = got[0]
     assert first.hidden.shape == (3, 77, 80) and first.pooled.shape == (3, 48) and first.step == 0
     assert first.hidden.requires_grad
-    cat = {role: initial_vectors(te.tower(n), te.tokenizers[n - 1], "cat", 1)
-           for n, role in ((1, "clip_l"), (2, "clip_g"))}
+    cat = {
+        role: initial_vectors(te.tower(n), te.tokenizers[n - 1], "cat", 1) for n, role in ((1, "clip_l"), (2, "clip_g"))
+    }
     with torch.no_grad():
         hidden, pooled = conditioning(te, first.prompts, cat, TOKEN)
     cond = encode_prompts(te, [p.replace(TOKEN, "cat") for p in first.prompts], dialect="diffusers", cache=None)
@@ -142,10 +175,17 @@ def test_loss_hook_sees_the_sdxl_conditioning():
         train_embedding(te, pixels(), token=TOKEN, steps=1, log=None)
 
 
-@pytest.mark.parametrize("settings, words", [
-    (dict(token="two words"), "one word"), (dict(templates=["no slot"]), "needs one"), (dict(vectors=0), "vectors"),
-    (dict(steps=0), "steps"), (dict(colour=1), "unknown setting"), (dict(negatives=["a <blob>"]), "negative"),
-])
+@pytest.mark.parametrize(
+    "settings, words",
+    [
+        (dict(token="two words"), "one word"),
+        (dict(templates=["no slot"]), "needs one"),
+        (dict(vectors=0), "vectors"),
+        (dict(steps=0), "steps"),
+        (dict(colour=1), "unknown setting"),
+        (dict(negatives=["a <blob>"]), "negative"),
+    ],
+)
 def test_bad_settings(settings, words):
     with pytest.raises(BadInput, match=words):
         train_embedding(tiny_clip(), pixels(), **{"token": TOKEN, **settings})
@@ -153,14 +193,21 @@ def test_bad_settings(settings, words):
 
 # --- files ------------------------------------------------------------------------------------------------------
 
+
 def vectors(n: int = 2, width: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, width, generator=torch.Generator().manual_seed(seed)) * 0.05
 
 
-@pytest.mark.parametrize("name, fmt, keys", [
-    ("blob.pt", "a1111", None), ("blob.bin", "a1111", None), ("blob.safetensors", "safetensors", {"emb_params"}),
-    ("learned_embeds.safetensors", "diffusers", {TOKEN}), ("learned_embeds.bin", "diffusers", {TOKEN}),
-])
+@pytest.mark.parametrize(
+    "name, fmt, keys",
+    [
+        ("blob.pt", "a1111", None),
+        ("blob.bin", "a1111", None),
+        ("blob.safetensors", "safetensors", {"emb_params"}),
+        ("learned_embeds.safetensors", "diffusers", {TOKEN}),
+        ("learned_embeds.bin", "diffusers", {TOKEN}),
+    ],
+)
 def test_round_trip_and_layouts(tmp_path, name, fmt, keys):
     e = Embedding("blob", TOKEN, {"*": torch.cat([vectors(), torch.zeros(5000, 32)])[:2]})  # a view of more
     path = save_embedding(e, tmp_path / name, step=7, checkpoint="sdclip-mini")
@@ -170,8 +217,14 @@ def test_round_trip_and_layouts(tmp_path, name, fmt, keys):
     assert back.token == {"a1111": TOKEN, "safetensors": "emb_params", "diffusers": TOKEN}[fmt]
     if fmt == "a1111":  # A1111's own keys, readable without running code
         data = torch.load(path, weights_only=True)
-        assert data.keys() == {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint",
-                               "sd_checkpoint_name"}
+        assert data.keys() == {
+            "string_to_token",
+            "string_to_param",
+            "name",
+            "step",
+            "sd_checkpoint",
+            "sd_checkpoint_name",
+        }
         assert data["string_to_token"] == {"*": 265} and data["name"] == TOKEN and data["step"] == 7
         assert torch.equal(data["string_to_param"]["*"], e.vectors["*"])
     elif path.suffix == ".safetensors":
@@ -201,8 +254,15 @@ def text_folder(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("name, token", [("blob.pt", None), ("blob.safetensors", TOKEN),
-                                         ("learned_embeds.safetensors", None), ("learned_embeds.bin", None)])
+@pytest.mark.parametrize(
+    "name, token",
+    [
+        ("blob.pt", None),
+        ("blob.safetensors", TOKEN),
+        ("learned_embeds.safetensors", None),
+        ("learned_embeds.bin", None),
+    ],
+)
 def test_diffusers_loads_what_we_write(tmp_path, text_folder, name, token):
     """diffusers' load_textual_inversion accepts each file; its encoding of a prompt with the word equals sdclip's."""
     from diffusers.loaders import TextualInversionLoaderMixin
@@ -231,6 +291,7 @@ def test_diffusers_loads_what_we_write(tmp_path, text_folder, name, token):
 
 # --- CLI --------------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
     return tiny_clip().save(tmp_path_factory.mktemp("clip"), dtype="float32")
@@ -243,9 +304,34 @@ def test_cli_train_convert_inspect(tmp_path, clip_folder, capsys):
         Image.fromarray(np.full((16, 16, 3), 60 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
     run = tmp_path / "run"
     common = [str(tmp_path), "-m", str(clip_folder), "--out", str(run)]
-    assert main(["ti", "train", *common, "--token", TOKEN, "--init-word", "shape", "--vectors", "2", "--steps", "4",
-                 "--negatives", "a circle, a square", "--template", "a {}", "--template", "a photo of {}",
-                 "--until", "2", "--format", "a1111"]) == 0
+    assert (
+        main(
+            [
+                "ti",
+                "train",
+                *common,
+                "--token",
+                TOKEN,
+                "--init-word",
+                "shape",
+                "--vectors",
+                "2",
+                "--steps",
+                "4",
+                "--negatives",
+                "a circle, a square",
+                "--template",
+                "a {}",
+                "--template",
+                "a photo of {}",
+                "--until",
+                "2",
+                "--format",
+                "a1111",
+            ]
+        )
+        == 0
+    )
     assert "stopped at step 2" in capsys.readouterr().err and not (run / "blob.pt").exists()
     assert main(["ti", "train", *common, "--resume", "--format", "a1111"]) == 0
     assert "wrote" in capsys.readouterr().err
@@ -271,11 +357,17 @@ def test_cli_bad_files(tmp_path, clip_folder, capsys):
     save_file({"emb_params": torch.full((1, 32), math.nan)}, tmp_path / "nan.safetensors")
     torch.save({"string_to_param": {"*": vectors()}, "x": Evil()}, tmp_path / "evil.pt", pickle_module=pickle)
     save_file({"emb_params": vectors(1, 768)}, tmp_path / "wide.safetensors")
-    cases = [("empty.pt", "empty"), ("nan.safetensors", "NaN"), ("evil.pt", "refused"),
-             ("wide.safetensors", "do not fit")]
+    cases = [
+        ("empty.pt", "empty"),
+        ("nan.safetensors", "NaN"),
+        ("evil.pt", "refused"),
+        ("wide.safetensors", "do not fit"),
+    ]
     for name, words in cases:
-        for argv in (["ti", "inspect", str(tmp_path / name), "-m", str(clip_folder)],
-                     ["ti", "convert", str(tmp_path / name), str(tmp_path / "out.pt")]):
+        for argv in (
+            ["ti", "inspect", str(tmp_path / name), "-m", str(clip_folder)],
+            ["ti", "convert", str(tmp_path / name), str(tmp_path / "out.pt")],
+        ):
             if name == "wide.safetensors" and argv[1] == "convert":
                 continue  # converting needs no model
             assert main(argv) == 2, argv
@@ -300,8 +392,10 @@ def crescents(n: int, seed: int, size: int) -> list:
     return [image for image, _, _ in pictures(CONCEPT, n, size, seed)]
 
 
-@pytest.mark.skipif(not (Path(str(bundled.__file__)).parent / "data" / bundled.DEFAULT / "model.safetensors").is_file(),
-                    reason="the bundled model is not installed")
+@pytest.mark.skipif(
+    not (Path(str(bundled.__file__)).parent / "data" / bundled.DEFAULT / "model.safetensors").is_file(),
+    reason="the bundled model is not installed",
+)
 def test_learns_a_shape_the_bundled_model_never_saw():
     """8 pictures of red crescents teach <crescent>: on fresh crescents, zero-shot accuracy among <crescent> and the
     48 known colour x shape labels rises from near chance to >= 80 %; the known classes keep their accuracy within
@@ -319,15 +413,22 @@ def test_learns_a_shape_the_bundled_model_never_saw():
         new = ((fresh @ classes.t()).argmax(-1) == len(known)).float().mean().item()
         return new, ((other_images @ classes.t()).argmax(-1) == target).float().mean().item()
 
-    start = Embedding("crescent", NEW, {"*": initial_vectors(model.text, model.tokenizer, DEMO["init_word"],
-                                                              DEMO["vectors"])})
-    baseline = ((other_images @ model.class_embeddings(known, ZERO_SHOT_TEMPLATES).t()).argmax(-1) == target
-                ).float().mean().item()
+    start = Embedding(
+        "crescent", NEW, {"*": initial_vectors(model.text, model.tokenizer, DEMO["init_word"], DEMO["vectors"])}
+    )
+    baseline = (
+        ((other_images @ model.class_embeddings(known, ZERO_SHOT_TEMPLATES).t()).argmax(-1) == target)
+        .float()
+        .mean()
+        .item()
+    )
     began = time.monotonic()
     learned = train_embedding(model, crescents(8, seed=1, size=size), negatives=known, log=None, **DEMO)
     seconds = time.monotonic() - began
     (new_before, other_before), (new_after, other_after) = accuracy(start), accuracy(learned)
-    print(f"\n{NEW}: {new_before:.3f} -> {new_after:.3f}; other classes {baseline:.3f} (without the word), "
-          f"{other_before:.3f} -> {other_after:.3f}; training {seconds:.1f} s")
+    print(
+        f"\n{NEW}: {new_before:.3f} -> {new_after:.3f}; other classes {baseline:.3f} (without the word), "
+        f"{other_before:.3f} -> {other_after:.3f}; training {seconds:.1f} s"
+    )
     assert new_before <= 0.1 and new_after >= 0.8
     assert other_after >= baseline - 0.02

@@ -14,11 +14,13 @@ from sdclip.loss import INIT_LOGIT_SCALE, MAX_LOGIT_SCALE, clamp_logit_scale_, c
 
 def _loop_loss(images: np.ndarray, texts: np.ndarray, scale: float) -> float:
     """Cross-entropy written out one row and one column at a time, in float64."""
-    images = images / np.sqrt((images ** 2).sum(1, keepdims=True))
-    texts = texts / np.sqrt((texts ** 2).sum(1, keepdims=True))
+    images = images / np.sqrt((images**2).sum(1, keepdims=True))
+    texts = texts / np.sqrt((texts**2).sum(1, keepdims=True))
     n = len(images)
-    sim = [[math.exp(scale) * sum(images[i, d] * texts[j, d] for d in range(images.shape[1])) for j in range(n)]
-           for i in range(n)]
+    sim = [
+        [math.exp(scale) * sum(images[i, d] * texts[j, d] for d in range(images.shape[1])) for j in range(n)]
+        for i in range(n)
+    ]
     rows = cols = 0.0
     for i in range(n):
         rows += -sim[i][i] + math.log(sum(math.exp(sim[i][j]) for j in range(n)))
@@ -29,7 +31,10 @@ def _loop_loss(images: np.ndarray, texts: np.ndarray, scale: float) -> float:
 def test_matches_explicit_loops():
     g = torch.Generator().manual_seed(0)
     for n, d, scale in [(1, 4, 1.0), (5, 8, INIT_LOGIT_SCALE), (7, 3, MAX_LOGIT_SCALE)]:
-        images, texts = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+        images, texts = (
+            torch.randn(n, d, generator=g, dtype=torch.float64),
+            torch.randn(n, d, generator=g, dtype=torch.float64),
+        )
         ours = clip_loss(images, texts, torch.tensor(scale, dtype=torch.float64)).item()
         assert abs(ours - _loop_loss(images.numpy(), texts.numpy(), scale)) < 1e-10
 

@@ -78,8 +78,13 @@ def test_full_disk_keeps_every_old_file_and_leaves_no_partial_file(tmp_path, cap
     before = snapshot(tmp_path)
     assert any(len(data) > LIMIT for name, data in before.items() if name.startswith("model/"))
 
-    child = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path), str(LIMIT)], capture_output=True,
-                           text=True, timeout=300, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    child = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(tmp_path), str(LIMIT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
     assert child.returncode == 0, child.stderr[-2000:]
     results = json.loads(child.stdout.strip().splitlines()[-1])
     for cli_case in ("encode", "convert_pt", "convert_bin", "convert_new", "shapes"):
@@ -106,8 +111,13 @@ def test_outputs_honour_the_umask(tmp_path, umask_027):
     save_embedding(Embedding("e", "e", {"clip_l": torch.randn(1, 128)}), tmp_path / "e.pt")
     assert main(["shapes", "--out", str(tmp_path / "pics"), "--n", "1"]) == 0
     sdclip.Tokenizer().save_hf(tmp_path / "tok")
-    for path in (tmp_path / "c.safetensors", tmp_path / "e.pt", tmp_path / "pics" / "00000.png",
-                 tmp_path / "pics" / "00000.txt", tmp_path / "tok" / "vocab.json"):
+    for path in (
+        tmp_path / "c.safetensors",
+        tmp_path / "e.pt",
+        tmp_path / "pics" / "00000.png",
+        tmp_path / "pics" / "00000.txt",
+        tmp_path / "tok" / "vocab.json",
+    ):
         assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
 
 

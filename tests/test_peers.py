@@ -17,40 +17,62 @@ import torch
 pytest.importorskip("diffusers")
 compel = pytest.importorskip("compel")
 
+import condfakes  # noqa: E402
+import layouts  # noqa: E402
+from clipfakes import randomize  # noqa: E402
 from compel import Compel, ReturnedEmbeddingsType  # noqa: E402
 from compel.embeddings_provider import EmbeddingsProvider  # noqa: E402
-from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,  # noqa: E402
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDIMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
-import condfakes  # noqa: E402
-import layouts  # noqa: E402
 import sdclip  # noqa: E402
-from clipfakes import randomize  # noqa: E402
 from sdclip import Conditioner, encode_prompts  # noqa: E402
 
 TOLERANCE = 1e-5
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # numpy / pyparsing notices inside peers
-              pytest.mark.filterwarnings("ignore:.*truncated:UserWarning")]  # the long prompts, as diffusers warns
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # numpy / pyparsing notices inside peers
+    pytest.mark.filterwarnings("ignore:.*truncated:UserWarning"),
+]  # the long prompts, as diffusers warns
 diffusers_logging.set_verbosity_error()  # truncation notices for the long prompts
 transformers_logging.set_verbosity_error()
 
 
 def _vae() -> AutoencoderKL:
-    return AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                         norm_num_groups=2)
+    return AutoencoderKL(
+        block_out_channels=[4, 8],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        norm_num_groups=2,
+    )
 
 
 def _unet(cross_attention_dim: int, **xl) -> UNet2DConditionModel:
-    return UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=8, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                                cross_attention_dim=cross_attention_dim, norm_num_groups=2, **xl)
+    return UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        norm_num_groups=2,
+        **xl,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +82,22 @@ def sd(tmp_path_factory):
     torch.manual_seed(0)
     tokenizer = CLIPTokenizer.from_pretrained(layouts.write_tokenizer(folder / "tok"))
     pipe = StableDiffusionPipeline(
-        unet=_unet(32), vae=_vae(), text_encoder=randomize(CLIPTextModel(condfakes.hf_config(32, 3)).eval()),
-        tokenizer=tokenizer, scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                                                     beta_schedule="scaled_linear", clip_sample=False,
-                                                     set_alpha_to_one=False),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        unet=_unet(32),
+        vae=_vae(),
+        text_encoder=randomize(CLIPTextModel(condfakes.hf_config(32, 3)).eval()),
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            steps_offset=1,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(folder / "pipe")
     pipe = StableDiffusionPipeline.from_pretrained(folder / "pipe")
     pipe.set_progress_bar_config(disable=True)
@@ -76,17 +109,30 @@ def xl(tmp_path_factory):
     """A tiny SDXL pipeline: CLIP-L-like encoder (pad EOS) + bigG-like encoder with projection (pad "!")."""
     folder = tmp_path_factory.mktemp("xl")
     torch.manual_seed(0)
-    unet = _unet(64, attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-                 addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-                 projection_class_embeddings_input_dim=80)  # 32 pooled + 6 time ids x 8
+    unet = _unet(
+        64,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,
+    )  # 32 pooled + 6 time ids x 8
     pipe = StableDiffusionXLPipeline(
-        unet=unet, vae=_vae(),
+        unet=unet,
+        vae=_vae(),
         text_encoder=randomize(CLIPTextModel(condfakes.hf_config(32, 3)).eval(), 1),
         text_encoder_2=randomize(CLIPTextModelWithProjection(condfakes.hf_config(32, 3, 32, "gelu")).eval(), 2),
         tokenizer=CLIPTokenizer.from_pretrained(layouts.write_tokenizer(folder / "tok")),
         tokenizer_2=CLIPTokenizer.from_pretrained(layouts.write_tokenizer(folder / "tok2", pad="!")),
-        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                                         beta_schedule="scaled_linear", timestep_spacing="leading"))
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            steps_offset=1,
+            beta_schedule="scaled_linear",
+            timestep_spacing="leading",
+        ),
+    )
     pipe.save_pretrained(folder / "pipe")
     pipe = StableDiffusionXLPipeline.from_pretrained(folder / "pipe")
     pipe.set_progress_bar_config(disable=True)
@@ -99,8 +145,14 @@ def latents(pipe, **kwargs) -> torch.Tensor:
     prompt, negative = kwargs.get("prompt"), kwargs.get("negative_prompt")
     if isinstance(prompt, list) and isinstance(negative, str):  # diffusers wants the same type for both
         kwargs["negative_prompt"] = [negative] * len(prompt)
-    return pipe(num_inference_steps=2, output_type="latent", height=16, width=16,
-                generator=torch.Generator().manual_seed(0), **kwargs).images
+    return pipe(
+        num_inference_steps=2,
+        output_type="latent",
+        height=16,
+        width=16,
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    ).images
 
 
 def diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -113,25 +165,33 @@ def diff(a: torch.Tensor, b: torch.Tensor) -> float:
 LONG = "a castle on a hill, " + "tall towers, " * 40
 
 
-@pytest.mark.parametrize("prompt, negative, clip_skip", [
-    ("a photo of a cat", None, None),
-    (["a (red:1.2) dog, detailed", "a cat+"], "blurry, lowres", None),
-    (["a photo of a cat", "a cat at night"], ["x", "y"], 1),
-    (LONG, "ugly", 2),
-])
+@pytest.mark.parametrize(
+    "prompt, negative, clip_skip",
+    [
+        ("a photo of a cat", None, None),
+        (["a (red:1.2) dog, detailed", "a cat+"], "blurry, lowres", None),
+        (["a photo of a cat", "a cat at night"], ["x", "y"], 1),
+        (LONG, "ugly", 2),
+    ],
+)
 def test_sd_pipeline_latents(sd, prompt, negative, clip_skip):
     pipe, te, _ = sd
     cond = encode_prompts(te, prompt, negative=negative, dialect="diffusers", clip_skip=clip_skip)
-    assert torch.equal(latents(pipe, prompt=prompt, negative_prompt=negative, clip_skip=clip_skip),
-                       latents(pipe, **cond.to_diffusers()))
+    assert torch.equal(
+        latents(pipe, prompt=prompt, negative_prompt=negative, clip_skip=clip_skip),
+        latents(pipe, **cond.to_diffusers()),
+    )
 
 
-@pytest.mark.parametrize("prompt, negative, clip_skip", [
-    ("a photo of a cat", None, None),  # force_zeros_for_empty_prompt: zeros
-    ("a photo of a cat", "", None),  # an explicit "" is encoded
-    (["a (red:1.2) dog", "a bird"], "blurry", 1),
-    (LONG, "ugly", None),
-])
+@pytest.mark.parametrize(
+    "prompt, negative, clip_skip",
+    [
+        ("a photo of a cat", None, None),  # force_zeros_for_empty_prompt: zeros
+        ("a photo of a cat", "", None),  # an explicit "" is encoded
+        (["a (red:1.2) dog", "a bird"], "blurry", 1),
+        (LONG, "ugly", None),
+    ],
+)
 def test_sdxl_pipeline_latents(xl, prompt, negative, clip_skip):
     """A list of prompts: diffusers projects their pooled outputs in one product, whose rounding depends on the
     batch; sdclip projects each prompt on its own (its answer never depends on its companions), which is what
@@ -142,8 +202,10 @@ def test_sdxl_pipeline_latents(xl, prompt, negative, clip_skip):
     if isinstance(prompt, list):
         negatives = negative if isinstance(negative, list) else [negative] * len(prompt)
         with torch.no_grad():
-            each = [pipe.encode_prompt(p, device=torch.device("cpu"), negative_prompt=n, clip_skip=clip_skip)
-                    for p, n in zip(prompt, negatives)]
+            each = [
+                pipe.encode_prompt(p, device=torch.device("cpu"), negative_prompt=n, clip_skip=clip_skip)
+                for p, n in zip(prompt, negatives)
+            ]
         names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
         reference = latents(pipe, **{name: torch.cat([e[i] for e in each]) for i, name in enumerate(names)})
     else:
@@ -161,15 +223,18 @@ def test_textual_inversion_latents(sd, tmp_path):
     pipe.load_textual_inversion(str(file))
     prompt = "a <cat-toy> on a hill"
     cond = encode_prompts(te, prompt, negative="a <cat-toy>", dialect="diffusers", embeddings=file)
-    assert torch.equal(latents(pipe, prompt=prompt, negative_prompt="a <cat-toy>"),
-                       latents(pipe, **cond.to_diffusers()))
+    assert torch.equal(
+        latents(pipe, prompt=prompt, negative_prompt="a <cat-toy>"), latents(pipe, **cond.to_diffusers())
+    )
     assert not torch.equal(cond.hidden, encode_prompts(te, prompt).hidden)
 
 
 # --- compel -----------------------------------------------------------------------------------------------------
 
-WORDS = ("cat dog castle forest astronaut portrait cinematic lighting watercolor ancient city river mountain "
-         "sunset neon detailed photograph painting the with and of blue red").split()
+WORDS = (
+    "cat dog castle forest astronaut portrait cinematic lighting watercolor ancient city river mountain "
+    "sunset neon detailed photograph painting the with and of blue red"
+).split()
 
 
 def compel_prompts(n: int, seed: int = 0) -> list[str]:
@@ -215,9 +280,18 @@ def test_compel_many_prompts(compel_sd1, truncate):
     tokenizer, text_encoder, te = compel_sd1
     reference = Compel(tokenizer=tokenizer, text_encoder=text_encoder, truncate_long_prompts=truncate)
     ours = Conditioner(te, "compel", truncate=truncate)
-    prompts = compel_prompts(110 if truncate else 40) + long_compel_prompts() + [
-        '("a cat on a hill", "a dog")0.5.and()', '("a forest", "fog++").and(1, 0.3)',
-        '("a castle on a hill", "a watercolor painting").and(0.6, 1.4)', "", "a cat", "(a cat)0.0001"]
+    prompts = (
+        compel_prompts(110 if truncate else 40)
+        + long_compel_prompts()
+        + [
+            '("a cat on a hill", "a dog")0.5.and()',
+            '("a forest", "fog++").and(1, 0.3)',
+            '("a castle on a hill", "a watercolor painting").and(0.6, 1.4)',
+            "",
+            "a cat",
+            "(a cat)0.0001",
+        ]
+    )
     worst = 0.0
     for prompt in prompts:
         with warnings.catch_warnings():
@@ -242,8 +316,11 @@ def test_compel_batch_and_negative_padding(compel_sd1):
 
 def test_compel_clip_skip(compel_sd1):
     tokenizer, text_encoder, te = compel_sd1
-    reference = Compel(tokenizer=tokenizer, text_encoder=text_encoder,
-                       returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NORMALIZED)
+    reference = Compel(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NORMALIZED,
+    )
     for prompt in compel_prompts(8, seed=1):
         got = encode_prompts(te, prompt, dialect="compel", clip_skip=1).hidden[0]
         assert diff(got, reference(prompt)[0]) <= TOLERANCE
@@ -254,8 +331,10 @@ def test_compel_blend(compel_sd1):
     parts exactly as its _get_conditioning_for_blend does: pad with the empty prompt, weighted sum."""
     tokenizer, text_encoder, te = compel_sd1
     reference = Compel(tokenizer=tokenizer, text_encoder=text_encoder, truncate_long_prompts=False)
-    for parts, weights, normalize in ((("a cat", "a (dog)0.5"), (0.7, 0.3), True),
-                                      (("a castle", "word " * 100), (1.0, 2.0), False)):
+    for parts, weights, normalize in (
+        (("a cat", "a (dog)0.5"), (0.7, 0.3), True),
+        (("a castle", "word " * 100), (1.0, 2.0), False),
+    ):
         conds = reference.pad_conditioning_tensors_to_same_length([reference(p) for p in parts])
         want = EmbeddingsProvider.apply_embedding_weights(torch.cat(conds).unsqueeze(0), list(weights), normalize)
         quoted = ", ".join(f'"{p}"' for p in parts)
@@ -266,10 +345,12 @@ def test_compel_blend(compel_sd1):
 
 def test_compel_sdxl(xl):
     pipe, te = xl
-    reference = Compel(tokenizer=[pipe.tokenizer, pipe.tokenizer_2],
-                       text_encoder=[pipe.text_encoder, pipe.text_encoder_2],
-                       returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
-                       requires_pooled=[False, True])
+    reference = Compel(
+        tokenizer=[pipe.tokenizer, pipe.tokenizer_2],
+        text_encoder=[pipe.text_encoder, pipe.text_encoder_2],
+        returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+        requires_pooled=[False, True],
+    )
     for prompt in compel_prompts(6, seed=2) + ["(a cat)0.3 on a mat++, " + "word " * 80]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -47,7 +47,7 @@ def test_plain_path_itself_moves_with_batch_size(tower, ids):
     """The yardstick: the same row alone vs in a batch differs at fp32 rounding, not more."""
     with torch.inference_mode():
         batch = tower(ids).hidden
-        alone = torch.cat([tower(ids[i:i + 1]).hidden for i in range(len(ids))])
+        alone = torch.cat([tower(ids[i : i + 1]).hidden for i in range(len(ids))])
     close(alone, batch)
 
 
@@ -116,7 +116,7 @@ def test_pooled_only_stops_at_eos(tower, ids):
 def test_pooled_only_is_independent_of_companions(tower, ids):
     """A row's pooled output depends on the row alone: its length is its own EOS rounded up to 8."""
     with torch.inference_mode():
-        alone = [ReusingRunner()(tower, ids[i:i + 1], hidden=False).pooled for i in range(len(ids))]
+        alone = [ReusingRunner()(tower, ids[i : i + 1], hidden=False).pooled for i in range(len(ids))]
         together = ReusingRunner()(tower, ids, hidden=False).pooled
     for i in range(len(ids)):
         assert torch.equal(alone[i][0], together[i])

@@ -19,14 +19,17 @@ from sdclip.runs import load_checkpoint, read_metrics
 from sdclip.vision import VisionConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-SETTINGS = dict(token="<blob>", init_word="shape", vectors=2, steps=4, checkpoint_every=2, lr=1e-2,
-                negatives=["a circle"])
+SETTINGS = dict(
+    token="<blob>", init_word="shape", vectors=2, steps=4, checkpoint_every=2, lr=1e-2, negatives=["a circle"]
+)
 
 
 def tiny_clip() -> CLIPModel:
-    return CLIPModel.create(TextConfig(width=32, layers=2, heads=2, mlp_width=64, projection_dim=16),
-                            VisionConfig(width=32, layers=1, heads=2, mlp_width=64, image_size=16, patch_size=8,
-                                         projection_dim=16), seed=0)
+    return CLIPModel.create(
+        TextConfig(width=32, layers=2, heads=2, mlp_width=64, projection_dim=16),
+        VisionConfig(width=32, layers=1, heads=2, mlp_width=64, image_size=16, patch_size=8, projection_dim=16),
+        seed=0,
+    )
 
 
 def images() -> torch.Tensor:
@@ -75,8 +78,20 @@ def run_args(tmp_path):
     folder = tiny_clip().save(tmp_path / "clip", dtype="float32")
     for i in range(2):
         Image.fromarray(np.full((16, 16, 3), 60 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
-    return [str(tmp_path / "0.png"), str(tmp_path / "1.png"), "-m", str(folder), "--out", str(tmp_path / "run"),
-            "--init-word", "shape", "--steps", "4", "--checkpoint-every", "2"]
+    return [
+        str(tmp_path / "0.png"),
+        str(tmp_path / "1.png"),
+        "-m",
+        str(folder),
+        "--out",
+        str(tmp_path / "run"),
+        "--init-word",
+        "shape",
+        "--steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+    ]
 
 
 def test_threads_are_saved_and_restored_on_resume(tmp_path, run_args, capsys):
@@ -99,9 +114,21 @@ def test_train_clip_metrics_rows_are_whole_json(tmp_path):
     """train-clip writes through the same run folder: every row one JSON object, the plot written."""
     from sdclip.train import TrainConfig, train
 
-    config = TrainConfig(steps=2, eval_every=0, batch_size=16, warmup=1, text_width=64, text_layers=1, vision_width=64,
-                         vision_layers=1, embed_dim=32, image_size=32, patch_size=8, eval_images=16,
-                         save_dtype="float32")
+    config = TrainConfig(
+        steps=2,
+        eval_every=0,
+        batch_size=16,
+        warmup=1,
+        text_width=64,
+        text_layers=1,
+        vision_width=64,
+        vision_layers=1,
+        embed_dim=32,
+        image_size=32,
+        patch_size=8,
+        eval_images=16,
+        save_dtype="float32",
+    )
     train(config, tmp_path / "run", log=io.StringIO())
     assert steps(tmp_path / "run") == [1, 2] and (tmp_path / "run" / "training.png").is_file()
     assert all(json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())

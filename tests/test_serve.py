@@ -20,18 +20,23 @@ import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
-from fastapi.testclient import TestClient  # noqa: E402
-from safetensors.torch import load as load_safetensors  # noqa: E402
+from fastapi.testclient import TestClient
+from safetensors.torch import load as load_safetensors
+from serving import free_port, wait_ready
 
-import sdclip  # noqa: E402
-from sdclip.prompts import chunk  # noqa: E402
-from sdclip.prompts.render import to_json  # noqa: E402
-from sdclip.serve import Limits, ServeConfig, create_app  # noqa: E402
-from sdclip.serve import app as app_module  # noqa: E402
-from serving import free_port, wait_ready  # noqa: E402
+import sdclip
+from sdclip.prompts import chunk
+from sdclip.prompts.render import to_json
+from sdclip.serve import Limits, ServeConfig, create_app
+from sdclip.serve import app as app_module
 
-PROMPTS = ["a (red:1.2) star above a [blue] square", "a photo of a cat", "masterpiece, " * 30 + "a dog BREAK a cat",
-           "a (fluffy)1.2 cat++ on a mat-", ""]
+PROMPTS = [
+    "a (red:1.2) star above a [blue] square",
+    "a photo of a cat",
+    "masterpiece, " * 30 + "a dog BREAK a cat",
+    "a (fluffy)1.2 cat++ on a mat-",
+    "",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +54,13 @@ def _ready(client: TestClient) -> TestClient:
 
 @pytest.fixture(scope="module")
 def client(te):
-    app = create_app(ServeConfig(models={"mini": te, "other": te}, max_wait_ms=20,
-                                 limits=Limits(max_prompts=8, max_chars=500, max_tokens=300, max_body_bytes=20000)))
+    app = create_app(
+        ServeConfig(
+            models={"mini": te, "other": te},
+            max_wait_ms=20,
+            limits=Limits(max_prompts=8, max_chars=500, max_tokens=300, max_body_bytes=20000),
+        )
+    )
     with TestClient(app) as c:
         yield _ready(c)
 
@@ -70,10 +80,11 @@ def _error(response, status: int, kind: str | None = None) -> dict:
 
 # --- answers equal the library ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dialect", ["a1111", "comfy", "compel", "diffusers"])
 def test_encode_equals_encode_prompts(client, te, dialect):
     prompts = PROMPTS if dialect == "compel" else PROMPTS[:3] + PROMPTS[4:]
-    negatives = ["blurry", None, "ugly, (bad:1.3) hands", "x", "low quality"][:len(prompts)]
+    negatives = ["blurry", None, "ugly, (bad:1.3) hands", "x", "low quality"][: len(prompts)]
     for negative in ("blurry", negatives, None):
         body = {"prompts": prompts, "negative": negative, "dialect": dialect, "clip_skip": None}
         got = client.post("/v1/encode", json=body).json()["tensors"]
@@ -84,13 +95,22 @@ def test_encode_equals_encode_prompts(client, te, dialect):
 
 
 def test_encode_safetensors_options_and_dtype(client, te):
-    body = {"prompts": ["a [red:blue:5] star", "a cat"], "negative": "blurry", "dialect": "a1111", "clip_skip": 2,
-            "step": 7, "steps": 10, "emphasis": "no-norm", "dtype": "float16"}
+    body = {
+        "prompts": ["a [red:blue:5] star", "a cat"],
+        "negative": "blurry",
+        "dialect": "a1111",
+        "clip_skip": 2,
+        "step": 7,
+        "steps": 10,
+        "emphasis": "no-norm",
+        "dtype": "float16",
+    }
     r = client.post("/v1/encode", json=body, headers={"Accept": "application/octet-stream"})
     assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
     got = load_safetensors(r.content)
-    ref = sdclip.encode_prompts(te, body["prompts"], "blurry", dialect="a1111", clip_skip=2, step=7, steps=10,
-                                emphasis="no-norm", cache=None)
+    ref = sdclip.encode_prompts(
+        te, body["prompts"], "blurry", dialect="a1111", clip_skip=2, step=7, steps=10, emphasis="no-norm", cache=None
+    )
     assert got["hidden"].dtype == torch.float16
     assert torch.equal(got["hidden"], ref.hidden.half())
     assert torch.equal(got["negative_hidden"], ref.negative_hidden.half())
@@ -106,11 +126,19 @@ def test_raw_encode_equals_text_encoder(client, te):
 def test_concurrent_requests_are_batched_and_exact(client, te):
     """Requests arriving together share micro-batches; each answer is still its own encode_prompts."""
     before = _batches(client)
-    cases = [([f"a {c} {s}", "a (big:1.1) house"], "blurry" if i % 2 else None)
-             for i, (c, s) in enumerate((c, s) for c in ("red", "blue", "green") for s in ("star", "cross", "ring"))]
+    cases = [
+        ([f"a {c} {s}", "a (big:1.1) house"], "blurry" if i % 2 else None)
+        for i, (c, s) in enumerate((c, s) for c in ("red", "blue", "green") for s in ("star", "cross", "ring"))
+    ]
     with ThreadPoolExecutor(len(cases)) as pool:
-        answers = list(pool.map(lambda case: client.post("/v1/encode", json={
-            "prompts": case[0], "negative": case[1], "dialect": "comfy"}).json(), cases))
+        answers = list(
+            pool.map(
+                lambda case: client.post(
+                    "/v1/encode", json={"prompts": case[0], "negative": case[1], "dialect": "comfy"}
+                ).json(),
+                cases,
+            )
+        )
     for (prompts, negative), got in zip(cases, answers):
         ref = sdclip.encode_prompts(te, prompts, negative, dialect="comfy", cache=None)
         assert torch.equal(_tensor(got["tensors"]["hidden"]), ref.hidden)
@@ -121,8 +149,8 @@ def test_concurrent_requests_are_batched_and_exact(client, te):
 
 def _batches(client) -> tuple[float, float]:
     text = client.get("/metrics").text
-    count = sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("sdclip_batch_prompts_count"))
-    total = sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("sdclip_batch_prompts_sum"))
+    count = sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("sdclip_batch_prompts_count"))
+    total = sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("sdclip_batch_prompts_sum"))
     return count, total
 
 
@@ -134,8 +162,9 @@ def test_embeddings_openai_shape(client, te):
     assert [d["index"] for d in data["data"]] == [0, 1]
     assert torch.equal(torch.tensor([d["embedding"] for d in data["data"]]), ref)
     assert data["usage"] == {"prompt_tokens": 10, "total_tokens": 10}
-    one = client.post("/v1/embeddings", json={"input": "a red star", "normalize": True,
-                                              "encoding_format": "base64"}).json()["data"][0]["embedding"]
+    one = client.post(
+        "/v1/embeddings", json={"input": "a red star", "normalize": True, "encoding_format": "base64"}
+    ).json()["data"][0]["embedding"]
     vector = torch.frombuffer(bytearray(base64.b64decode(one)), dtype=torch.float32)
     alone = te.encode(["a red star"], hidden=False).pooled_projected
     assert torch.equal(vector, torch.nn.functional.normalize(alone, dim=-1)[0])
@@ -146,7 +175,9 @@ def test_tokenize_matches_tokenizer_and_chunker(client, te):
     data = client.post("/v1/tokenize", json={"prompt": prompt, "dialect": "a1111"}).json()
     tok = te.tokenizers[0]
     assert data["ids"] == tok.encode(prompt)
-    assert [(t["id"], t["start"], t["end"]) for t in data["tokens"]] == [(t.id, t.start, t.end) for t in tok.tokens(prompt)]
+    assert [(t["id"], t["start"], t["end"]) for t in data["tokens"]] == [
+        (t.id, t.start, t.end) for t in tok.tokens(prompt)
+    ]
     ref = chunk(prompt, "a1111", tok, pad_id=te.towers[0].config.pad_id)
     assert [c["ids"] for c in data["chunks"]["chunks"]] == [list(r) for r in ref.ids]
     assert [c["weights"] for c in data["chunks"]["chunks"]] == [list(r) for r in ref.weights]
@@ -174,14 +205,26 @@ def test_compare_cosine_per_layer(client, te):
 
 # --- bad requests: 4xx with a JSON error, never 500, the worker keeps going ------------------------------------
 
+
 def test_bad_requests_are_4xx(client):
     post = lambda body, **kw: client.post("/v1/encode", json=body, **kw)
-    _error(client.post("/v1/encode", content=b'{"prompts": ["a"', headers={"Content-Type": "application/json"}),
-           422, "malformed_json")
-    _error(client.post("/v1/encode", content=b'{"prompts": "a", "clip_skip": NaN}',
-                       headers={"Content-Type": "application/json"}), 422)
-    _error(client.post("/v1/encode", content=b'{"prompts": "a", "clip_skip": 1e999}',
-                       headers={"Content-Type": "application/json"}), 422)
+    _error(
+        client.post("/v1/encode", content=b'{"prompts": ["a"', headers={"Content-Type": "application/json"}),
+        422,
+        "malformed_json",
+    )
+    _error(
+        client.post(
+            "/v1/encode", content=b'{"prompts": "a", "clip_skip": NaN}', headers={"Content-Type": "application/json"}
+        ),
+        422,
+    )
+    _error(
+        client.post(
+            "/v1/encode", content=b'{"prompts": "a", "clip_skip": 1e999}', headers={"Content-Type": "application/json"}
+        ),
+        422,
+    )
     _error(post({"prompts": "a", "dialect": "nope"}), 422, "bad_input")
     _error(post({"prompts": "a", "model": "nope"}), 404, "unknown_model")
     _error(post({"prompts": "a", "bogus": 1}), 422)
@@ -194,15 +237,26 @@ def test_bad_requests_are_4xx(client):
     _error(post({"prompts": "a", "embeddings": ["nothing"], "dialect": "a1111"}), 422, "unknown_embedding")
     _error(client.post("/v1/embeddings", json={"input": [[1, 2, 3]]}), 422)
     _error(client.post("/v1/tokenize", json={"prompt": "a", "dialect": "comfy", "steps": 5}), 422, "bad_input")
-    for weird in ("(cat:nan)", "(cat:inf)", "(cat)nan", "(cat)1e999", "(cat:1e38)", "cat+" * 50, "(((((((((x" * 5, "\x00\ufffe\U0010ffff"):
+    for weird in (
+        "(cat:nan)",
+        "(cat:inf)",
+        "(cat)nan",
+        "(cat)1e999",
+        "(cat:1e38)",
+        "cat+" * 50,
+        "(((((((((x" * 5,
+        "\x00\ufffe\U0010ffff",
+    ):
         for dialect in ("a1111", "comfy", "compel"):
             r = post({"prompts": weird, "dialect": dialect})
             assert r.status_code in (200, 413, 422), (weird, dialect, r.text)
             if r.status_code == 200:
                 assert torch.isfinite(_tensor(r.json()["tensors"]["hidden"])).all(), (weird, dialect)
-    for path, body in (("/v1/tokenize", b'{"prompt": "a \\ud800 cat", "dialect": "compel"}'),
-                       ("/v1/encode", b'{"prompts": "a \\udfff", "dialect": "a1111"}'),
-                       ("/v1/embeddings", b'{"input": ["\\ud800"]}')):  # lone surrogates: valid JSON, no text
+    for path, body in (
+        ("/v1/tokenize", b'{"prompt": "a \\ud800 cat", "dialect": "compel"}'),
+        ("/v1/encode", b'{"prompts": "a \\udfff", "dialect": "a1111"}'),
+        ("/v1/embeddings", b'{"input": ["\\ud800"]}'),
+    ):  # lone surrogates: valid JSON, no text
         _error(client.post(path, content=body, headers={"Content-Type": "application/json"}), 422, "bad_input")
     for huge in ("(a:1e308)", "(a:1e38)"):  # a conditioning with inf or NaN would be refused (non_finite)
         r = post({"prompts": huge, "dialect": "a1111", "dtype": "float16"})
@@ -211,11 +265,14 @@ def test_bad_requests_are_4xx(client):
 
 
 def test_limits_name_the_limit(client):
-    checks = [({"prompts": ["a"] * 9}, "max_prompts", 8), ({"prompts": "a" * 501}, "max_chars", 500),
-              ({"prompts": "a", "negative": "n" * 501, "dialect": "a1111"}, "max_chars", 500),
-              ({"prompts": "a," * 240, "dialect": "a1111"}, "max_tokens", 300),
-              ({"prompts": "BREAK " * 10, "dialect": "a1111"}, "max_tokens", 300),  # 75 per chunk
-              ({"prompts": "a," * 240, "dialect": None}, "max_tokens", 300)]
+    checks = [
+        ({"prompts": ["a"] * 9}, "max_prompts", 8),
+        ({"prompts": "a" * 501}, "max_chars", 500),
+        ({"prompts": "a", "negative": "n" * 501, "dialect": "a1111"}, "max_chars", 500),
+        ({"prompts": "a," * 240, "dialect": "a1111"}, "max_tokens", 300),
+        ({"prompts": "BREAK " * 10, "dialect": "a1111"}, "max_tokens", 300),  # 75 per chunk
+        ({"prompts": "a," * 240, "dialect": None}, "max_tokens", 300),
+    ]
     for body, limit, value in checks:
         error = _error(client.post("/v1/encode", json=body), 413, "limit_exceeded")
         assert (error["limit"], error["value"]) == (limit, value) and limit in error["message"]
@@ -224,8 +281,9 @@ def test_limits_name_the_limit(client):
     big = json.dumps({"prompts": ["a" * 400] * 60}).encode()
     error = _error(client.post("/v1/encode", content=big, headers={"Content-Type": "application/json"}), 413)
     assert (error["limit"], error["value"]) == ("max_body_bytes", 20000)
-    chunked = client.post("/v1/encode", content=iter([big[:10000], big[10000:]]),
-                          headers={"Content-Type": "application/json"})  # no Content-Length
+    chunked = client.post(
+        "/v1/encode", content=iter([big[:10000], big[10000:]]), headers={"Content-Type": "application/json"}
+    )  # no Content-Length
     assert _error(chunked, 413)["limit"] == "max_body_bytes"
 
 
@@ -256,6 +314,7 @@ def test_queue_full_is_503_with_retry_after(te, monkeypatch):
 
 # --- auth, CORS, docs, metrics, models ---------------------------------------------------------------------
 
+
 def test_token_auth_and_cors(te):
     app = create_app(ServeConfig(models={"mini": te}, token="s3cret", cors=["https://ui.example"]))
     with TestClient(app) as c:
@@ -285,18 +344,29 @@ def test_docs_offline_metrics_and_models(client):
         assert "http://" not in text and "https://" not in text and "cdn" not in text.lower()
     assert "/openapi.json" in docs
     spec = client.get("/openapi.json").json()
-    assert {"/v1/encode", "/v1/embeddings", "/v1/tokenize", "/v1/compare", "/healthz", "/readyz",
-            "/metrics"} <= set(spec["paths"])
+    assert {"/v1/encode", "/v1/embeddings", "/v1/tokenize", "/v1/compare", "/healthz", "/readyz", "/metrics"} <= set(
+        spec["paths"]
+    )
     client.post("/v1/encode", json={"prompts": "a cat", "dialect": "a1111"})
     client.post("/v1/encode", json={"prompts": "a cat", "dialect": "a1111"})
     assert client.post("/v1/encode", json={"prompts": "a cat", "dialect": "no-such"}).status_code == 422
     metrics = client.get("/metrics").text
-    for name in ('sdclip_requests_total{route="/v1/encode",status="200"}', "sdclip_request_seconds_bucket",
-                 "sdclip_batch_prompts_count", 'sdclip_queue_depth{model="mini"}', "sdclip_cache_hits_total",
-                 "sdclip_cache_misses_total", 'sdclip_requests_total{route="/v1/encode",status="422"}',
-                 "sdclip_requests_in_flight 1"):
+    for name in (
+        'sdclip_requests_total{route="/v1/encode",status="200"}',
+        "sdclip_request_seconds_bucket",
+        "sdclip_batch_prompts_count",
+        'sdclip_queue_depth{model="mini"}',
+        "sdclip_cache_hits_total",
+        "sdclip_cache_misses_total",
+        'sdclip_requests_total{route="/v1/encode",status="422"}',
+        "sdclip_requests_in_flight 1",
+    ):
         assert name in metrics
-    hits = [float(l.split()[-1]) for l in metrics.splitlines() if l.startswith('sdclip_cache_hits_total{model="mini"}')]
+    hits = [
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith('sdclip_cache_hits_total{model="mini"}')
+    ]
     assert hits and hits[0] > 0
     models = client.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["mini", "other"] and models["default"] == "mini"
@@ -304,6 +374,7 @@ def test_docs_offline_metrics_and_models(client):
 
 
 # --- a real server: SIGTERM drains --------------------------------------------------------------------------
+
 
 def _post(url: str, body: dict) -> tuple[int, bytes]:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
@@ -325,13 +396,33 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     token = tmp_path / "token"
     token.write_text("t0k\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    proc = subprocess.Popen([sys.executable, "-m", "sdclip.cli", "serve", "--port", str(port), "--max-batch", "8",
-                             "--max-wait-ms", "1", "--log-level", "warning", "--model", "mini=sdclip-mini"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sdclip.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--max-batch",
+            "8",
+            "--max-wait-ms",
+            "1",
+            "--log-level",
+            "warning",
+            "--model",
+            "mini=sdclip-mini",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
+
         def alive() -> None:
             assert proc.poll() is None, proc.stdout.read().decode()
+
         wait_ready(base, 60, alive)
         heavy = {"prompts": [f"{i} " + "a (red:1.1) star, " * 40 for i in range(40)], "dialect": "a1111"}
         with ThreadPoolExecutor(12) as pool:

@@ -16,25 +16,34 @@ pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 if not Path(CHROMIUM).exists():
-    pytest.skip("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)",
-                allow_module_level=True)
+    pytest.skip(
+        "Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)", allow_module_level=True
+    )
 
 import uvicorn  # noqa: E402
+from serving import free_port, wait_ready  # noqa: E402
 
 import sdclip  # noqa: E402
 from sdclip.serve import ServeConfig, create_app  # noqa: E402
-from serving import free_port, wait_ready  # noqa: E402
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 SHOTS = Path(os.environ.get("SDCLIP_SCREENSHOTS", "out/screenshots"))
 
 
 @pytest.fixture(scope="module")
 def server():
     port = free_port()
-    config = uvicorn.Config(create_app(ServeConfig(models={"sdclip-mini": sdclip.load()})), host="127.0.0.1",
-                            port=port, log_level="warning")
+    config = uvicorn.Config(
+        create_app(ServeConfig(models={"sdclip-mini": sdclip.load()})), host="127.0.0.1", port=port, log_level="warning"
+    )
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -65,8 +74,10 @@ def test_inspector_renders_what_tokenize_returns(server, tmp_path):
             page.fill("#prompt", "")
             page.evaluate("document.body.dataset.state = ''")
             page.type("#prompt", prompt, delay=0)
-            page.wait_for_function("document.body.dataset.state === 'ready' && "
-                                   f"document.getElementById('prompt').value.length === {len(prompt)}")
+            page.wait_for_function(
+                "document.body.dataset.state === 'ready' && "
+                f"document.getElementById('prompt').value.length === {len(prompt)}"
+            )
             page.wait_for_timeout(400)  # the last keystroke's request has answered
             page.wait_for_selector("body[data-state=ready]")
             expected = _api(server, "/v1/tokenize", {"prompt": prompt, "dialect": "a1111"})["chunks"]
@@ -90,6 +101,8 @@ def test_inspector_renders_what_tokenize_returns(server, tmp_path):
             SHOTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(SHOTS / "inspector.png"), full_page=True)
             assert (SHOTS / "inspector.png").stat().st_size > 10_000
-            assert all(u.startswith(server) for u in requests_out), [u for u in requests_out if not u.startswith(server)]
+            assert all(u.startswith(server) for u in requests_out), [
+                u for u in requests_out if not u.startswith(server)
+            ]
         finally:
             browser.close()

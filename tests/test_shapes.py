@@ -8,8 +8,19 @@ import numpy as np
 import pytest
 
 from sdclip.errors import BadInput
-from sdclip.shapes import (COLOURS, HELD_OUT, NOVEL_SHAPES, SHAPES, TRAIN_SHAPES, Shapes, eval_set, labels, phrase,
-                           pictures, render)
+from sdclip.shapes import (
+    COLOURS,
+    HELD_OUT,
+    NOVEL_SHAPES,
+    SHAPES,
+    TRAIN_SHAPES,
+    Shapes,
+    eval_set,
+    labels,
+    phrase,
+    pictures,
+    render,
+)
 
 WORDS = re.compile(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
 
@@ -77,8 +88,10 @@ def test_pictures_of_any_pair():
     assert all(image.size == (32, 32) for image, _, _ in made)
     again = pictures([("red", "crescent"), ("blue", "heart")], 5, size=32, seed=3)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for (a, _, _), (b, _, _) in zip(made, again))
-    assert eval_set("held_out", 3, 32, seed=5)[2][0].tobytes() == \
-        pictures(sorted(HELD_OUT, key=labels().index), 3, 32, seed=5)[2][0].tobytes()
+    assert (
+        eval_set("held_out", 3, 32, seed=5)[2][0].tobytes()
+        == pictures(sorted(HELD_OUT, key=labels().index), 3, 32, seed=5)[2][0].tobytes()
+    )
     for bad in ([("red", "blob")], [("grey", "circle")], []):
         with pytest.raises(BadInput, match="colour x shape"):
             pictures(bad, 2, 32)
@@ -103,7 +116,6 @@ def test_novel_shapes_on_request_and_articles():
     assert phrase("orange", "star") == "an orange star" and phrase("red", "circle", "small") == "a small red circle"
     with pytest.raises(BadInput):
         Shapes(shapes=["blob"])
-
 
 
 def test_shape_only_captions():

@@ -37,9 +37,12 @@ def hf_state(prefix: str = HF, seed: int = 0, dtype: torch.dtype = torch.float32
     def r(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=g) * 0.05).to(dtype)
 
-    sd = {f"{prefix}embeddings.token_embedding.weight": r(VOCAB, WIDTH),
-          f"{prefix}embeddings.position_embedding.weight": r(77, WIDTH),
-          f"{prefix}final_layer_norm.weight": 1 + r(WIDTH), f"{prefix}final_layer_norm.bias": r(WIDTH)}
+    sd = {
+        f"{prefix}embeddings.token_embedding.weight": r(VOCAB, WIDTH),
+        f"{prefix}embeddings.position_embedding.weight": r(77, WIDTH),
+        f"{prefix}final_layer_norm.weight": 1 + r(WIDTH),
+        f"{prefix}final_layer_norm.bias": r(WIDTH),
+    }
     for i in range(LAYERS):
         b = f"{prefix}encoder.layers.{i}."
         for x in ("q", "k", "v", "out"):
@@ -81,6 +84,7 @@ def reference(state, tmp_path_factory) -> dict[str, torch.Tensor]:
 
 
 # --- code-running pickles --------------------------------------------------------------------
+
 
 class Payload:
     """Pickles as a call of ``func(*args)``: what a malicious checkpoint does."""
@@ -128,8 +132,9 @@ def assert_refused(path: Path, global_name: str, marker: Path) -> None:
     assert not marker.exists(), "the pickle ran code"
 
 
-@pytest.mark.parametrize("global_name", ["posix.system", "builtins.eval", "builtins.exec", "subprocess.Popen",
-                                         "io.open"])
+@pytest.mark.parametrize(
+    "global_name", ["posix.system", "builtins.eval", "builtins.exec", "subprocess.Popen", "io.open"]
+)
 def test_malicious_torch_save_is_refused(tmp_path, state, global_name):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.ckpt"
@@ -151,10 +156,19 @@ def test_malicious_legacy_pickle_is_refused(tmp_path, global_name):
     assert_refused(path, global_name, marker)
 
 
-@pytest.mark.parametrize("module,name", [("os", "system"), ("posix", "system"), ("builtins", "eval"),
-                                         ("builtins", "exec"), ("subprocess", "getoutput"),
-                                         ("torch.serialization", "load"), ("torch", "load"),
-                                         ("builtins", "getattr")])
+@pytest.mark.parametrize(
+    "module,name",
+    [
+        ("os", "system"),
+        ("posix", "system"),
+        ("builtins", "eval"),
+        ("builtins", "exec"),
+        ("subprocess", "getoutput"),
+        ("torch.serialization", "load"),
+        ("torch", "load"),
+        ("builtins", "getattr"),
+    ],
+)
 @pytest.mark.parametrize("container", ["zip", "torchscript", "legacy"])
 def test_handwritten_malicious_pickle_is_refused(tmp_path, module, name, container):
     marker = tmp_path / "marker"
@@ -176,7 +190,9 @@ def test_malicious_global_hidden_in_tensor_rebuild_is_refused(tmp_path):
     with zipfile.ZipFile(buf) as z:
         data = z.read("archive/data.pkl")
     evil = data.replace(b"ccollections\nOrderedDict\n", b"cposix\nsystem\n")
-    evil = evil.replace(b")R", b"X" + struct.pack("<I", len(f"touch {marker}")) + f"touch {marker}".encode() + b"\x85R", 1)
+    evil = evil.replace(
+        b")R", b"X" + struct.pack("<I", len(f"touch {marker}")) + f"touch {marker}".encode() + b"\x85R", 1
+    )
     assert evil != data
     path = torch_zip(tmp_path / "hooked.pt", evil)
     assert_refused(path, "posix.system", marker)
@@ -193,6 +209,7 @@ def test_corrupt_pickle_is_not_reported_as_refused(tmp_path):
 
 # --- what real checkpoints hold --------------------------------------------------------------
 
+
 def test_sd1_era_lightning_checkpoint_loads(tmp_path, monkeypatch, state, reference):
     """SD1 .ckpt files hold a Lightning ModelCheckpoint (class and instance), numpy scalars,
     versions and a U-Net beside the weights: all harmless, all must load."""
@@ -207,10 +224,18 @@ def test_sd1_era_lightning_checkpoint_loads(tmp_path, monkeypatch, state, refere
     for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
         monkeypatch.setitem(sys.modules, name, module)
     unet = {"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3)}
-    ckpt = {"state_dict": {**unet, **state}, "global_step": 470000, "epoch": 6,
-            "pytorch-lightning_version": "1.4.2", "callbacks": {ModelCheckpoint: {"monitor": None}},
-            "checkpoint": ModelCheckpoint(), "step": np.int64(5), "lr": np.float32(1e-4),
-            "shape": torch.Size([2, 3]), "flags": {1, 2}}
+    ckpt = {
+        "state_dict": {**unet, **state},
+        "global_step": 470000,
+        "epoch": 6,
+        "pytorch-lightning_version": "1.4.2",
+        "callbacks": {ModelCheckpoint: {"monitor": None}},
+        "checkpoint": ModelCheckpoint(),
+        "step": np.int64(5),
+        "lr": np.float32(1e-4),
+        "shape": torch.Size([2, 3]),
+        "flags": {1, 2},
+    }
     path = tmp_path / "sd-v1-4.ckpt"
     torch.save(ckpt, path)
     monkeypatch.undo()  # sdclip must not need the class
@@ -228,8 +253,9 @@ def test_sd1_era_lightning_checkpoint_loads(tmp_path, monkeypatch, state, refere
 @pytest.mark.parametrize("zip_format", [True, False])
 def test_half_precision_pickles_load(tmp_path, state, reference, dtype, zip_format):
     path = tmp_path / "half.ckpt"
-    torch.save({"state_dict": {k: v.to(dtype) for k, v in state.items()}}, path,
-               _use_new_zipfile_serialization=zip_format)
+    torch.save(
+        {"state_dict": {k: v.to(dtype) for k, v in state.items()}}, path, _use_new_zipfile_serialization=zip_format
+    )
     te = sdclip.load(path)
     for k, v in params(te).items():
         assert v.dtype == torch.float32
@@ -239,8 +265,14 @@ def test_half_precision_pickles_load(tmp_path, state, reference, dtype, zip_form
 def test_views_and_shared_storages_read_back_exactly(tmp_path):
     """torch.save keeps views of one storage (offsets, strides); each must read back as saved."""
     base = torch.arange(60, dtype=torch.float32)
-    tensors = {"a": base[:12].view(3, 4), "b": base[12:36].view(4, 6).t(), "c": base[40:], "d": base,
-               "e": torch.zeros(0, 5), "s": torch.tensor(3.5)}
+    tensors = {
+        "a": base[:12].view(3, 4),
+        "b": base[12:36].view(4, 6).t(),
+        "c": base[40:],
+        "d": base,
+        "e": torch.zeros(0, 5),
+        "s": torch.tensor(3.5),
+    }
     path = tmp_path / "views.pt"
     torch.save(tensors, path)
     with open_tensor_file(path) as f:
@@ -294,6 +326,7 @@ def test_torchscript_archive_tensors_are_found(tmp_path):
 
 
 # --- lazy reading ----------------------------------------------------------------------------
+
 
 class CountingFile(io.FileIO):
     """A file that counts the bytes read from it."""
@@ -363,6 +396,7 @@ def test_corrupt_record_of_an_unused_tensor_does_not_matter(tmp_path, state, ref
 
 # --- broken files ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def files(state, tmp_path_factory) -> dict[str, bytes]:
     folder = tmp_path_factory.mktemp("good")
@@ -382,8 +416,9 @@ def test_truncated_files(tmp_path, files, ext, where):
     bad_input(path, "truncated")
 
 
-@pytest.mark.parametrize("content", [b"", b"\x00" * 3, os.urandom(64), os.urandom(100_000), b"x" * 1000,
-                                     b"not a model\n" * 10])
+@pytest.mark.parametrize(
+    "content", [b"", b"\x00" * 3, os.urandom(64), os.urandom(100_000), b"x" * 1000, b"not a model\n" * 10]
+)
 def test_empty_and_random_files(tmp_path, content):
     path = tmp_path / "model.safetensors"
     path.write_bytes(content)
@@ -433,8 +468,19 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool, torch.float8_e4m3fn,
-                                   torch.float8_e5m2, torch.uint16, torch.complex64])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.int32,
+        torch.int64,
+        torch.uint8,
+        torch.bool,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.uint16,
+        torch.complex64,
+    ],
+)
 def test_wrong_weight_dtype(tmp_path, state, dtype):
     key = f"{HF}encoder.layers.1.mlp.fc1.weight"
     bad = dict(state)
@@ -449,9 +495,14 @@ def test_wrong_weight_dtype(tmp_path, state, dtype):
 
 
 def test_dtype_of_an_ignored_tensor_does_not_matter(tmp_path, state):
-    path = write_safetensors(tmp_path / "model.safetensors",
-                             {**state, "model.diffusion_model.w": torch.zeros(4, dtype=torch.float8_e4m3fn),
-                              "model.diffusion_model.u": torch.zeros(4, dtype=torch.uint16)})
+    path = write_safetensors(
+        tmp_path / "model.safetensors",
+        {
+            **state,
+            "model.diffusion_model.w": torch.zeros(4, dtype=torch.float8_e4m3fn),
+            "model.diffusion_model.u": torch.zeros(4, dtype=torch.uint16),
+        },
+    )
     assert sdclip.load(path).info.ignored["model.diffusion_model.*"] == 2
 
 
@@ -465,9 +516,17 @@ def test_nan_and_inf_weights(tmp_path, state, value):
     bad_input(path, key, "nan or infinite")
 
 
-@pytest.mark.parametrize("missing", ["encoder.layers.1.layer_norm2.bias", "encoder.layers.0.self_attn.v_proj.weight",
-                                     "final_layer_norm.weight", "embeddings.position_embedding.weight",
-                                     "encoder.layers.1.mlp.fc2.weight", "encoder.layers.0.mlp.fc1.weight"])
+@pytest.mark.parametrize(
+    "missing",
+    [
+        "encoder.layers.1.layer_norm2.bias",
+        "encoder.layers.0.self_attn.v_proj.weight",
+        "final_layer_norm.weight",
+        "embeddings.position_embedding.weight",
+        "encoder.layers.1.mlp.fc2.weight",
+        "encoder.layers.0.mlp.fc1.weight",
+    ],
+)
 def test_missing_tensor(tmp_path, state, missing):
     bad = {k: v for k, v in state.items() if k != HF + missing}
     path = write_safetensors(tmp_path / "model.safetensors", bad)
@@ -480,15 +539,18 @@ def test_missing_middle_layer(tmp_path, state):
     bad_input(path, "missing")
 
 
-@pytest.mark.parametrize("key,shape", [
-    ("encoder.layers.1.mlp.fc1.weight", (MLP + 8, WIDTH)),
-    ("encoder.layers.1.mlp.fc1.bias", (MLP + 8,)),
-    ("encoder.layers.0.self_attn.out_proj.weight", (WIDTH, WIDTH + 1)),
-    ("encoder.layers.1.layer_norm1.weight", (WIDTH - 1,)),
-    ("final_layer_norm.bias", (WIDTH, 1)),
-    ("embeddings.token_embedding.weight", (VOCAB * WIDTH,)),
-    ("embeddings.position_embedding.weight", (77,)),
-])
+@pytest.mark.parametrize(
+    "key,shape",
+    [
+        ("encoder.layers.1.mlp.fc1.weight", (MLP + 8, WIDTH)),
+        ("encoder.layers.1.mlp.fc1.bias", (MLP + 8,)),
+        ("encoder.layers.0.self_attn.out_proj.weight", (WIDTH, WIDTH + 1)),
+        ("encoder.layers.1.layer_norm1.weight", (WIDTH - 1,)),
+        ("final_layer_norm.bias", (WIDTH, 1)),
+        ("embeddings.token_embedding.weight", (VOCAB * WIDTH,)),
+        ("embeddings.position_embedding.weight", (77,)),
+    ],
+)
 def test_wrong_shape(tmp_path, state, key, shape):
     bad = dict(state)
     bad[HF + key] = torch.zeros(shape)
@@ -507,8 +569,10 @@ def test_q_k_v_with_compensating_wrong_shapes(tmp_path, state):
 
 
 def test_unknown_layout(tmp_path):
-    unet = {"model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3),
-            "first_stage_model.decoder.conv_in.weight": torch.randn(8, 4, 3, 3)}
+    unet = {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.randn(8, 4, 3, 3),
+        "first_stage_model.decoder.conv_in.weight": torch.randn(8, 4, 3, 3),
+    }
     path = write_safetensors(tmp_path / "unet.safetensors", unet)
     bad_input(path, "no CLIP text encoder")
 
@@ -526,8 +590,9 @@ def test_folder_config_disagreeing_with_tensors(tmp_path, state):
     """A config.json saying 3 layers beside a 2-layer file means a file lost a layer."""
     flat = {k.removeprefix("cond_stage_model.transformer."): v for k, v in state.items()}
     save_file(flat, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": WIDTH, "num_hidden_layers": 3,
-                                                      "intermediate_size": MLP, "hidden_act": "quick_gelu"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"hidden_size": WIDTH, "num_hidden_layers": 3, "intermediate_size": MLP, "hidden_act": "quick_gelu"})
+    )
     bad_input(tmp_path, "config.json", "num_hidden_layers 3")
 
 

@@ -8,10 +8,10 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import condfakes
 import pytest
 import torch
 
-import condfakes
 import sdclip
 from sdclip.cache import ConditioningCache, _nbytes
 from sdclip.reuse import PrefixCache
@@ -36,6 +36,7 @@ def hammer(work, n: int = THREADS) -> list:
     def run(k):
         start.wait()
         return work(k)
+
     with ThreadPoolExecutor(n) as pool:
         return list(pool.map(run, range(n)))
 
@@ -55,6 +56,7 @@ def test_conditioning_cache_direct_race():
                 assert got[0].item() == key
             else:
                 cache.put(key, values[key])
+
     hammer(work)
     assert cache.hits + cache.misses == THREADS * rounds
     assert cache.nbytes == sum(size for _, size in cache.entries.values()) <= cache.max_bytes
@@ -72,13 +74,17 @@ def test_prefix_cache_direct_race():
             p = prefixes[(k + i) % 20]
             cache.store(tower, p)
             found = cache.lookup(tower, tuple(p.ids.tolist()) + (1, 2), 20)
-            assert found is None or found.ids.tolist() == p.ids.tolist()[:found.length]
+            assert found is None or found.ids.tolist() == p.ids.tolist()[: found.length]
+
     hammer(work)
     assert cache.nbytes == sum(p.nbytes for p in cache.entries.values()) <= cache.max_bytes
 
 
-PROMPTS = [f"a ({colour}:1.{k}) {shape}" for k, colour in enumerate(["red", "blue", "green", "purple"])
-           for shape in ("cat", "star", "square")]
+PROMPTS = [
+    f"a ({colour}:1.{k}) {shape}"
+    for k, colour in enumerate(["red", "blue", "green", "purple"])
+    for shape in ("cat", "star", "square")
+]
 
 
 @pytest.mark.parametrize("dialect", ["a1111", "comfy", "compel"])
@@ -107,11 +113,13 @@ def test_shared_conditioner_and_cache(dialect, prefixes):
                         else:
                             assert torch.equal(got, want), p
         return calls
+
     hammer(work)
     assert cache.nbytes == sum(size for _, size in cache.entries.values()) <= cache.max_bytes
     # per call: its distinct prompts, the (absent) negative and the empty prompt
-    assert cache.hits + cache.misses == THREADS * calls * 4 - sum(1 for k in range(THREADS) for i in range(calls)
-                                                                  if (k + i) % 12 == (3 * k + i) % 12)
+    assert cache.hits + cache.misses == THREADS * calls * 4 - sum(
+        1 for k in range(THREADS) for i in range(calls) if (k + i) % 12 == (3 * k + i) % 12
+    )
 
 
 def test_shared_encoder_counters_and_results():
@@ -129,6 +137,7 @@ def test_shared_encoder_counters_and_results():
                 out = te.encode([PROMPTS[j] for j in pick])
                 assert torch.equal(out.hidden, expected.hidden[pick])
                 assert torch.equal(out.pooled, expected.pooled[pick])
+
     hammer(work)
     distinct = sum(len({(k + i) % 12, (k * i) % 12}) for k in range(THREADS) for i in range(calls))
     stats = te.reuse.stats
@@ -147,4 +156,5 @@ def test_shared_tokenizer():
             assert tok.encode(texts[j]) == expected[j]
             if i % 50 == k:
                 tok.clear_cache()
+
     hammer(work)

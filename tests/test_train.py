@@ -18,8 +18,19 @@ from sdclip.errors import BadInput
 from sdclip.shapes import Shapes
 from sdclip.train import TrainConfig, lr_at, train
 
-TINY = dict(batch_size=16, warmup=2, text_width=64, text_layers=1, vision_width=64, vision_layers=1, embed_dim=32,
-            image_size=32, patch_size=8, eval_images=16, save_dtype="float32")
+TINY = dict(
+    batch_size=16,
+    warmup=2,
+    text_width=64,
+    text_layers=1,
+    vision_width=64,
+    vision_layers=1,
+    embed_dim=32,
+    image_size=32,
+    patch_size=8,
+    eval_images=16,
+    save_dtype="float32",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -45,8 +56,9 @@ def test_loss_falls_on_a_small_folder(tmp_path):
         image, caption = shapes[i]
         image.save(data / f"{i}.png")
         (data / f"{i}.txt").write_text(caption)
-    config = TrainConfig(data=str(data), steps=25, lr=3e-3, eval_every=0, checkpoint_every=25,
-                         **{**TINY, "batch_size": 8})
+    config = TrainConfig(
+        data=str(data), steps=25, lr=3e-3, eval_every=0, checkpoint_every=25, **{**TINY, "batch_size": 8}
+    )
     train(config, tmp_path / "run", log=io.StringIO())
     losses = _losses(tmp_path / "run")
     assert len(losses) == 25 and losses[0] > math.log(8) - 0.5  # about chance at first
@@ -74,12 +86,14 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, ema):
 def test_ema_is_the_moving_average_of_the_weights(tmp_path):
     """With ema=d the run returns and saves avg <- d avg + (1 - d) weights after each step, starting at the
     first step's weights (checked against the plain run's weights, which the same seed reproduces)."""
+
     def run(folder: str, **settings) -> dict[str, torch.Tensor]:
         config = TrainConfig(steps=2, checkpoint_every=1, eval_every=0, **TINY, **settings)
         return train(config, tmp_path / folder, log=io.StringIO()).state_dict()
 
-    first = train(TrainConfig(steps=2, checkpoint_every=1, eval_every=0, **TINY), tmp_path / "w1", until=1,
-                  log=io.StringIO()).state_dict()
+    first = train(
+        TrainConfig(steps=2, checkpoint_every=1, eval_every=0, **TINY), tmp_path / "w1", until=1, log=io.StringIO()
+    ).state_dict()
     second = run("w2")
     averaged = run("ema", ema=0.75)
     for name in ("vision.class_embedding", "text.token_embedding.weight", "logit_scale"):
@@ -95,8 +109,9 @@ def test_outputs_load_as_clip_and_as_sd_conditioner(tmp_path):
     assert (tmp_path / "training.png").is_file() and Image.open(tmp_path / "training.png").size == (900, 360)
     loaded = CLIPModel.load(tmp_path)
     pixels = torch.randn(2, 3, 32, 32)
-    assert (loaded.logits(pixels, ["a red circle", "a blue star"]) - model.logits(pixels, ["a red circle", "a blue star"])
-            ).abs().max() < 1e-4
+    assert (
+        loaded.logits(pixels, ["a red circle", "a blue star"]) - model.logits(pixels, ["a red circle", "a blue star"])
+    ).abs().max() < 1e-4
     out = sdclip.load(tmp_path).encode(["a red circle"])
     assert out.hidden.shape == (1, 77, 64) and out.pooled_projected.shape == (1, 32)
 
@@ -121,16 +136,22 @@ def test_cli_train_zeroshot_similarity(tmp_path, capsys):
         Image.new("RGB", (40, 40), colour).save(tmp_path / f"{i}.png")
         images.append(str(tmp_path / f"{i}.png"))
     capsys.readouterr()
-    assert main(["zeroshot", *images, "--labels", "red square,blue square,cat", "--model", str(tmp_path / "run"),
-                 "--json"]) == 0
+    assert (
+        main(
+            ["zeroshot", *images, "--labels", "red square,blue square,cat", "--model", str(tmp_path / "run"), "--json"]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["image"] for r in lines] == images and abs(sum(lines[0]["probs"].values()) - 1) < 1e-5
     assert list(lines[1]["probs"]) == ["red square", "blue square", "cat"]
     assert main(["zeroshot", *images, "--labels", "a,b", "--model", str(tmp_path / "run")]) == 0
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 3 and table[0].split() == ["a", "b"]
-    assert main(["similarity", "--model", str(tmp_path / "run"), "--text", "a red square", "a cat",
-                 "--image", *images]) == 0
+    assert (
+        main(["similarity", "--model", str(tmp_path / "run"), "--text", "a red square", "a cat", "--image", *images])
+        == 0
+    )
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 3 and all(-1 <= float(v) <= 1 for v in table[1].split()[-2:])
     assert main(["zeroshot", images[0], "--labels", "one", "--model", str(tmp_path / "run")]) == 2
@@ -171,8 +192,9 @@ def test_whitened_patch_embedding():
 
     shapes = Shapes(size=32, seed=1)
     pixels = pixel_values([shapes[i][0] for i in range(64)], 32)
-    tower = VisionTransformer(VisionConfig(width=16, layers=1, heads=1, mlp_width=16, image_size=32, patch_size=4,
-                                           projection_dim=8)).init_weights(torch.Generator().manual_seed(0))
+    tower = VisionTransformer(
+        VisionConfig(width=16, layers=1, heads=1, mlp_width=16, image_size=32, patch_size=4, projection_dim=8)
+    ).init_weights(torch.Generator().manual_seed(0))
     whiten_patches_(tower, pixels, eps=1e-6)
     out = tower.patch_embedding(pixels).flatten(2).transpose(1, 2).reshape(-1, 16).double()
     cov = torch.cov(out.t())

@@ -46,8 +46,9 @@ def test_hf_layout_matches_transformers(tmp_path, act):
     hf.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     ours = _load(tmp_path / "model.safetensors", config)
-    assert ours.config == VisionConfig(width=64, layers=2, heads=4, mlp_width=128, image_size=32, patch_size=8,
-                                       activation=act, projection_dim=24)
+    assert ours.config == VisionConfig(
+        width=64, layers=2, heads=4, mlp_width=128, image_size=32, patch_size=8, activation=act, projection_dim=24
+    )
     assert _compare(ours, hf, 32) <= 1e-5
 
 
@@ -86,8 +87,9 @@ def test_attention_is_causal_only_when_asked():
 
 
 def test_wrong_pixels_and_missing_blocks(tmp_path):
-    model = VisionTransformer(VisionConfig(width=64, layers=1, heads=2, mlp_width=64, image_size=32, patch_size=16,
-                                           projection_dim=8)).init_weights()
+    model = VisionTransformer(
+        VisionConfig(width=64, layers=1, heads=2, mlp_width=64, image_size=32, patch_size=16, projection_dim=8)
+    ).init_weights()
     with pytest.raises(BadInput, match=r"\[batch, 3, 32, 32\]"):
         model(torch.zeros(1, 3, 64, 64))
     hf = _hf(vision_config(layers=3))

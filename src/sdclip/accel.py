@@ -31,8 +31,11 @@ def quantize_int8(tower: TextTransformer, float_blocks: int = 1) -> TextTransfor
     with warnings.catch_warnings():  # torch.ao announces its move to torchao; the API still works
         warnings.simplefilter("ignore")
         keep = tuple(f"blocks.{i}." for i in range(float_blocks))
-        spec = {name: per_channel_dynamic_qconfig for name, m in tower.named_modules()
-                if isinstance(m, nn.Linear) and not name.startswith(keep)}
+        spec = {
+            name: per_channel_dynamic_qconfig
+            for name, m in tower.named_modules()
+            if isinstance(m, nn.Linear) and not name.startswith(keep)
+        }
         quantized = quantize_dynamic(tower, spec, inplace=False)
     return quantized.requires_grad_(False)
 
@@ -46,7 +49,7 @@ class CudaGraphEncoder:
             raise BadInput("CUDA graphs need the model on a CUDA device")
         self.batch, self.length = batch, length
         self.ids = torch.full((batch, length), tower.config.eos_id, dtype=torch.long, device=device)
-        run = (lambda: tower(self.ids, **forward))  # type: ignore[arg-type]
+        run = lambda: tower(self.ids, **forward)  # type: ignore[arg-type]
         with torch.inference_mode():
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
@@ -61,8 +64,9 @@ class CudaGraphEncoder:
     def __call__(self, ids: torch.Tensor) -> TextOutput:
         """Outputs for ``ids`` [batch, length]; the tensors are reused by the next call."""
         if tuple(ids.shape) != (self.batch, self.length):
-            raise BadInput(f"this graph was captured for ids of shape {[self.batch, self.length]}, "
-                           f"got {list(ids.shape)}")
+            raise BadInput(
+                f"this graph was captured for ids of shape {[self.batch, self.length]}, got {list(ids.shape)}"
+            )
         self.ids.copy_(ids)
         self.graph.replay()
         return self.out

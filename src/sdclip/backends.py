@@ -52,8 +52,10 @@ def require(backend: str) -> None:
 
     missing = [p for p in _PACKAGES.get(backend, ()) if find_spec(p) is None]
     if missing:
-        raise SdclipError(f"backend {backend!r} needs {', '.join(missing)}, which is not installed: "
-                          f"pip install 'sdclip[{_EXTRAS[backend]}]'")
+        raise SdclipError(
+            f"backend {backend!r} needs {', '.join(missing)}, which is not installed: "
+            f"pip install 'sdclip[{_EXTRAS[backend]}]'"
+        )
 
 
 def export_onnx(tower: TextTransformer, path: Path, layer: int, final_norm: bool, pooled: bool, pooling: str) -> None:
@@ -75,14 +77,25 @@ def export_onnx(tower: TextTransformer, path: Path, layer: int, final_norm: bool
     names = ["hidden", *(["pooled"] + (["pooled_projected"] if tower.projection is not None else []) if pooled else [])]
     ids = torch.full((2, tower.config.context_length), tower.config.eos_id, dtype=torch.long)
     ids[:, 0] = 49406
-    axes = {"ids": {0: "batch", 1: "length"}, "hidden": {0: "batch", 1: "length"},
-            **{n: {0: "batch"} for n in names[1:]}}
+    axes = {
+        "ids": {0: "batch", 1: "length"},
+        "hidden": {0: "batch", 1: "length"},
+        **{n: {0: "batch"} for n in names[1:]},
+    }
     with atomic_path(path) as tmp, torch.no_grad():
         with warnings.catch_warnings():  # the TorchScript exporter's tracer warnings are about Python ifs on shapes
             warnings.simplefilter("ignore")
-            torch.onnx.export(PlainPass(), (ids,), str(tmp),
-                              input_names=["ids"], output_names=names, dynamic_axes=axes, opset_version=OPSET,
-                              dynamo=False, do_constant_folding=True)
+            torch.onnx.export(
+                PlainPass(),
+                (ids,),
+                str(tmp),
+                input_names=["ids"],
+                output_names=names,
+                dynamic_axes=axes,
+                opset_version=OPSET,
+                dynamo=False,
+                do_constant_folding=True,
+            )
 
 
 def optimize_for_ort(source: Path, target: Path, config: Any) -> None:
@@ -93,8 +106,14 @@ def optimize_for_ort(source: Path, target: Path, config: Any) -> None:
 
     options = FusionOptions("bert")
     options.enable_attention = False  # its patterns do not match SDPA's export, and it trips on layer outputs
-    model = optimize_model(str(source), model_type="bert", num_heads=config.heads, hidden_size=config.width,
-                           opt_level=1, optimization_options=options)
+    model = optimize_model(
+        str(source),
+        model_type="bert",
+        num_heads=config.heads,
+        hidden_size=config.width,
+        opt_level=1,
+        optimization_options=options,
+    )
     with atomic_path(target) as tmp:
         model.save_model_to_file(str(tmp))
 
@@ -110,8 +129,9 @@ def quantize_for_ort(source: Path, target: Path, float_blocks: int = 1) -> None:
     graph = onnx.load(str(source), load_external_data=False).graph
     excluded = [n.name for n in graph.node if any(k in n.name for k in keep)]
     with atomic_path(target) as tmp:
-        quantize_dynamic(str(source), str(tmp), per_channel=True, weight_type=QuantType.QInt8,
-                         nodes_to_exclude=excluded)
+        quantize_dynamic(
+            str(source), str(tmp), per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=excluded
+        )
 
 
 def ort_session(path: Path, threads: int | None = None) -> Any:
@@ -130,8 +150,11 @@ def openvino_model(path: Path, threads: int | None = None) -> Any:
     import openvino as ov
     import torch
 
-    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
-              "PERFORMANCE_HINT": "LATENCY"}
+    config = {
+        "INFERENCE_PRECISION_HINT": "f32",
+        "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+        "PERFORMANCE_HINT": "LATENCY",
+    }
     return ov.Core().compile_model(str(path), "CPU", config)
 
 
@@ -142,8 +165,14 @@ class EngineTower:
     ``config``, ``resolve_layer`` and ``compute_prefix`` are the torch tower's.
     """
 
-    def __init__(self, tower: TextTransformer, backend: str, fingerprint: str, folder: Path | None = None,
-                 quantize: str | None = None):
+    def __init__(
+        self,
+        tower: TextTransformer,
+        backend: str,
+        fingerprint: str,
+        folder: Path | None = None,
+        quantize: str | None = None,
+    ):
         """``quantize="int8"``: ONNX Runtime's dynamic int8 quantization of the export (not exact: the
         figures are in the README's speed table); the torch tower stays float for what the export lacks."""
         require(backend)
@@ -155,7 +184,7 @@ class EngineTower:
         self._lock = threading.Lock()
 
     @property
-    def config(self):  # noqa: ANN201 - the tower's TextConfig
+    def config(self):
         return self.tower.config
 
     def resolve_layer(self, layer: int) -> int:
@@ -169,13 +198,27 @@ class EngineTower:
         import torch
 
         weight = self.tower.token_embedding.weight
-        return (weight.dtype == torch.float32 and weight.device.type == "cpu" and ids.device.type == "cpu"
-                and ids.shape[1] <= self.config.context_length
-                and all(options.get(k) in (None, False) for k in ("prefix", "token_embeds", "attention_mask",
-                                                                  "output_hidden_states")))
+        return (
+            weight.dtype == torch.float32
+            and weight.device.type == "cpu"
+            and ids.device.type == "cpu"
+            and ids.shape[1] <= self.config.context_length
+            and all(
+                options.get(k) in (None, False)
+                for k in ("prefix", "token_embeds", "attention_mask", "output_hidden_states")
+            )
+        )
 
-    def __call__(self, ids: torch.Tensor, *, layer: int = -1, final_norm: bool = True, pooled: bool = True,
-                 pooling: str | None = None, **options: Any) -> TextOutput:
+    def __call__(
+        self,
+        ids: torch.Tensor,
+        *,
+        layer: int = -1,
+        final_norm: bool = True,
+        pooled: bool = True,
+        pooling: str | None = None,
+        **options: Any,
+    ) -> TextOutput:
         if not self.covers(ids, **options):
             return self.tower(ids, layer=layer, final_norm=final_norm, pooled=pooled, pooling=pooling, **options)
         if ids.dim() != 2:
@@ -205,8 +248,9 @@ class EngineTower:
             try:
                 export_onnx(self.tower, plain, layer, final_norm, pooled, pooling)
             except SdclipError as e:  # sdclip.atomic names the file and the reason
-                raise SdclipError(f"{e}; the {self.backend} backend keeps its exports there: set SDCLIP_CACHE "
-                                  f"to a writable folder") from None
+                raise SdclipError(
+                    f"{e}; the {self.backend} backend keeps its exports there: set SDCLIP_CACHE to a writable folder"
+                ) from None
         if self.backend == "onnxruntime":
             fused = self.folder / f"{stem}.ort-{'int8' if self.quantize else 'fused'}.onnx"
             if not fused.is_file():
@@ -224,4 +268,5 @@ class EngineTower:
             with lock:  # an infer request serves one call at a time; its outputs are copied out
                 results = request.infer({"ids": ids})
                 return [results[o].copy() for o in compiled.outputs]
+
         return run

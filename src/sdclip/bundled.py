@@ -22,8 +22,10 @@ def folder(name: str = DEFAULT) -> Path:
     """The installed folder of bundled model ``name`` (a Hugging Face CLIPModel folder)."""
     path = Path(str(resources.files("sdclip"))) / "data" / name
     if not (path / "model.safetensors").is_file():
-        raise SdclipError(f"this sdclip install lacks its bundled model {name} (no {path / 'model.safetensors'}); "
-                          f"reinstall sdclip, or pass a checkpoint")
+        raise SdclipError(
+            f"this sdclip install lacks its bundled model {name} (no {path / 'model.safetensors'}); "
+            f"reinstall sdclip, or pass a checkpoint"
+        )
     return path
 
 

@@ -76,11 +76,17 @@ class CacheReader(Dataset):
         value = {name: column[i].as_py() for name, column in self._columns.items()}
         f = self._shard(value["shard"])
         r = value["row"]
-        length = int(f.get_slice("length")[r:r + 1][0])
+        length = int(f.get_slice("length")[r : r + 1][0])
         held = set(f.keys())  # a safe_open handle, not a dict
-        tensors = {name: f.get_slice(name)[r:r + 1][0] for name in ("pooled", "pooled_projected") if name in held}
-        return CachedRow(value["id"], value["caption"], f.get_slice("hidden")[r:r + 1][0, :length], **tensors,
-                         token_count=value["token_count"], truncated=value["truncated"])
+        tensors = {name: f.get_slice(name)[r : r + 1][0] for name in ("pooled", "pooled_projected") if name in held}
+        return CachedRow(
+            value["id"],
+            value["caption"],
+            f.get_slice("hidden")[r : r + 1][0, :length],
+            **tensors,
+            token_count=value["token_count"],
+            truncated=value["truncated"],
+        )
 
     def get(self, row_id: str) -> CachedRow:
         """The row with this id (KeyError if the cache has none: not in the input, or an error row)."""

@@ -89,18 +89,23 @@ class CacheOptions:
             raise BadInput(f"unknown format {self.format!r}; choose sdclip or kohya")
         if self.format == "kohya":
             if self.raw or self.dialect not in ("diffusers", "plain") or self.clip_skip is not None:
-                raise BadInput("--format kohya writes what kohya's SDXL caching computes (diffusers-style plain "
-                               "prompts, no clip skip): drop --dialect / --clip-skip / --layer / --final-norm / "
-                               "--encoder")
+                raise BadInput(
+                    "--format kohya writes what kohya's SDXL caching computes (diffusers-style plain "
+                    "prompts, no clip skip): drop --dialect / --clip-skip / --layer / --final-norm / "
+                    "--encoder"
+                )
             if self.dtype == "bfloat16":
-                raise BadInput("--format kohya: numpy has no bfloat16 (kohya stores bf16 outputs as float32); use "
-                               "--dtype float32 or float16")
+                raise BadInput(
+                    "--format kohya: numpy has no bfloat16 (kohya stores bf16 outputs as float32); use "
+                    "--dtype float32 or float16"
+                )
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # --- encoding one shard ---------------------------------------------------------------------------------
+
 
 class RowEncoder:
     """The model and options that turn a list of captions into per-row tensors; one per process / actor."""
@@ -109,13 +114,25 @@ class RowEncoder:
         import sdclip
 
         self.options = options
-        self.te = te if te is not None else sdclip.load(options.model, dtype="float32", device=options.device,
-                                                        tokenizer_mode=options.mode)
+        self.te = (
+            te
+            if te is not None
+            else sdclip.load(options.model, dtype="float32", device=options.device, tokenizer_mode=options.mode)
+        )
         front_end = dict(options.dialect_options)
         self.step = front_end.pop("step", 0)  # which sampler step's prompt editing (A1111): an encode argument
-        self.conditioner = None if options.raw else sdclip.Conditioner(
-            self.te, options.dialect, clip_skip=options.clip_skip, embeddings=options.embeddings, cache=None,
-            **front_end)  # no cross-call cache: a batch's bits depend on it alone
+        self.conditioner = (
+            None
+            if options.raw
+            else sdclip.Conditioner(
+                self.te,
+                options.dialect,
+                clip_skip=options.clip_skip,
+                embeddings=options.embeddings,
+                cache=None,
+                **front_end,
+            )
+        )  # no cross-call cache: a batch's bits depend on it alone
 
     def encode(self, captions: Sequence[str]) -> list[dict[str, torch.Tensor]]:
         """Per caption: ``hidden`` [77 k, C] and, where the model gives them, ``pooled`` (and, raw,
@@ -133,8 +150,10 @@ class RowEncoder:
                 # a long caption pads its companions (A1111 repeats, ComfyUI tiles, compel appends): encode each
                 # caption of this batch alone, as encode_prompts would
                 return [row for c in captions for row in self.encode([c])]
-            return [{"hidden": cond.hidden[i], **({} if cond.pooled is None else {"pooled": cond.pooled[i]})}
-                    for i in range(len(captions))]
+            return [
+                {"hidden": cond.hidden[i], **({} if cond.pooled is None else {"pooled": cond.pooled[i]})}
+                for i in range(len(captions))
+            ]
 
     def token_count(self, caption: str) -> int:
         """The caption's tokens as plain text on the first tokenizer (BOS / EOS not counted)."""
@@ -151,7 +170,7 @@ def encode_shard(encoder: RowEncoder, captions: Sequence[str]) -> tuple[dict[str
     failed: dict[int, str] = {}
     size = encoder.options.batch_size
     for start in range(0, len(captions), size):
-        batch = captions[start:start + size]
+        batch = captions[start : start + size]
         try:
             rows.extend(encoder.encode(batch))
         except BadInput:  # a caption the front end refuses: find which, keep the others
@@ -171,11 +190,17 @@ def encode_shard(encoder: RowEncoder, captions: Sequence[str]) -> tuple[dict[str
         hidden = torch.zeros(n, length, width, dtype=dtype)
         for i, r in enumerate(rows):
             if r is not None:
-                hidden[i, :r["hidden"].shape[0]] = r["hidden"].to("cpu", dtype)
+                hidden[i, : r["hidden"].shape[0]] = r["hidden"].to("cpu", dtype)
         tensors["hidden"] = hidden
         for key in [k for k in template if k != "hidden"]:
-            tensors[key] = torch.stack([r[key].to("cpu", dtype) if r is not None else
-                                        torch.zeros_like(template[key], device="cpu", dtype=dtype) for r in rows])
+            tensors[key] = torch.stack(
+                [
+                    r[key].to("cpu", dtype)
+                    if r is not None
+                    else torch.zeros_like(template[key], device="cpu", dtype=dtype)
+                    for r in rows
+                ]
+            )
     tensors["length"] = torch.tensor([0 if r is None else r["hidden"].shape[0] for r in rows], dtype=torch.int32)
     tensors["token_count"] = torch.tensor([encoder.token_count(c) for c in captions], dtype=torch.int32)
     tensors["failed"] = torch.tensor([i in failed for i in range(n)], dtype=torch.uint8)
@@ -183,6 +208,7 @@ def encode_shard(encoder: RowEncoder, captions: Sequence[str]) -> tuple[dict[str
 
 
 # --- the directory: shards, commits, manifest ---------------------------------------------------------------
+
 
 def captions_digest(captions: Sequence[str]) -> str:
     h = hashlib.sha256()
@@ -247,8 +273,13 @@ class CacheDir:
         with atomic.atomic_path(path) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"sdclip": FORMAT})
             digest = file_sha256(tmp)
-        record = {"shard": path.name, "rows": len(work.captions), "sha256": digest, "captions": work.digest,
-                  "failed": {str(k): v for k, v in failed.items()}}
+        record = {
+            "shard": path.name,
+            "rows": len(work.captions),
+            "sha256": digest,
+            "captions": work.digest,
+            "failed": {str(k): v for k, v in failed.items()},
+        }
         atomic.write_text(self.commit_path(work.number), json.dumps(record) + "\n")
         return record
 
@@ -268,6 +299,7 @@ def produce_shard(encoder: RowEncoder, folder: CacheDir, work: ShardWork) -> dic
 
 
 # --- the plan: rows -> uniques -> shards ------------------------------------------------------------------
+
 
 def caption_key(caption: str) -> bytes:
     """The dedup key: the caption's sha256 (the first 16 bytes in memory)."""
@@ -316,13 +348,18 @@ class Plan:
 
 # --- the job ------------------------------------------------------------------------------------------------
 
+
 class _Rate:
     """rows/s and ETA for ``runs.Progress`` (one status line on stderr)."""
 
     def __init__(self, total: int, stream: TextIO):
         from .runs import Progress
 
-        self.bar, self.total, self.start = Progress(total, stream, unit="rows", counting="rows"), total, time.monotonic()
+        self.bar, self.total, self.start = (
+            Progress(total, stream, unit="rows", counting="rows"),
+            total,
+            time.monotonic(),
+        )
 
     def update(self, done: int, force: bool = False) -> None:
         elapsed = time.monotonic() - self.start
@@ -336,9 +373,18 @@ class _Rate:
 Producer = Callable[[Iterator[ShardWork]], Iterator[dict]]
 
 
-def run(inputs: Sequence[str], out: str | Path, options: CacheOptions, *, engine: str = "local",
-        address: str | None = None, workers: int = 1, strict: bool = False,
-        progress: TextIO | None = sys.stderr, te: sdclip.TextEncoder | None = None) -> dict:
+def run(
+    inputs: Sequence[str],
+    out: str | Path,
+    options: CacheOptions,
+    *,
+    engine: str = "local",
+    address: str | None = None,
+    workers: int = 1,
+    strict: bool = False,
+    progress: TextIO | None = sys.stderr,
+    te: sdclip.TextEncoder | None = None,
+) -> dict:
     """Run (or resume) a cache job; returns the report (rows, unique, duplicates, errors, seconds, rows/s).
 
     ``te``: a text encoder already in memory (float32), used instead of loading ``options.model`` (local
@@ -356,8 +402,10 @@ def run(inputs: Sequence[str], out: str | Path, options: CacheOptions, *, engine
     te = encoder.te
     if options.format == "kohya":
         if te.family != "sdxl":
-            raise BadInput(f"--format kohya is kohya's SDXL text-encoder cache; {options.model or 'this model'} is "
-                           f"a {te.family} model (use --format sdclip)")
+            raise BadInput(
+                f"--format kohya is kohya's SDXL text-encoder cache; {options.model or 'this model'} is "
+                f"a {te.family} model (use --format sdclip)"
+            )
         if not all(p.is_dir() for p in paths):
             raise BadInput("--format kohya writes an .npz beside each image: give kohya folders as inputs")
     manifest = _start(folder, options, paths, te, in_memory)
@@ -374,14 +422,20 @@ def run(inputs: Sequence[str], out: str | Path, options: CacheOptions, *, engine
     def todo() -> Iterator[ShardWork]:
         for work in plan.shards(counted(read_rows(paths, columns, options.max_chars)), strict):
             record = folder.commit_of(work.number)
-            if record is not None and record.get("captions") == work.digest and folder.shard_path(work.number).is_file():
+            if (
+                record is not None
+                and record.get("captions") == work.digest
+                and folder.shard_path(work.number).is_file()
+            ):
                 continue  # committed by an earlier run
             yield work
 
     if engine == "local":
+
         def local(works: Iterator[ShardWork]) -> Iterator[dict]:
             for work in works:
                 yield produce_shard(encoder, folder, work)
+
         producer: Producer = local
     elif engine == "ray":
         from .cachejob_ray import RayProducer
@@ -403,13 +457,26 @@ def run(inputs: Sequence[str], out: str | Path, options: CacheOptions, *, engine
     if options.format == "kohya":
         _write_kohya(folder, paths, columns, options, plan, te)
     seconds = time.monotonic() - started
-    report = {"rows": plan.counts.rows, "unique": plan.counts.unique, "duplicates": plan.counts.duplicates,
-              "errors": errors, "encoded": encoded, "shards": len(records), "seconds": round(seconds, 3),
-              "rows_per_s": round(plan.counts.rows / max(seconds, 1e-9), 1), "out": str(folder.root)}
-    manifest.update(state="complete", outputs=_outputs(folder, records), rows=plan.counts.rows,
-                    unique=plan.counts.unique,
-                    duplicates=plan.counts.duplicates, errors=errors,
-                    shards=[{k: r[k] for k in ("shard", "rows", "sha256")} for r in records])
+    report = {
+        "rows": plan.counts.rows,
+        "unique": plan.counts.unique,
+        "duplicates": plan.counts.duplicates,
+        "errors": errors,
+        "encoded": encoded,
+        "shards": len(records),
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(plan.counts.rows / max(seconds, 1e-9), 1),
+        "out": str(folder.root),
+    }
+    manifest.update(
+        state="complete",
+        outputs=_outputs(folder, records),
+        rows=plan.counts.rows,
+        unique=plan.counts.unique,
+        duplicates=plan.counts.duplicates,
+        errors=errors,
+        shards=[{k: r[k] for k in ("shard", "rows", "sha256")} for r in records],
+    )
     folder.write_manifest(manifest)
     return report
 
@@ -419,29 +486,50 @@ def _start(folder: CacheDir, options: CacheOptions, paths: Sequence[Path], te, i
     import sdclip
 
     job = options.identity(paths)
-    model = {"source": "in memory" if in_memory else str(options.model or "sdclip-mini"),
-             "fingerprint": te.fingerprint, "family": te.family}
+    model = {
+        "source": "in memory" if in_memory else str(options.model or "sdclip-mini"),
+        "fingerprint": te.fingerprint,
+        "family": te.family,
+    }
     existing = folder.read_manifest()
     if existing is not None:
         if existing.get("format") != FORMAT:
-            raise BadInput(f"{folder.manifest_path}: not an sdclip cache manifest; refusing to write into {folder.root}")
-        different = [k for k in sorted(set(job) | set(existing.get("job", {})))
-                     if job.get(k) != existing.get("job", {}).get(k)]
+            raise BadInput(
+                f"{folder.manifest_path}: not an sdclip cache manifest; refusing to write into {folder.root}"
+            )
+        different = [
+            k for k in sorted(set(job) | set(existing.get("job", {}))) if job.get(k) != existing.get("job", {}).get(k)
+        ]
         if existing.get("model", {}).get("fingerprint") != te.fingerprint:
             different.insert(0, "model")
         if different:
-            raise BadInput(f"{folder.root} holds a cache made with other {', '.join(different)} "
-                           f"({'; '.join(_differs(k, existing, job, model) for k in different[:4])}); "
-                           f"nothing was changed: use another --out, or the same options to resume")
-        for stale in [*folder.root.glob(".*.tmp"), *folder.root.glob("shards/.*.tmp"),
-                      *folder.root.glob("commits/.*.tmp")]:
+            raise BadInput(
+                f"{folder.root} holds a cache made with other {', '.join(different)} "
+                f"({'; '.join(_differs(k, existing, job, model) for k in different[:4])}); "
+                f"nothing was changed: use another --out, or the same options to resume"
+            )
+        for stale in [
+            *folder.root.glob(".*.tmp"),
+            *folder.root.glob("shards/.*.tmp"),
+            *folder.root.glob("commits/.*.tmp"),
+        ]:
             stale.unlink(missing_ok=True)  # temp files of a killed run (never at a final path)
         return existing
     if folder.root.exists() and (not folder.root.is_dir() or any(folder.root.iterdir())):
-        raise BadInput(f"{folder.root}: exists and is not an sdclip cache (no manifest.json); refusing to write "
-                       f"into it: give a new or empty folder")
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "sdclip": sdclip.__version__, "model": model,
-                "job": job, "state": "running", "index": "index.parquet", "errors_file": "errors.jsonl"}
+        raise BadInput(
+            f"{folder.root}: exists and is not an sdclip cache (no manifest.json); refusing to write "
+            f"into it: give a new or empty folder"
+        )
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "sdclip": sdclip.__version__,
+        "model": model,
+        "job": job,
+        "state": "running",
+        "index": "index.parquet",
+        "errors_file": "errors.jsonl",
+    }
     folder.root.mkdir(parents=True, exist_ok=True)
     folder.write_manifest(manifest)
     return manifest
@@ -492,13 +580,24 @@ def _write_index(folder: CacheDir, paths, columns, options: CacheOptions, plan: 
             failed[number * plan.shard_rows + int(row)] = reason
     tokens_all = torch.cat(tokens) if tokens else torch.zeros(0, dtype=torch.int32)
     truncated_all = torch.cat(truncated) if truncated else torch.zeros(0, dtype=torch.bool)
-    schema = pa.schema([("id", pa.string()), ("caption", pa.string()), ("caption_sha256", pa.string()),
-                        ("shard", pa.int32()), ("row", pa.int32()), ("token_count", pa.int32()),
-                        ("truncated", pa.bool_())])
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("caption", pa.string()),
+            ("caption_sha256", pa.string()),
+            ("shard", pa.int32()),
+            ("row", pa.int32()),
+            ("token_count", pa.int32()),
+            ("truncated", pa.bool_()),
+        ]
+    )
     errors = 0
     columns_now: dict[str, list] = {name: [] for name in schema.names}
-    with atomic.atomic_path(folder.root / "index.parquet") as index_tmp, \
-            atomic.atomic_path(folder.root / "errors.jsonl") as errors_tmp, open(errors_tmp, "w", encoding="utf-8") as ef:
+    with (
+        atomic.atomic_path(folder.root / "index.parquet") as index_tmp,
+        atomic.atomic_path(folder.root / "errors.jsonl") as errors_tmp,
+        open(errors_tmp, "w", encoding="utf-8") as ef,
+    ):
         writer = pa.parquet.ParquetWriter(str(index_tmp), schema)
 
         def flush() -> None:
@@ -516,8 +615,18 @@ def _write_index(folder: CacheDir, paths, columns, options: CacheOptions, plan: 
                 errors += 1
                 ef.write(json.dumps({"id": row.id, "error": error}) + "\n")
                 continue
-            for name, value in zip(schema.names, (row.id, row.caption, digest.hex(), u // plan.shard_rows,
-                                                  u % plan.shard_rows, int(tokens_all[u]), bool(truncated_all[u]))):
+            for name, value in zip(
+                schema.names,
+                (
+                    row.id,
+                    row.caption,
+                    digest.hex(),
+                    u // plan.shard_rows,
+                    u % plan.shard_rows,
+                    int(tokens_all[u]),
+                    bool(truncated_all[u]),
+                ),
+            ):
                 columns_now[name].append(value)
             if len(columns_now["id"]) >= _INDEX_BATCH:
                 flush()
@@ -553,17 +662,22 @@ def _write_kohya(folder: CacheDir, paths, columns, options: CacheOptions, plan: 
                 handles.pop(next(iter(handles)))
             handles[number] = safe_open(str(folder.shard_path(number)), framework="pt")
         f = handles[number]
-        if int(f.get_slice("failed")[r:r + 1][0]):
+        if int(f.get_slice("failed")[r : r + 1][0]):
             continue
-        hidden = f.get_slice("hidden")[r:r + 1][0, :int(f.get_slice("length")[r:r + 1][0])]
-        pooled = f.get_slice("pooled")[r:r + 1][0]
+        hidden = f.get_slice("hidden")[r : r + 1][0, : int(f.get_slice("length")[r : r + 1][0])]
+        pooled = f.get_slice("pooled")[r : r + 1][0]
         target = row.image.with_name(row.image.stem + "_te_outputs.npz")
         with atomic.atomic_path(target) as tmp, open(tmp, "wb") as out:
-            np.savez(out, hidden_state1=hidden[:, :split].numpy(), hidden_state2=hidden[:, split:].numpy(),
-                     pool2=pooled.numpy())
+            np.savez(
+                out,
+                hidden_state1=hidden[:, :split].numpy(),
+                hidden_state2=hidden[:, split:].numpy(),
+                pool2=pooled.numpy(),
+            )
 
 
 # --- verify -------------------------------------------------------------------------------------------------
+
 
 def verify(out: str | Path) -> dict:
     """Every shard's hash as committed, every index row pointing at a stored row, every id once."""

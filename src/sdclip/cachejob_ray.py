@@ -53,8 +53,15 @@ class ShardEncoder:
 class RayProducer:
     """Feeds shards to the actor pool a window at a time (driver memory: one window of captions)."""
 
-    def __init__(self, options: CacheOptions, folder: CacheDir, *, workers: int = 1, address: str | None = None,
-                 window: int | None = None):
+    def __init__(
+        self,
+        options: CacheOptions,
+        folder: CacheDir,
+        *,
+        workers: int = 1,
+        address: str | None = None,
+        window: int | None = None,
+    ):
         if workers < 1:
             raise BadInput("--workers must be at least 1")
         self.options, self.folder, self.workers, self.address = options, folder, workers, address
@@ -71,10 +78,11 @@ class RayProducer:
                     ray.init(include_dashboard=False, log_to_driver=False)
                 else:
                     ray.init(address=self.address, log_to_driver=False)
-            except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its node misses start-up
+            except Exception as e:
                 ray.shutdown()  # the processes a failed start left behind
-                raise SdclipError(f"cannot start or join Ray{f' at {self.address}' if self.address else ''}: {e}") \
-                    from None
+                raise SdclipError(
+                    f"cannot start or join Ray{f' at {self.address}' if self.address else ''}: {e}"
+                ) from None
             started = True
         try:
             pending: list[ShardWork] = []
@@ -95,13 +103,21 @@ class RayProducer:
         items = [{"number": w.number, "captions": json.dumps(w.captions)} for w in works]
         gpus = 1 if self.options.device.startswith("cuda") else 0
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            ShardEncoder, batch_size=1, concurrency=min(self.workers, len(items)), num_cpus=1, num_gpus=gpus,
-            fn_constructor_kwargs={"options": asdict(self.options), "root": str(self.folder.root),
-                                   "threads": torch.get_num_threads()})
+            ShardEncoder,
+            batch_size=1,
+            concurrency=min(self.workers, len(items)),
+            num_cpus=1,
+            num_gpus=gpus,
+            fn_constructor_kwargs={
+                "options": asdict(self.options),
+                "root": str(self.folder.root),
+                "threads": torch.get_num_threads(),
+            },
+        )
         try:
             for row in ds.iter_rows():
                 yield json.loads(row["record"])
-        except Exception as e:  # noqa: BLE001 - a failed actor: Ray wraps the cause in its own types
+        except Exception as e:
             cause = getattr(e, "cause", None) or e
             if isinstance(cause, (BadInput, SdclipError)):
                 raise type(cause)(str(cause)) from None

@@ -86,7 +86,10 @@ NAMES: dict[str, dict[str, dict[str, str | tuple[str, ...]]]] = {
         },
     },
 }
-BLOCK_INDEX = {"hf": re.compile(r"encoder\.layers\.(\d+)\."), "openclip": re.compile(r"transformer\.resblocks\.(\d+)\.")}
+BLOCK_INDEX = {
+    "hf": re.compile(r"encoder\.layers\.(\d+)\."),
+    "openclip": re.compile(r"transformer\.resblocks\.(\d+)\."),
+}
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,10 @@ class CheckpointInfo:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "source": self.source, "layout": self.layout, "family": self.family, "files": self.files,
+            "source": self.source,
+            "layout": self.layout,
+            "family": self.family,
+            "files": self.files,
             "encoders": [self._tower_dict(t) for t in self.towers],
             "ignored": dict(self.ignored),
         }
@@ -170,17 +176,23 @@ class CheckpointInfo:
     def _tower_dict(self, t: TowerSpec) -> dict[str, Any]:
         c, usage = t.config, usage_for(self.family, t)
         return {
-            "role": t.role, "architecture": c.architecture if c else None,  # type: ignore[union-attr]
-            "key_prefix": t.prefix, "naming": t.style,
-            "layers": c.layers if c else None, "width": c.width if c else None,
-            "heads": c.heads if c else None, "mlp_width": c.mlp_width if c else None,
+            "role": t.role,
+            "architecture": c.architecture if c else None,  # type: ignore[union-attr]
+            "key_prefix": t.prefix,
+            "naming": t.style,
+            "layers": c.layers if c else None,
+            "width": c.width if c else None,
+            "heads": c.heads if c else None,
+            "mlp_width": c.mlp_width if c else None,
             "activation": c.activation if c else None,
             "projection_dim": c.projection_dim if c else None,
             "pad_id": c.pad_id if c else None,  # type: ignore[union-attr]
             "pooling": c.pooling if c else None,  # type: ignore[union-attr]
-            "default_layer": usage.layer, "default_final_norm": usage.final_norm,
+            "default_layer": usage.layer,
+            "default_final_norm": usage.final_norm,
             "dtype": str(t.file.dtype(t.key("token_embedding.weight"))).removeprefix("torch."),
-            "parameters": sum(_numel(t.file.shape(k)) for k in used_keys(t)), "notes": list(t.notes),
+            "parameters": sum(_numel(t.file.shape(k)) for k in used_keys(t)),
+            "notes": list(t.notes),
         }
 
 
@@ -192,6 +204,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 # --- finding towers --------------------------------------------------------------------------
+
 
 def find_towers(file: TensorFile, kind: str = "text") -> list[TowerSpec]:
     """Every tower of ``kind`` in ``file``: text towers ordered by width (SDXL: CLIP-L first, then bigG),
@@ -242,30 +255,54 @@ def usage_for(family: str, tower: TowerSpec) -> Usage:
 
 # --- inferring the architecture --------------------------------------------------------------
 
+
 def block_shapes(layers: int, w: int, m: int) -> dict[str, tuple[int, ...]]:
     """sdclip name -> shape of every residual block's tensors (the text and image towers share them)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for i in range(layers):
         b = f"blocks.{i}."
-        shapes.update({b + "ln_1.weight": (w,), b + "ln_1.bias": (w,), b + "ln_2.weight": (w,), b + "ln_2.bias": (w,),
-                       b + "attn.qkv.weight": (3 * w, w), b + "attn.qkv.bias": (3 * w,),
-                       b + "attn.out.weight": (w, w), b + "attn.out.bias": (w,),
-                       b + "mlp.fc.weight": (m, w), b + "mlp.fc.bias": (m,),
-                       b + "mlp.proj.weight": (w, m), b + "mlp.proj.bias": (w,)})
+        shapes.update(
+            {
+                b + "ln_1.weight": (w,),
+                b + "ln_1.bias": (w,),
+                b + "ln_2.weight": (w,),
+                b + "ln_2.bias": (w,),
+                b + "attn.qkv.weight": (3 * w, w),
+                b + "attn.qkv.bias": (3 * w,),
+                b + "attn.out.weight": (w, w),
+                b + "attn.out.bias": (w,),
+                b + "mlp.fc.weight": (m, w),
+                b + "mlp.fc.bias": (m,),
+                b + "mlp.proj.weight": (w, m),
+                b + "mlp.proj.bias": (w,),
+            }
+        )
     return shapes
 
 
 def _text_shapes(c: TextConfig) -> dict[str, tuple[int, ...]]:
     w = c.width
-    return {"token_embedding.weight": (c.vocab_size, w), "position_embedding": (c.context_length, w),
-            "final_norm.weight": (w,), "final_norm.bias": (w,), **block_shapes(c.layers, w, c.mlp_width)}
+    return {
+        "token_embedding.weight": (c.vocab_size, w),
+        "position_embedding": (c.context_length, w),
+        "final_norm.weight": (w,),
+        "final_norm.bias": (w,),
+        **block_shapes(c.layers, w, c.mlp_width),
+    }
 
 
 def _image_shapes(c: VisionConfig) -> dict[str, tuple[int, ...]]:
     w = c.width
-    return {"patch_embedding.weight": (w, 3, c.patch_size, c.patch_size), "class_embedding": (w,),
-            "position_embedding": (c.grid ** 2 + 1, w), "pre_norm.weight": (w,), "pre_norm.bias": (w,),
-            "post_norm.weight": (w,), "post_norm.bias": (w,), **block_shapes(c.layers, w, c.mlp_width)}
+    return {
+        "patch_embedding.weight": (w, 3, c.patch_size, c.patch_size),
+        "class_embedding": (w,),
+        "position_embedding": (c.grid**2 + 1, w),
+        "pre_norm.weight": (w,),
+        "pre_norm.bias": (w,),
+        "post_norm.weight": (w,),
+        "post_norm.bias": (w,),
+        **block_shapes(c.layers, w, c.mlp_width),
+    }
 
 
 def foreign_names(kind: str, style: str, name: str) -> tuple[str, ...]:
@@ -294,7 +331,7 @@ def _apply(config: Any, overrides: dict[str, Any], f: TensorFile) -> Any:
 
 def _blocks(tower: TowerSpec) -> set[int]:
     f, p = tower.file, tower.prefix
-    return {int(m.group(1)) for k in f.keys() if k.startswith(p) and (m := BLOCK_INDEX[tower.style].match(k[len(p):]))}
+    return {int(m.group(1)) for k in f.keys() if k.startswith(p) and (m := BLOCK_INDEX[tower.style].match(k[len(p) :]))}
 
 
 def _text_config(tower: TowerSpec, hf_config: dict | None, overrides: dict[str, Any]) -> TextConfig:
@@ -329,17 +366,29 @@ def _text_config(tower: TowerSpec, hf_config: dict | None, overrides: dict[str, 
     for name, found_value in (("hidden_size", width), ("num_hidden_layers", layers), ("intermediate_size", mlp)):
         stated = (hf_config or {}).get(name)
         if stated is not None and stated != found_value:  # e.g. a file that lost its last layers
-            raise BadInput(f"{f.path}: its config.json says {name} {stated}, but the tensors at '{p}' give "
-                           f"{found_value}; weights and configuration do not belong together")
+            raise BadInput(
+                f"{f.path}: its config.json says {name} {stated}, but the tensors at '{p}' give "
+                f"{found_value}; weights and configuration do not belong together"
+            )
     heads = (hf_config or {}).get("num_attention_heads") or max(width // 64, 1)
     legacy = (hf_config or {}).get("eos_token_id") == 2  # transformers then pools at argmax(ids)
     try:
-        config = TextConfig(width=width, layers=layers, heads=heads, mlp_width=mlp, vocab_size=vocab,
-                            context_length=context, activation=activation, projection_dim=projection,
-                            pad_id=arch.pad_id, pooling="argmax" if legacy else "first_eos")
+        config = TextConfig(
+            width=width,
+            layers=layers,
+            heads=heads,
+            mlp_width=mlp,
+            vocab_size=vocab,
+            context_length=context,
+            activation=activation,
+            projection_dim=projection,
+            pad_id=arch.pad_id,
+            pooling="argmax" if legacy else "first_eos",
+        )
     except BadInput as e:
-        raise BadInput(f"{f.path}: the text encoder at '{p}' ({need[0]} is {vocab} x {width}; config.json, if "
-                       f"any, beside it): {e}") from None
+        raise BadInput(
+            f"{f.path}: the text encoder at '{p}' ({need[0]} is {vocab} x {width}; config.json, if any, beside it): {e}"
+        ) from None
     return _apply(config, overrides, f)
 
 
@@ -369,8 +418,10 @@ def _infer_text(tower: TowerSpec, hf_config: dict | None, overrides: dict[str, A
     if tower.style == "openclip" and last >= 1 and overrides.get("layers") is None:
         a, b = (tower.key(f"blocks.{i}.mlp.fc.weight") for i in (last, last - 1))
         if a in f.keys() and b in f.keys() and torch.equal(f.get(a), f.get(b)):
-            notes.append(f"block {last} is a copy of block {last - 1} (a placeholder kohya writes for SD2); "
-                         f"left out: the encoder has {last} layers")
+            notes.append(
+                f"block {last} is a copy of block {last - 1} (a placeholder kohya writes for SD2); "
+                f"left out: the encoder has {last} layers"
+            )
             config = replace(config, layers=last)
             dropped = True
     return replace(tower, config=config, notes=tuple(notes), dropped_block=dropped)
@@ -386,24 +437,33 @@ def _infer_image(tower: TowerSpec, hf_config: dict | None, overrides: dict[str, 
             raise BadInput(f"{f.path}: missing tensor {tower.key(name)}")
     conv = f.shape(tower.key("patch_embedding.weight"))
     if len(conv) != 4 or conv[1] != 3 or conv[2] != conv[3]:
-        raise BadInput(f"{f.path}: {tower.key('patch_embedding.weight')} has shape {list(conv)}, "
-                       f"expected [width, 3, patch, patch]")
+        raise BadInput(
+            f"{f.path}: {tower.key('patch_embedding.weight')} has shape {list(conv)}, expected [width, 3, patch, patch]"
+        )
     width, patch = conv[0], conv[2]
     tokens = f.shape(tower.key("position_embedding"))[0] - 1
     grid = math.isqrt(max(tokens, 0))
     if grid * grid != tokens or grid == 0:
-        raise BadInput(f"{f.path}: {tower.key('position_embedding')} has {tokens + 1} rows; expected 1 + a square "
-                       f"number of patches")
+        raise BadInput(
+            f"{f.path}: {tower.key('position_embedding')} has {tokens + 1} rows; expected 1 + a square "
+            f"number of patches"
+        )
     blocks = _blocks(tower)
     if not blocks or blocks != set(range(len(blocks))):
         raise BadInput(f"{f.path}: the image tower at '{p}' has blocks {sorted(blocks)}; some are missing")
     found = tower.projection()
     projection = _projection_dim(f, found) if found is not None else 0
     hf_config = hf_config or {}
-    config = VisionConfig(width=width, layers=len(blocks), heads=hf_config.get("num_attention_heads") or max(width // 64, 1),
-                          mlp_width=f.shape(tower.key("blocks.0.mlp.fc.weight"))[0], image_size=grid * patch,
-                          patch_size=patch, activation=hf_config.get("hidden_act") or "quick_gelu",
-                          projection_dim=projection)
+    config = VisionConfig(
+        width=width,
+        layers=len(blocks),
+        heads=hf_config.get("num_attention_heads") or max(width // 64, 1),
+        mlp_width=f.shape(tower.key("blocks.0.mlp.fc.weight"))[0],
+        image_size=grid * patch,
+        patch_size=patch,
+        activation=hf_config.get("hidden_act") or "quick_gelu",
+        projection_dim=projection,
+    )
     return replace(tower, config=_apply(config, overrides, f))
 
 
@@ -420,17 +480,27 @@ def _check_blocks_whole(tower: TowerSpec, layers: int) -> None:
     shallower model."""
     keys = set(tower.file.keys())
     for i in range(layers):
-        names = [n for name in block_shapes(1, 1, 1)
-                 for n in foreign_names(tower.kind, tower.style, name.replace("0", str(i), 1))]
+        names = [
+            n
+            for name in block_shapes(1, 1, 1)
+            for n in foreign_names(tower.kind, tower.style, name.replace("0", str(i), 1))
+        ]
         missing = [tower.prefix + n for n in names if tower.prefix + n not in keys]
         if missing:
-            raise BadInput(f"{tower.file.path}: layer {i} of the text encoder at '{tower.prefix}' is incomplete: "
-                           f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+            raise BadInput(
+                f"{tower.file.path}: layer {i} of the text encoder at '{tower.prefix}' is incomplete: "
+                f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+            )
 
 
 # the transformers config.json fields sdclip reads, and the type each must have
-_HF_FIELDS = {"hidden_act": str, "num_attention_heads": int, "hidden_size": int, "num_hidden_layers": int,
-              "intermediate_size": int}
+_HF_FIELDS = {
+    "hidden_act": str,
+    "num_attention_heads": int,
+    "hidden_size": int,
+    "num_hidden_layers": int,
+    "intermediate_size": int,
+}
 
 
 def check_hf_config(config: dict, path: Any) -> dict:
@@ -452,18 +522,24 @@ def check_tokenizer_fits(tower: TowerSpec, tokenizer: Any) -> None:
     c = tower.config
     assert isinstance(c, TextConfig)
     if tokenizer.vocab_size > c.vocab_size:
-        raise BadInput(f"{tower.file.path}: tensor {tower.key('token_embedding.weight')} has {c.vocab_size} rows, "
-                       f"but the tokenizer has {tokenizer.vocab_size} tokens: ids past the embedding")
+        raise BadInput(
+            f"{tower.file.path}: tensor {tower.key('token_embedding.weight')} has {c.vocab_size} rows, "
+            f"but the tokenizer has {tokenizer.vocab_size} tokens: ids past the embedding"
+        )
 
 
 # --- building the module ---------------------------------------------------------------------
+
 
 def used_keys(tower: TowerSpec) -> set[str]:
     """The file's keys ``build`` reads for an inferred tower."""
     if tower.config is None:
         return set()
-    keys = {tower.prefix + n for name in KINDS[tower.kind].shapes(tower.config)
-            for n in foreign_names(tower.kind, tower.style, name)}
+    keys = {
+        tower.prefix + n
+        for name in KINDS[tower.kind].shapes(tower.config)
+        for n in foreign_names(tower.kind, tower.style, name)
+    }
     found = tower.projection()
     if tower.config.projection_dim and found is not None:
         keys.add(found[0])
@@ -508,12 +584,30 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {
-    "text": Kind("token_embedding.weight", {"hf": (), "openclip": ("blocks.0.attn.qkv.weight",)}, _found_text,
-                 _text_projection, _infer_text, _text_shapes, TextTransformer, "text encoder",
-                 "text_model.", "text_projection.weight"),
-    "image": Kind("patch_embedding.weight", {"hf": (), "openclip": ("class_embedding", "blocks.0.attn.qkv.weight")},
-                  list, _image_projection, _infer_image, _image_shapes, VisionTransformer, "image encoder",
-                  "vision_model.", "visual_projection.weight"),
+    "text": Kind(
+        "token_embedding.weight",
+        {"hf": (), "openclip": ("blocks.0.attn.qkv.weight",)},
+        _found_text,
+        _text_projection,
+        _infer_text,
+        _text_shapes,
+        TextTransformer,
+        "text encoder",
+        "text_model.",
+        "text_projection.weight",
+    ),
+    "image": Kind(
+        "patch_embedding.weight",
+        {"hf": (), "openclip": ("class_embedding", "blocks.0.attn.qkv.weight")},
+        list,
+        _image_projection,
+        _infer_image,
+        _image_shapes,
+        VisionTransformer,
+        "image encoder",
+        "vision_model.",
+        "visual_projection.weight",
+    ),
 }
 
 
@@ -535,8 +629,10 @@ def read_checked(f: TensorFile, keys: list[str], shape: tuple[int, ...], dtype: 
         if key not in f.keys():
             raise BadInput(f"{f.path}: missing tensor {key}")
         if f.dtype(key) not in WEIGHT_DTYPES:
-            raise BadInput(f"{f.path}: tensor {key} has dtype {str(f.dtype(key)).removeprefix('torch.')}; "
-                           f"a text encoder's weights are float32, float16 or bfloat16")
+            raise BadInput(
+                f"{f.path}: tensor {key} has dtype {str(f.dtype(key)).removeprefix('torch.')}; "
+                f"a text encoder's weights are float32, float16 or bfloat16"
+            )
     # each of q, k, v alone: wrong sizes that add up right would still make a wrong model
     part = (shape[0] // len(keys), *shape[1:])
     if any(tuple(f.shape(k)) != part for k in keys):
@@ -546,7 +642,7 @@ def read_checked(f: TensorFile, keys: list[str], shape: tuple[int, ...], dtype: 
     row = 0
     for key in keys:  # convert straight into the (fused) destination: one pass, no concatenation copy
         t = f.get(key)
-        out[row:row + t.shape[0]].copy_(t)
+        out[row : row + t.shape[0]].copy_(t)
         row += t.shape[0]
     if out.numel() and not all(torch.isfinite(v) for v in torch.aminmax(out)):  # NaN propagates to min/max
         cast = "" if all(f.dtype(k) == dtype for k in keys) else f" (in {str(dtype).removeprefix('torch.')})"
@@ -562,7 +658,7 @@ def ignored_tensors(files: list[TensorFile], towers: list[TowerSpec]) -> Counter
     used = set().union(*(keys for _, keys in per_tower))
     counts: Counter = Counter()
     for f in files:
-        own = [(t.prefix, {k[len(t.prefix):].split(".")[0] for k in keys}) for t, keys in per_tower if t.file is f]
+        own = [(t.prefix, {k[len(t.prefix) :].split(".")[0] for k in keys}) for t, keys in per_tower if t.file is f]
         for k in f.keys():
             if k not in used:
                 counts[_ignored_group(k, own)] += 1
@@ -574,7 +670,7 @@ _ANY_BLOCK = re.compile(r"(?:encoder\.layers|transformer\.resblocks)\.\d+\.")
 
 def _ignored_group(key: str, own: list[tuple[str, set[str]]]) -> str:
     for prefix, heads in own:
-        rest = key[len(prefix):]
+        rest = key[len(prefix) :]
         if key.startswith(prefix) and ("." not in rest or rest.split(".")[0] in heads):
             block = _ANY_BLOCK.match(rest)
             return prefix + block.group(0) + "*" if block else key

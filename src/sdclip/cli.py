@@ -42,8 +42,9 @@ def _lines(text: str) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
-def read_prompts(prompts: Sequence[str], file: str | None, max_chars: int | None = MAX_PROMPT_CHARS,
-                 what: str = "prompts") -> list[str]:
+def read_prompts(
+    prompts: Sequence[str], file: str | None, max_chars: int | None = MAX_PROMPT_CHARS, what: str = "prompts"
+) -> list[str]:
     """Prompts from arguments, then from ``file`` (.txt: one per line; .jsonl: one JSON string per line), each at
     most ``max_chars`` characters (``--max-prompt-chars``); those from the file are ``Prompt``\\ s that know their
     line."""
@@ -73,7 +74,7 @@ def read_prompts(prompts: Sequence[str], file: str | None, max_chars: int | None
             out.append(_at(value, f"{file}:{n}"))
         if len(out) == len(prompts):
             raise BadInput(f"{file}: no {what} in it (only blank lines)")
-        for prompt in out[len(prompts):]:
+        for prompt in out[len(prompts) :]:
             check_prompt(prompt, max_chars, prompt.where)
     if not out:
         raise BadInput(f"no {what}: give them as arguments or with --file")
@@ -109,10 +110,19 @@ def _per_prompt(prompts: Sequence[str], work: Callable[[str], T]) -> Iterator[T]
 
 def _add_prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (or use --file)")
-    p.add_argument("--file", "-f", help="prompts from a file: .txt one per line, .jsonl one JSON string per line "
-                   "(a prompt may then hold newlines); - = stdin, one per line")
-    p.add_argument("--max-prompt-chars", type=_limit, default=MAX_PROMPT_CHARS, metavar="N",
-                   help=f"refuse prompts longer than N characters (default {MAX_PROMPT_CHARS:,}; 0 = no limit)")
+    p.add_argument(
+        "--file",
+        "-f",
+        help="prompts from a file: .txt one per line, .jsonl one JSON string per line "
+        "(a prompt may then hold newlines); - = stdin, one per line",
+    )
+    p.add_argument(
+        "--max-prompt-chars",
+        type=_limit,
+        default=MAX_PROMPT_CHARS,
+        metavar="N",
+        help=f"refuse prompts longer than N characters (default {MAX_PROMPT_CHARS:,}; 0 = no limit)",
+    )
 
 
 def _limit(text: str) -> int | None:
@@ -146,8 +156,9 @@ def _check_device(name: str) -> None:
     except RuntimeError:
         raise BadInput(f"unknown device {name!r}; use cpu, cuda, cuda:1, mps, ...") from None
     if device.type == "meta":
-        raise BadInput(f"device {name!r} holds no data (torch's meta device only tracks shapes); use cpu, cuda, "
-                       f"cuda:1, mps, ...")
+        raise BadInput(
+            f"device {name!r} holds no data (torch's meta device only tracks shapes); use cpu, cuda, cuda:1, mps, ..."
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SdclipError(f"device {name!r} asked for, but torch sees no CUDA GPU here")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -161,9 +172,15 @@ def _write_tensors(path: str, tensors: dict, metadata: dict[str, str]) -> None:
     print(f"wrote {path}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items()), file=sys.stderr)
 
 
-def _load_for_encode(args: argparse.Namespace) -> "sdclip.TextEncoder":
-    return sdclip.load(args.model, dtype=args.dtype, device=args.device, tokenizer_mode=args.mode,
-                       quantize=args.quantize, backend=args.backend)
+def _load_for_encode(args: argparse.Namespace) -> sdclip.TextEncoder:
+    return sdclip.load(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        tokenizer_mode=args.mode,
+        quantize=args.quantize,
+        backend=args.backend,
+    )
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
@@ -176,24 +193,41 @@ def cmd_encode(args: argparse.Namespace) -> None:
     te = _load_for_encode(args)
     out = te.encode(prompts, encoder=args.encoder, layer=args.layer, final_norm=args.final_norm)
     usage = te.usages[args.encoder - 1]
-    _write_tensors(args.out, {"hidden": out.hidden, "pooled": out.pooled, "pooled_projected": out.pooled_projected},
-                   {"model": str(args.model or bundled.DEFAULT), "family": te.family, "encoder": str(args.encoder),
-                    "layer": str(usage.layer if args.layer is None else args.layer),
-                    "final_norm": str(usage.final_norm if args.final_norm is None else args.final_norm),
-                    "quantize": str(args.quantize), "prompts": json.dumps(prompts)})
+    _write_tensors(
+        args.out,
+        {"hidden": out.hidden, "pooled": out.pooled, "pooled_projected": out.pooled_projected},
+        {
+            "model": str(args.model or bundled.DEFAULT),
+            "family": te.family,
+            "encoder": str(args.encoder),
+            "layer": str(usage.layer if args.layer is None else args.layer),
+            "final_norm": str(usage.final_norm if args.final_norm is None else args.final_norm),
+            "quantize": str(args.quantize),
+            "prompts": json.dumps(prompts),
+        },
+    )
 
 
 # --- encode --dialect: conditioning as a front end computes it ------------------------------------
+
 
 def _conditioning_options(args: argparse.Namespace) -> list[str]:
     """The conditioning options given (they need --dialect)."""
     from .prompts import REGISTRY
 
-    given = {"--negative": args.negative, "--negative-file": args.negative_file, "--embeddings": args.embeddings,
-             "--clip-skip": args.clip_skip}
+    given = {
+        "--negative": args.negative,
+        "--negative-file": args.negative_file,
+        "--embeddings": args.embeddings,
+        "--clip-skip": args.clip_skip,
+    }
     # a front end's options without a default are given only when set
-    given.update((o.flag, o.given(args)) for d in REGISTRY.values() for o in d.options if "default" not in o.argparse
-                 and o.stage == "encode")
+    given.update(
+        (o.flag, o.given(args))
+        for d in REGISTRY.values()
+        for o in d.options
+        if "default" not in o.argparse and o.stage == "encode"
+    )
     return [name for name, value in given.items() if value is not None]
 
 
@@ -204,19 +238,29 @@ def _encode_conditioning(args: argparse.Namespace, prompts: list[str]) -> None:
     if args.dialect is None:
         raise BadInput(f"{', '.join(_conditioning_options(args))} need --dialect (diffusers for plain prompts)")
     if args.layer is not None or args.final_norm is not None or args.encoder != 1:
-        raise BadInput("--layer, --final-norm and --encoder select raw hidden states; with --dialect the front end "
-                       "decides (use --clip-skip)")
+        raise BadInput(
+            "--layer, --final-norm and --encoder select raw hidden states; with --dialect the front end "
+            "decides (use --clip-skip)"
+        )
     if args.negative is not None and args.negative_file is not None:
         raise BadInput("give --negative or --negative-file, not both")
-    negative = (read_prompts([], args.negative_file, args.max_prompt_chars, "negative prompts")
-                if args.negative_file is not None
-                else args.negative)
+    negative = (
+        read_prompts([], args.negative_file, args.max_prompt_chars, "negative prompts")
+        if args.negative_file is not None
+        else args.negative
+    )
     if isinstance(negative, list) and len(negative) != len(prompts):
-        raise BadInput(f"{args.negative_file}: {len(negative)} negative prompts for {len(prompts)} prompts "
-                       f"(one per line, one per prompt)")
+        raise BadInput(
+            f"{args.negative_file}: {len(negative)} negative prompts for {len(prompts)} prompts "
+            f"(one per line, one per prompt)"
+        )
     te = _load_for_encode(args)
-    options = dict(clip_skip=args.clip_skip, embeddings=args.embeddings, max_prompt_chars=args.max_prompt_chars,
-                   **_dialect_options(args, "encode"))
+    options = dict(
+        clip_skip=args.clip_skip,
+        embeddings=args.embeddings,
+        max_prompt_chars=args.max_prompt_chars,
+        **_dialect_options(args, "encode"),
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if args.embeddings is not None:
@@ -224,36 +268,73 @@ def _encode_conditioning(args: argparse.Namespace, prompts: list[str]) -> None:
         try:
             cond = sdclip.encode_prompts(te, prompts, negative, dialect=args.dialect, **options)
         except BadInput as e:
+
             def alone(prompt: str, negative: bool) -> Callable[[], object]:
-                return lambda: sdclip.encode_prompts(te, "" if negative else prompt, prompt if negative else None,
-                                                     dialect=args.dialect, **options)
-            raise _located(e, [(p, alone(p, False)) for p in prompts] +
-                           [(n, alone(n, True)) for n in (negative if isinstance(negative, list) else [])]) from None
+                return lambda: sdclip.encode_prompts(
+                    te, "" if negative else prompt, prompt if negative else None, dialect=args.dialect, **options
+                )
+
+            raise _located(
+                e,
+                [(p, alone(p, False)) for p in prompts]
+                + [(n, alone(n, True)) for n in (negative if isinstance(negative, list) else [])],
+            ) from None
     for message in dict.fromkeys(str(w.message) for w in caught):
         print(f"sdclip: warning: {message}", file=sys.stderr)
-    _write_tensors(args.out, {"hidden": cond.hidden, "pooled": cond.pooled, "negative_hidden": cond.negative_hidden,
-                              "negative_pooled": cond.negative_pooled},
-                   {"model": str(args.model or bundled.DEFAULT), "family": te.family, "dialect": args.dialect,
-                    "clip_skip": str(args.clip_skip), "emphasis": options["emphasis"],
-                    "quantize": str(args.quantize), "prompts": json.dumps(prompts), "negative": json.dumps(negative)})
+    _write_tensors(
+        args.out,
+        {
+            "hidden": cond.hidden,
+            "pooled": cond.pooled,
+            "negative_hidden": cond.negative_hidden,
+            "negative_pooled": cond.negative_pooled,
+        },
+        {
+            "model": str(args.model or bundled.DEFAULT),
+            "family": te.family,
+            "dialect": args.dialect,
+            "clip_skip": str(args.clip_skip),
+            "emphasis": options["emphasis"],
+            "quantize": str(args.quantize),
+            "prompts": json.dumps(prompts),
+            "negative": json.dumps(negative),
+        },
+    )
 
 
 def _add_conditioning_args(p: argparse.ArgumentParser) -> None:
     _add_dialect_args(p, None)
-    p.add_argument("--negative", "-n", help="--dialect: one negative prompt for every prompt (default: none, which "
-                   "is the empty prompt, or zeros where the front end uses zeros: A1111 and diffusers SDXL)")
-    p.add_argument("--negative-file", help="--dialect: negative prompts, one per line (.jsonl: one JSON string per "
-                   "line), one per prompt")
-    naming = _by_rule(lambda d: "by token" if d.embeddings_by_token else "prompts name them by file name",
-                      lambda d: d.title)
-    p.add_argument("--embeddings", help="--dialect: textual-inversion file or folder (.pt .bin .safetensors "
-                   ".png .webp); " + ", ".join(f"{who} {rule}" for rule, who in sorted(naming.items(), reverse=True)))
-    p.add_argument("--strict-embeddings", action="store_true", help="--dialect: a file in the --embeddings folder "
-                   "that cannot be read is an error (exit 2); by default it is skipped with a warning, as A1111 "
-                   "and ComfyUI skip it")
+    p.add_argument(
+        "--negative",
+        "-n",
+        help="--dialect: one negative prompt for every prompt (default: none, which "
+        "is the empty prompt, or zeros where the front end uses zeros: A1111 and diffusers SDXL)",
+    )
+    p.add_argument(
+        "--negative-file",
+        help="--dialect: negative prompts, one per line (.jsonl: one JSON string per line), one per prompt",
+    )
+    naming = _by_rule(
+        lambda d: "by token" if d.embeddings_by_token else "prompts name them by file name", lambda d: d.title
+    )
+    p.add_argument(
+        "--embeddings",
+        help="--dialect: textual-inversion file or folder (.pt .bin .safetensors "
+        ".png .webp); " + ", ".join(f"{who} {rule}" for rule, who in sorted(naming.items(), reverse=True)),
+    )
+    p.add_argument(
+        "--strict-embeddings",
+        action="store_true",
+        help="--dialect: a file in the --embeddings folder "
+        "that cannot be read is an error (exit 2); by default it is skipped with a warning, as A1111 "
+        "and ComfyUI skip it",
+    )
     skips = _by_rule(lambda d: d.clip_skip_help, lambda d: d.name)
-    p.add_argument("--clip-skip", type=int, help="--dialect: the front end's clip skip ("
-                   + "; ".join(f"{who} {rule}" for rule, who in skips.items()) + ")")
+    p.add_argument(
+        "--clip-skip",
+        type=int,
+        help="--dialect: the front end's clip skip (" + "; ".join(f"{who} {rule}" for rule, who in skips.items()) + ")",
+    )
     _add_dialect_options(p, ("encode", "chunk"), "--dialect ")
 
 
@@ -268,10 +349,14 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"family:  {info['family']}")
     for n, e in enumerate(info["encoders"], 1):
         print(f"encoder {n}: {e['role']} ({e['architecture']}) at '{e['key_prefix']}' [{e['naming']} names]")
-        print(f"  layers {e['layers']}, width {e['width']}, heads {e['heads']}, mlp {e['mlp_width']}, "
-              f"activation {e['activation']}, projection {e['projection_dim'] or 'none'}, pad id {e['pad_id']}")
-        print(f"  dtype {e['dtype']}, {e['parameters']:,} parameters; SD default: layer {e['default_layer']}"
-              f"{' + final LN' if e['default_final_norm'] else ', no final LN'}")
+        print(
+            f"  layers {e['layers']}, width {e['width']}, heads {e['heads']}, mlp {e['mlp_width']}, "
+            f"activation {e['activation']}, projection {e['projection_dim'] or 'none'}, pad id {e['pad_id']}"
+        )
+        print(
+            f"  dtype {e['dtype']}, {e['parameters']:,} parameters; SD default: layer {e['default_layer']}"
+            f"{' + final LN' if e['default_final_norm'] else ', no final LN'}"
+        )
         for note in e["notes"]:
             print(f"  note: {note}")
     ignored = info["ignored"]
@@ -288,6 +373,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 # --- prompt dialects: parse, tokenize --chunks, tokens ---------------------------------------------
 
+
 def _dialect_tokenizer(args: argparse.Namespace):
     """The tokenizer and pad id to chunk with: --model's first encoder, or the bundled vocabulary."""
     if args.model:
@@ -296,8 +382,10 @@ def _dialect_tokenizer(args: argparse.Namespace):
     else:
         tokenizer, pad_id = sdclip.Tokenizer(mode=args.mode), None
     if args.pad_id is not None and not 0 <= args.pad_id < tokenizer.vocab_size:
-        raise BadInput(f"--pad-id {args.pad_id} is not a token id (0 to {tokenizer.vocab_size - 1}; 0 for SD2 and "
-                       f"SDXL's bigG, EOS for CLIP-L)")
+        raise BadInput(
+            f"--pad-id {args.pad_id} is not a token id (0 to {tokenizer.vocab_size - 1}; 0 for SD2 and "
+            f"SDXL's bigG, EOS for CLIP-L)"
+        )
     return tokenizer, pad_id if args.pad_id is None else args.pad_id
 
 
@@ -308,8 +396,10 @@ def _chunk_all(args: argparse.Namespace):
     tokenizer, pad_id = _dialect_tokenizer(args)
     dialect = args.dialect or "diffusers"
     options = {"pad_id": pad_id, "max_prompt_chars": args.max_prompt_chars, **_dialect_options(args, "chunk", dialect)}
-    for node in _per_prompt(read_prompts(args.prompts, args.file, args.max_prompt_chars),
-                            lambda prompt: chunk(prompt, dialect, tokenizer, **options)):
+    for node in _per_prompt(
+        read_prompts(args.prompts, args.file, args.max_prompt_chars),
+        lambda prompt: chunk(prompt, dialect, tokenizer, **options),
+    ):
         yield node, tokenizer
 
 
@@ -333,9 +423,11 @@ def cmd_parse(args: argparse.Namespace) -> None:
 
     options = _dialect_options(args, "parse", args.dialect)
     prompts = read_prompts(args.prompts, args.file, args.max_prompt_chars)
-    for n, node in enumerate(_per_prompt(prompts, lambda prompt: parse(prompt, args.dialect,
-                                                                       max_prompt_chars=args.max_prompt_chars,
-                                                                       **options))):
+    for n, node in enumerate(
+        _per_prompt(
+            prompts, lambda prompt: parse(prompt, args.dialect, max_prompt_chars=args.max_prompt_chars, **options)
+        )
+    ):
         print(json.dumps(to_json(node)) if args.json else ("\n" if n else "") + describe_segments(node))
 
 
@@ -375,45 +467,61 @@ def _add_dialect_args(p: argparse.ArgumentParser, default: str | None) -> None:
     from .prompts import REGISTRY
 
     names = [d.name + "".join(f" (= {a})" for a in d.aliases) for d in REGISTRY.values()]
-    p.add_argument("--dialect", "-d", choices=[*REGISTRY, *(a for d in REGISTRY.values() for a in d.aliases)],
-                   default=default, help=f"whose prompt syntax and chunking: {', '.join(names[:-1])} or {names[-1]}"
-                                         + (f" (default {default})" if default else ""))
+    p.add_argument(
+        "--dialect",
+        "-d",
+        choices=[*REGISTRY, *(a for d in REGISTRY.values() for a in d.aliases)],
+        default=default,
+        help=f"whose prompt syntax and chunking: {', '.join(names[:-1])} or {names[-1]}"
+        + (f" (default {default})" if default else ""),
+    )
     _add_dialect_options(p, ("parse",))
 
 
 def _add_chunk_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pad-id", type=int, help="pad id after EOS: 0 for SD2 and SDXL's bigG (default: EOS, as CLIP-L; "
-                   "with --model, that model's)")
+    p.add_argument(
+        "--pad-id",
+        type=int,
+        help="pad id after EOS: 0 for SD2 and SDXL's bigG (default: EOS, as CLIP-L; with --model, that model's)",
+    )
     _add_dialect_options(p, ("chunk",))
 
 
 def _add_prompt_commands(sub) -> None:
-    p = sub.add_parser("parse", help="prompt -> weighted segments, as a front end reads it",
-                       description="Print each prompt's weighted segments as DIALECT parses it (a readable list, or "
-                                   "with --json one JSON value per prompt: [[text, weight], ...]; A1111's BREAK is "
-                                   '["BREAK", -1]; compel blends and ANDs are {"blend"|"and": [...], '
-                                   '"weights": [...]}; '
-                                   'A1111 AND / prompt editing is {"steps": n, "schedule": [{"until_step": t, '
-                                   '"prompt": {"and": ...}}]}).')
+    p = sub.add_parser(
+        "parse",
+        help="prompt -> weighted segments, as a front end reads it",
+        description="Print each prompt's weighted segments as DIALECT parses it (a readable list, or "
+        "with --json one JSON value per prompt: [[text, weight], ...]; A1111's BREAK is "
+        '["BREAK", -1]; compel blends and ANDs are {"blend"|"and": [...], '
+        '"weights": [...]}; '
+        'A1111 AND / prompt editing is {"steps": n, "schedule": [{"until_step": t, '
+        '"prompt": {"and": ...}}]}).',
+    )
     _add_prompt_args(p)
     _add_dialect_args(p, "diffusers")
     p.add_argument("--json", action="store_true", help="one JSON value per prompt per line")
     p.set_defaults(run=cmd_parse)
 
-    p = sub.add_parser("tokens", help="show a prompt's tokens, weights and chunks as a front end builds them",
-                       description="For each prompt: every token with its weight (when not 1), the 77-token chunk "
-                                   "boundaries, tokens lost to truncation and the token count; AND parts, blends "
-                                   "and prompt-editing steps in sections.  Plain text.")
+    p = sub.add_parser(
+        "tokens",
+        help="show a prompt's tokens, weights and chunks as a front end builds them",
+        description="For each prompt: every token with its weight (when not 1), the 77-token chunk "
+        "boundaries, tokens lost to truncation and the token count; AND parts, blends "
+        "and prompt-editing steps in sections.  Plain text.",
+    )
     _add_prompt_args(p)
     _add_dialect_args(p, "diffusers")
     _add_chunk_args(p)
     p.add_argument("--model", "-m", help="use this checkpoint's tokenizer and pad id (default: the bundled vocabulary)")
-    p.add_argument("--mode", choices=sdclip.tokenizer.MODES, default="hf",
-                   help="tokenizer text cleaning (see tokenize)")
+    p.add_argument(
+        "--mode", choices=sdclip.tokenizer.MODES, default="hf", help="tokenizer text cleaning (see tokenize)"
+    )
     p.set_defaults(run=cmd_tokens)
 
 
 # --- contrastive CLIP: zero-shot, similarity, training ------------------------------------------
+
 
 def _clip_model(name: str | None):
     """--model, or the bundled sdclip-mini when it is not given."""
@@ -463,8 +571,10 @@ def cmd_train_clip(args: argparse.Namespace) -> None:
         print(f"resuming {args.out} with the settings it was started with", file=sys.stderr)
     train(config, args.out, resume=args.resume, until=args.until)
     if args.until is None or args.until >= config.steps:
-        print(f"wrote {args.out}: model.safetensors (+ config and tokenizer), metrics.jsonl, training.png",
-              file=sys.stderr)
+        print(
+            f"wrote {args.out}: model.safetensors (+ config and tokenizer), metrics.jsonl, training.png",
+            file=sys.stderr,
+        )
 
 
 def cmd_shapes(args: argparse.Namespace) -> None:
@@ -487,18 +597,18 @@ def cmd_shapes(args: argparse.Namespace) -> None:
 _TRAIN_HELP = {
     "data": "'shapes' (built-in generator), a folder of image + .txt pairs, or a webdataset .tar",
     "eval_every": "zero-shot accuracy on seen / held-out shapes every N steps (0: never; shapes data only)",
-    "embed_dim": "width of the shared embedding space", "save_dtype": "dtype of the saved model (float16 halves it)",
+    "embed_dim": "width of the shared embedding space",
+    "save_dtype": "dtype of the saved model (float16 halves it)",
     "patch_init": "'whiten': start the patch embedding as a PCA whitening of the data's patches (learns shape "
-                  "far sooner); 'clip': CLIP's random init",
+    "far sooner); 'clip': CLIP's random init",
     "partial_captions": "shapes data: share of one-object captions that name only the shape ('a circle') or only "
-                        "the colour ('a red shape'), so that each word is learned on its own",
+    "the colour ('a red shape'), so that each word is learned on its own",
     "ema": "keep an exponential moving average of the weights with this decay per step (e.g. 0.998) and "
-           "evaluate and save it instead of the last weights (0: off)",
+    "evaluate and save it instead of the last weights (0: off)",
     "bootstrap_steps": "shapes data: for the first N steps freeze the text tower at its random init and caption "
-                       "pictures by shape alone ('a circle'), so that the image tower learns shape before the text "
-                       "tower can learn to ignore it (0: no bootstrap)",
+    "pictures by shape alone ('a circle'), so that the image tower learns shape before the text "
+    "tower can learn to ignore it (0: no bootstrap)",
 }
-
 
 
 def _resumes(args: argparse.Namespace) -> bool:
@@ -528,34 +638,54 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _add_run_options(p: argparse.ArgumentParser, config: type, helps: dict[str, str], skip: tuple[str, ...] = ()) -> None:
+def _add_run_options(
+    p: argparse.ArgumentParser, config: type, helps: dict[str, str], skip: tuple[str, ...] = ()
+) -> None:
     """A training command's options: one per field of its config dataclass (``--field-name``, typed and
     defaulted as the field), and --resume, --until, --threads."""
     for field in fields(config):
         if field.name not in skip:
             kind = _finite_float if isinstance(field.default, float) else type(field.default)
-            p.add_argument("--" + field.name.replace("_", "-"), dest=field.name, type=kind,
-                           default=field.default, help=f"{helps.get(field.name, '')} (default {field.default})".strip())
+            p.add_argument(
+                "--" + field.name.replace("_", "-"),
+                dest=field.name,
+                type=kind,
+                default=field.default,
+                help=f"{helps.get(field.name, '')} (default {field.default})".strip(),
+            )
     p.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
     p.add_argument("--until", type=int, help="stop after this step (with a checkpoint); --resume continues")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; --resume: the run's, "
-                   "saved in its checkpoint)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's choice; --resume: the run's, saved in its checkpoint)",
+    )
+
 
 def _add_clip_commands(sub) -> None:
-    p = sub.add_parser("zeroshot", help="images -> probability of each label (a contrastive CLIP model)",
-                       description="Zero-shot classification: each label is written into the templates, the "
-                                   "normalized text embeddings are averaged per label, and each image's "
-                                   "probabilities over the labels are printed (a table, or JSON lines).")
+    p = sub.add_parser(
+        "zeroshot",
+        help="images -> probability of each label (a contrastive CLIP model)",
+        description="Zero-shot classification: each label is written into the templates, the "
+        "normalized text embeddings are averaged per label, and each image's "
+        "probabilities over the labels are printed (a table, or JSON lines).",
+    )
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--labels", required=True, help="comma-separated labels, e.g. 'red circle,blue square'")
     p.add_argument("--model", "-m", help="CLIP folder, file or hub id (default: the bundled model)")
-    p.add_argument("--template", action="append", help="prompt template with {} for the label; repeat to average "
-                   "several (default 'a photo of a {}.')")
+    p.add_argument(
+        "--template",
+        action="append",
+        help="prompt template with {} for the label; repeat to average several (default 'a photo of a {}.')",
+    )
     p.add_argument("--json", action="store_true", help='one {"image": path, "probs": {label: p}} per line')
     p.set_defaults(run=cmd_zeroshot)
 
-    p = sub.add_parser("similarity", help="cosine similarity of images and texts (a contrastive CLIP model)",
-                       description="Print the cosine similarity of every image with every text.")
+    p = sub.add_parser(
+        "similarity",
+        help="cosine similarity of images and texts (a contrastive CLIP model)",
+        description="Print the cosine similarity of every image with every text.",
+    )
     p.add_argument("--model", "-m", help="CLIP folder, file or hub id (default: the bundled model)")
     p.add_argument("--text", "-t", nargs="+", required=True)
     p.add_argument("--image", "-i", nargs="+", required=True)
@@ -564,27 +694,37 @@ def _add_clip_commands(sub) -> None:
 
     from .runconfig import TrainConfig
 
-    p = sub.add_parser("train-clip", help="train a small contrastive CLIP (CPU-sized) on shapes, a folder or a tar",
-                       description="Train text and image towers from scratch with the contrastive loss (AdamW, "
-                                   "warmup + cosine, gradient clipping).  --out receives a Hugging Face CLIPModel "
-                                   "folder (loadable by sdclip and transformers), checkpoint.pt, metrics.jsonl "
-                                   "and training.png.")
+    p = sub.add_parser(
+        "train-clip",
+        help="train a small contrastive CLIP (CPU-sized) on shapes, a folder or a tar",
+        description="Train text and image towers from scratch with the contrastive loss (AdamW, "
+        "warmup + cosine, gradient clipping).  --out receives a Hugging Face CLIPModel "
+        "folder (loadable by sdclip and transformers), checkpoint.pt, metrics.jsonl "
+        "and training.png.",
+    )
     p.add_argument("--out", "-o", required=True, help="run folder")
     _add_run_options(p, TrainConfig, _TRAIN_HELP)
     p.set_defaults(run=cmd_train_clip)
 
-    p = sub.add_parser("shapes", help="write pictures of coloured shapes with captions (the built-in training data)",
-                       description="Write N seeded pictures from the generator train-clip's 'shapes' data uses, as "
-                                   "NNNNN.png + NNNNN.txt (a folder train-clip also reads), and print 'path<TAB>"
-                                   "caption' per picture.  By default single objects in the training colour x shape "
-                                   "pairs; --held-out draws only the pairs training never shows.")
+    p = sub.add_parser(
+        "shapes",
+        help="write pictures of coloured shapes with captions (the built-in training data)",
+        description="Write N seeded pictures from the generator train-clip's 'shapes' data uses, as "
+        "NNNNN.png + NNNNN.txt (a folder train-clip also reads), and print 'path<TAB>"
+        "caption' per picture.  By default single objects in the training colour x shape "
+        "pairs; --held-out draws only the pairs training never shows.",
+    )
     p.add_argument("--out", "-o", required=True, help="folder to write into")
     p.add_argument("--n", type=int, default=8, help="how many pictures (default 8)")
     p.add_argument("--seed", type=int, default=0, help="picture i of a seed is always the same (default 0)")
     p.add_argument("--size", type=int, default=64, help="pixels per side (default 64)")
-    p.add_argument("--pairs", type=_finite_float, default=0.0, help="share of two-object pictures (default 0; training: 0.3)")
-    p.add_argument("--shapes", help="comma-separated shapes (default: the six training shapes; heart and crescent "
-                   "are never trained on)")
+    p.add_argument(
+        "--pairs", type=_finite_float, default=0.0, help="share of two-object pictures (default 0; training: 0.3)"
+    )
+    p.add_argument(
+        "--shapes",
+        help="comma-separated shapes (default: the six training shapes; heart and crescent are never trained on)",
+    )
     p.add_argument("--held-out", action="store_true", help="only the held-out colour x shape pairs")
     p.set_defaults(run=cmd_shapes)
 
@@ -593,9 +733,11 @@ def _add_clip_commands(sub) -> None:
 
 _TI_SUFFIX = {"a1111": ".pt", "safetensors": ".safetensors", "diffusers": ".safetensors"}
 _TI_HELP = {
-    "vectors": "prompt positions the word takes", "init_word": "start from this word's token embeddings",
+    "vectors": "prompt positions the word takes",
+    "init_word": "start from this word's token embeddings",
     "contrast": "weight of the cross-entropy against --negatives (0: cosine only)",
-    "batch_size": "templates per step", "checkpoint_every": "write checkpoint.pt every N steps",
+    "batch_size": "templates per step",
+    "checkpoint_every": "write checkpoint.pt every N steps",
 }
 
 
@@ -625,8 +767,9 @@ def cmd_ti_train(args: argparse.Namespace) -> None:
     from .runs import load_checkpoint
 
     _run_threads(args)
-    settings = {f: getattr(args, f) for f in InversionConfig.__dataclass_fields__
-                if f not in ("templates", "negatives")}
+    settings = {
+        f: getattr(args, f) for f in InversionConfig.__dataclass_fields__ if f not in ("templates", "negatives")
+    }
     if args.template:
         check_templates(args.template)
         settings["templates"] = tuple(args.template)
@@ -636,20 +779,26 @@ def cmd_ti_train(args: argparse.Namespace) -> None:
     elif args.token is None:
         raise BadInput("--token is required: the new word as prompts will write it, e.g. --token '<my-thing>'")
     model = _clip_model(args.model)
-    embedding = train_embedding(model, _image_paths(args.images), out=args.out, resume=args.resume, until=args.until,
-                                **settings)  # a resumed run uses its saved settings
+    embedding = train_embedding(
+        model, _image_paths(args.images), out=args.out, resume=args.resume, until=args.until, **settings
+    )  # a resumed run uses its saved settings
     state = load_checkpoint(args.out)
     step = int(state["step"])
     if step < state["config"]["steps"]:
         print(f"stopped at step {step}; --resume continues", file=sys.stderr)
         return
-    path = Path(args.out) / ("learned_embeds.safetensors" if args.format == "diffusers"
-                             else embedding.name + _TI_SUFFIX[args.format])
+    path = Path(args.out) / (
+        "learned_embeds.safetensors" if args.format == "diffusers" else embedding.name + _TI_SUFFIX[args.format]
+    )
     save_embedding(embedding, path, args.format, step=step, checkpoint=str(args.model or bundled.DEFAULT))
-    diffusers = (f"diffusers / compel {embedding.token}" + (f" (load_textual_inversion(..., token={embedding.token!r}))"
-                                                              if args.format == "safetensors" else ""))
-    print(f"wrote {path} ({embedding.count} x {next(iter(embedding.vectors.values())).shape[1]}; A1111 / ComfyUI "
-          f"prompts call it {embedding.name}, {diffusers}), checkpoint.pt, metrics.jsonl, loss.png", file=sys.stderr)
+    diffusers = f"diffusers / compel {embedding.token}" + (
+        f" (load_textual_inversion(..., token={embedding.token!r}))" if args.format == "safetensors" else ""
+    )
+    print(
+        f"wrote {path} ({embedding.count} x {next(iter(embedding.vectors.values())).shape[1]}; A1111 / ComfyUI "
+        f"prompts call it {embedding.name}, {diffusers}), checkpoint.pt, metrics.jsonl, loss.png",
+        file=sys.stderr,
+    )
 
 
 def cmd_ti_convert(args: argparse.Namespace) -> None:
@@ -661,8 +810,11 @@ def cmd_ti_convert(args: argparse.Namespace) -> None:
     # a kohya / A1111 safetensors file's only key is emb_params: such a file is called by its name
     token = args.token or (e.name if e.token == "emb_params" else e.token)
     save_embedding(Embedding(out.name[: -len(out.suffix)] if out.suffix else out.name, token, e.vectors), out, fmt)
-    print(f"wrote {out} ({fmt}: {e.count} vector{'s' if e.count > 1 else ''} of width {e.describe_widths()}, "
-          f"token {token})", file=sys.stderr)
+    print(
+        f"wrote {out} ({fmt}: {e.count} vector{'s' if e.count > 1 else ''} of width {e.describe_widths()}, "
+        f"token {token})",
+        file=sys.stderr,
+    )
 
 
 def cmd_ti_inspect(args: argparse.Namespace) -> None:
@@ -672,8 +824,10 @@ def cmd_ti_inspect(args: argparse.Namespace) -> None:
     e = read_embedding(args.file)
     print(f"file:    {args.file}")
     print(f"name:    {e.name} (how A1111 / ComfyUI prompts call it); token: {e.token} (diffusers / compel)")
-    print("vectors: " + ", ".join(f"{'' if role == '*' else role + ' '}{v.shape[0]} x {v.shape[1]}"
-                                  for role, v in e.vectors.items()))
+    print(
+        "vectors: "
+        + ", ".join(f"{'' if role == '*' else role + ' '}{v.shape[0]} x {v.shape[1]}" for role, v in e.vectors.items())
+    )
     try:
         te = sdclip.load(args.model)
     except SdclipError as err:
@@ -687,22 +841,26 @@ def cmd_ti_inspect(args: argparse.Namespace) -> None:
     if not fits:
         from .families import architecture
 
-        needed = "; ".join(f"{v.shape[1]}: {architecture(v.shape[1]).description}"
-                           for v in e.vectors.values())
-        message = (f"{label}'s text encoder{'s take' if len(te.towers) > 1 else ' takes'} width "
-                   f"{' + '.join(str(t.config.width) for t in te.towers)}: the vectors do not fit; they need {needed}")
+        needed = "; ".join(f"{v.shape[1]}: {architecture(v.shape[1]).description}" for v in e.vectors.values())
+        message = (
+            f"{label}'s text encoder{'s take' if len(te.towers) > 1 else ' takes'} width "
+            f"{' + '.join(str(t.config.width) for t in te.towers)}: the vectors do not fit; they need {needed}"
+        )
         if args.model is not None:
             raise BadInput(f"{args.file}: {message}")
         print(f"model:   {message} (give it with --model for the nearest tokens)")
         return
     for n, tower, vectors in fits:
         typical = tower.token_embedding.weight.detach().float().norm(dim=-1).median().item()
-        print(f"model:   {label}, encoder {n} ({tower.config.architecture}, width {tower.config.width}): fits; its "
-              f"token embeddings have norm {typical:.3f} (median)")
+        print(
+            f"model:   {label}, encoder {n} ({tower.config.architecture}, width {tower.config.width}): fits; its "
+            f"token embeddings have norm {typical:.3f} (median)"
+        )
         for start in range(0, len(vectors), 256):  # block by block: [n, vocab] similarities at once are GBs
-            block = vectors[start:start + 256]
-            for i, (v, near) in enumerate(zip(block, nearest_tokens(block, tower, te.tokenizers[n - 1], args.top)),
-                                          start):
+            block = vectors[start : start + 256]
+            for i, (v, near) in enumerate(
+                zip(block, nearest_tokens(block, tower, te.tokenizers[n - 1], args.top)), start
+            ):
                 words = "  ".join(f"{text} {score:.2f}" for text, score in near)
                 print(f"  {i}: norm {v.norm().item():.3f}  nearest: {words}")
 
@@ -710,54 +868,82 @@ def cmd_ti_inspect(args: argparse.Namespace) -> None:
 def _add_ti_commands(sub) -> None:
     from .runconfig import FORMATS, InversionConfig
 
-    ti = sub.add_parser("ti", help="textual inversion: learn a new word for a frozen encoder; inspect and convert "
-                                   "embedding files",
-                        description="Textual inversion.  train: learn vectors for a new word from example images "
-                                    "(CLIP objective: a full CLIP model); convert: between A1111 .pt, safetensors "
-                                    "(emb_params; SDXL clip_l + clip_g) and diffusers learned_embeds; inspect: "
-                                    "vector count, width, norms and nearest vocabulary tokens.")
+    ti = sub.add_parser(
+        "ti",
+        help="textual inversion: learn a new word for a frozen encoder; inspect and convert embedding files",
+        description="Textual inversion.  train: learn vectors for a new word from example images "
+        "(CLIP objective: a full CLIP model); convert: between A1111 .pt, safetensors "
+        "(emb_params; SDXL clip_l + clip_g) and diffusers learned_embeds; inspect: "
+        "vector count, width, norms and nearest vocabulary tokens.",
+    )
     group = ti.add_subparsers(dest="ti_command", required=True, metavar="ACTION")
 
-    p = group.add_parser("train", help="learn a new word from example images (every encoder weight frozen)",
-                         description="Learn --vectors vectors for --token so that caption templates holding it "
-                                     "match the example images in a CLIP model's embedding space (loss: 1 - mean "
-                                     "cosine, plus --contrast x the cross-entropy of classifying the images among "
-                                     "the word and --negatives).  AdamW on the new vectors only.  --out receives "
-                                     "the embedding (NAME.safetensors, NAME.pt or learned_embeds.safetensors), "
-                                     "checkpoint.pt, metrics.jsonl and loss.png.  A U-Net objective: the Python "
-                                     "API, sdclip.train_embedding(..., loss_fn=...).")
+    p = group.add_parser(
+        "train",
+        help="learn a new word from example images (every encoder weight frozen)",
+        description="Learn --vectors vectors for --token so that caption templates holding it "
+        "match the example images in a CLIP model's embedding space (loss: 1 - mean "
+        "cosine, plus --contrast x the cross-entropy of classifying the images among "
+        "the word and --negatives).  AdamW on the new vectors only.  --out receives "
+        "the embedding (NAME.safetensors, NAME.pt or learned_embeds.safetensors), "
+        "checkpoint.pt, metrics.jsonl and loss.png.  A U-Net objective: the Python "
+        "API, sdclip.train_embedding(..., loss_fn=...).",
+    )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="example images, or folders of them (a few suffice)")
     p.add_argument("--model", "-m", help="full CLIP model: folder, file or hub id (default: the bundled model)")
     p.add_argument("--out", "-o", required=True, help="run folder")
     p.add_argument("--token", help="the new word as prompts write it, e.g. '<my-thing>' (file name: without <>)")
     _add_run_options(p, InversionConfig, _TI_HELP, skip=("token", "templates", "negatives"))
-    p.add_argument("--template", action="append", help="caption template with {} for the word; repeat for several "
-                   "(default: ten photo / rendering / drawing templates)")
-    p.add_argument("--negatives", help="comma-separated names the word must stay apart from (e.g. the classes it "
-                   "will be told apart from)")
-    p.add_argument("--format", choices=FORMATS, default="safetensors", help="embedding file written (default "
-                   "safetensors: emb_params)")
+    p.add_argument(
+        "--template",
+        action="append",
+        help="caption template with {} for the word; repeat for several "
+        "(default: ten photo / rendering / drawing templates)",
+    )
+    p.add_argument(
+        "--negatives",
+        help="comma-separated names the word must stay apart from (e.g. the classes it will be told apart from)",
+    )
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="safetensors",
+        help="embedding file written (default safetensors: emb_params)",
+    )
     p.set_defaults(run=cmd_ti_train)
 
-    p = group.add_parser("convert", help="rewrite an embedding file in another format",
-                         description="Read any embedding file sdclip reads (.pt .bin .safetensors, A1111 PNG/WebP) "
-                                     "and write it as A1111 .pt, safetensors (emb_params; SDXL clip_l + clip_g) or "
-                                     "diffusers learned_embeds ({token: [n, C]}).")
+    p = group.add_parser(
+        "convert",
+        help="rewrite an embedding file in another format",
+        description="Read any embedding file sdclip reads (.pt .bin .safetensors, A1111 PNG/WebP) "
+        "and write it as A1111 .pt, safetensors (emb_params; SDXL clip_l + clip_g) or "
+        "diffusers learned_embeds ({token: [n, C]}).",
+    )
     p.add_argument("input", metavar="IN")
     p.add_argument("output", metavar="OUT", help="file to write; its name gives the A1111 / ComfyUI name")
-    p.add_argument("--format", choices=FORMATS, help="default: from OUT's name (learned_embeds.* diffusers, "
-                   ".safetensors safetensors, .pt / .bin a1111)")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="default: from OUT's name (learned_embeds.* diffusers, .safetensors safetensors, .pt / .bin a1111)",
+    )
     p.add_argument("--token", help="the token diffusers / compel prompts use (default: the file's)")
     p.set_defaults(run=cmd_ti_convert)
 
-    p = group.add_parser("inspect", help="vector count, width, norms and nearest vocabulary tokens of an embedding",
-                         description="Print an embedding file's names, vector count and width, and, against a "
-                                     "text encoder of that width, whether it fits, each vector's norm beside the "
-                                     "encoder's typical token norm, and the vocabulary tokens nearest each vector "
-                                     "(cosine with the token embeddings).")
+    p = group.add_parser(
+        "inspect",
+        help="vector count, width, norms and nearest vocabulary tokens of an embedding",
+        description="Print an embedding file's names, vector count and width, and, against a "
+        "text encoder of that width, whether it fits, each vector's norm beside the "
+        "encoder's typical token norm, and the vocabulary tokens nearest each vector "
+        "(cosine with the token embeddings).",
+    )
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--model", "-m", help="checkpoint, folder or hub id whose text encoder to compare with (default: "
-                   "the bundled model, when the width fits)")
+    p.add_argument(
+        "--model",
+        "-m",
+        help="checkpoint, folder or hub id whose text encoder to compare with (default: "
+        "the bundled model, when the width fits)",
+    )
     p.add_argument("--top", type=int, default=5, help="nearest tokens per vector (default 5)")
     p.set_defaults(run=cmd_ti_inspect)
 
@@ -770,6 +956,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 # --- serve: the HTTP server (sdclip[serve]; imported only when run) ---------------------------------------
+
 
 def cmd_serve(args: argparse.Namespace) -> None:
     try:
@@ -791,111 +978,194 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise BadInput(f"--token-file {args.token_file}: cannot read it ({e})") from None
         if not token:
             raise BadInput(f"--token-file {args.token_file}: the file is empty")
-    limits = Limits(max_prompts=args.max_prompts, max_chars=args.max_chars, max_tokens=args.max_tokens,
-                    max_body_bytes=args.max_body_bytes)
-    serve(ServeConfig(models=models, embeddings=args.embeddings, dtype=args.dtype, device=args.device,
-                      max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
-                      limits=limits, token=token, cors=args.cors or []),
-          host=args.host, port=args.port, log_level=args.log_level, threads=args.threads)
+    limits = Limits(
+        max_prompts=args.max_prompts,
+        max_chars=args.max_chars,
+        max_tokens=args.max_tokens,
+        max_body_bytes=args.max_body_bytes,
+    )
+    serve(
+        ServeConfig(
+            models=models,
+            embeddings=args.embeddings,
+            dtype=args.dtype,
+            device=args.device,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            queue_size=args.queue_size,
+            limits=limits,
+            token=token,
+            cors=args.cors or [],
+        ),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        threads=args.threads,
+    )
 
 
 def _add_serve_command(sub) -> None:
-    p = sub.add_parser("serve", help="an HTTP server: conditioning, embeddings, tokenization, a prompt inspector",
-                       description="Serve /v1/encode (encode_prompts as safetensors or JSON), /v1/embeddings "
-                                   "(OpenAI-compatible), /v1/tokenize, /v1/compare, /healthz, /readyz, /metrics, "
-                                   "/docs and the prompt inspector at /.  Needs sdclip[serve].  SIGTERM lets the "
-                                   "requests in flight finish, then exits 0.")
-    p.add_argument("--model", "-m", action="append", metavar="[NAME=]MODEL", help="a checkpoint to serve, "
-                   "optionally named (repeat for several; the first is the default; default: sdclip-mini)")
+    p = sub.add_parser(
+        "serve",
+        help="an HTTP server: conditioning, embeddings, tokenization, a prompt inspector",
+        description="Serve /v1/encode (encode_prompts as safetensors or JSON), /v1/embeddings "
+        "(OpenAI-compatible), /v1/tokenize, /v1/compare, /healthz, /readyz, /metrics, "
+        "/docs and the prompt inspector at /.  Needs sdclip[serve].  SIGTERM lets the "
+        "requests in flight finish, then exits 0.",
+    )
+    p.add_argument(
+        "--model",
+        "-m",
+        action="append",
+        metavar="[NAME=]MODEL",
+        help="a checkpoint to serve, "
+        "optionally named (repeat for several; the first is the default; default: sdclip-mini)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--embeddings", help="textual-inversion file or folder; requests use them by name")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model weights")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--max-batch", type=int, default=32, help="prompts per micro-batch (default 32)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests "
-                   "(default 5 ms)")
+    p.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests (default 5 ms)"
+    )
     p.add_argument("--queue-size", type=int, default=256, help="requests waiting per model before 503 (default 256)")
     p.add_argument("--max-prompts", type=int, default=64, help="prompts per request (default 64)")
     p.add_argument("--max-chars", type=int, default=4000, help="characters per prompt (default 4000)")
-    p.add_argument("--max-tokens", type=int, default=600, help="tokens per prompt as its dialect counts them "
-                   "(default 600)")
+    p.add_argument(
+        "--max-tokens", type=int, default=600, help="tokens per prompt as its dialect counts them (default 600)"
+    )
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size (default 1 MiB)")
-    p.add_argument("--token-file", help="require 'Authorization: Bearer TOKEN' with the token in this file "
-                   "(/healthz, the inspector page and /docs stay open)")
-    p.add_argument("--cors", action="append", metavar="ORIGIN", help="allow browser requests from ORIGIN "
-                   "(repeatable; default: no CORS headers)")
-    p.add_argument("--threads", type=int, help="torch threads for the models (default: the cores less one, "
-                   "left to the HTTP side)")
+    p.add_argument(
+        "--token-file",
+        help="require 'Authorization: Bearer TOKEN' with the token in this file "
+        "(/healthz, the inspector page and /docs stay open)",
+    )
+    p.add_argument(
+        "--cors",
+        action="append",
+        metavar="ORIGIN",
+        help="allow browser requests from ORIGIN (repeatable; default: no CORS headers)",
+    )
+    p.add_argument(
+        "--threads", type=int, help="torch threads for the models (default: the cores less one, left to the HTTP side)"
+    )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=cmd_serve)
 
 
 def _bool_flag(p: argparse.ArgumentParser, name: str, help: str) -> None:
-    p.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, default=None, help=help)
+    p.add_argument(
+        f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, default=None, help=help
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sdclip", description="The CLIP text encoder Stable Diffusion uses: "
-                                     "tokenize prompts, encode them to conditioning, inspect checkpoints.",
-                     epilog="Data goes to stdout, messages to stderr.  Exit status: 0 ok, 1 failure, 2 bad input "
-                            "(a missing or broken file, a bad option or prompt file).  `sdclip COMMAND --help` "
-                            "describes each command.")
+    parser = _Parser(
+        prog="sdclip",
+        description="The CLIP text encoder Stable Diffusion uses: "
+        "tokenize prompts, encode them to conditioning, inspect checkpoints.",
+        epilog="Data goes to stdout, messages to stderr.  Exit status: 0 ok, 1 failure, 2 bad input "
+        "(a missing or broken file, a bad option or prompt file).  `sdclip COMMAND --help` "
+        "describes each command.",
+    )
     parser.add_argument("--version", action="version", version=f"sdclip {sdclip.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("tokenize", help="prompt -> token ids (one JSON list per prompt per line)",
-                       description="Print one JSON list of token ids per prompt per line: BOS and EOS included, "
-                                   "no padding, no truncation.  With --chunks (or --dialect): one JSON object per "
-                                   "prompt with the 77-token chunks and per-token weights that front end builds.")
+    p = sub.add_parser(
+        "tokenize",
+        help="prompt -> token ids (one JSON list per prompt per line)",
+        description="Print one JSON list of token ids per prompt per line: BOS and EOS included, "
+        "no padding, no truncation.  With --chunks (or --dialect): one JSON object per "
+        "prompt with the 77-token chunks and per-token weights that front end builds.",
+    )
     _add_prompt_args(p)
     p.add_argument("--model", "-m", help="use this checkpoint's tokenizer (default: the bundled CLIP vocabulary)")
-    p.add_argument("--mode", choices=sdclip.tokenizer.MODES, default="hf",
-                   help="text cleaning: hf = transformers 4.x CLIPTokenizer (default), openai = open_clip / OpenAI, "
-                        "nfc = CLIPTokenizerFast / transformers 5")
+    p.add_argument(
+        "--mode",
+        choices=sdclip.tokenizer.MODES,
+        default="hf",
+        help="text cleaning: hf = transformers 4.x CLIPTokenizer (default), openai = open_clip / OpenAI, "
+        "nfc = CLIPTokenizerFast / transformers 5",
+    )
     _add_dialect_args(p, None)
-    p.add_argument("--chunks", action="store_true", help='print {"tokens": [[77 ids], ...], "weights": [[77 floats], '
-                   '...], "token_count": n} per prompt as --dialect builds them (default dialect diffusers; '
-                   "--dialect implies --chunks)")
+    p.add_argument(
+        "--chunks",
+        action="store_true",
+        help='print {"tokens": [[77 ids], ...], "weights": [[77 floats], '
+        '...], "token_count": n} per prompt as --dialect builds them (default dialect diffusers; '
+        "--dialect implies --chunks)",
+    )
     p.add_argument("--json", action="store_true", help="(the output is JSON in any case)")
     _add_chunk_args(p)
     p.set_defaults(run=cmd_tokenize)
 
-    p = sub.add_parser("encode", help="prompts -> hidden states and pooled output (.safetensors)",
-                       description="Encode prompts and write `hidden` [B, 77, C] (the selected layer), `pooled` "
-                                   "[B, C] and, when the model has a projection, `pooled_projected` [B, P] to a "
-                                   ".safetensors file whose metadata records model, family, encoder, layer, "
-                                   "final_norm and the prompts (as JSON).  With --dialect: the conditioning that "
-                                   "front end feeds the U-Net (weights, long prompts, clip skip, embeddings; SDXL: "
-                                   "both encoders, 2048 channels) as `hidden` [B, 77k, C], `pooled` [B, P] (SDXL), "
-                                   "`negative_hidden` and `negative_pooled`.")
+    p = sub.add_parser(
+        "encode",
+        help="prompts -> hidden states and pooled output (.safetensors)",
+        description="Encode prompts and write `hidden` [B, 77, C] (the selected layer), `pooled` "
+        "[B, C] and, when the model has a projection, `pooled_projected` [B, P] to a "
+        ".safetensors file whose metadata records model, family, encoder, layer, "
+        "final_norm and the prompts (as JSON).  With --dialect: the conditioning that "
+        "front end feeds the U-Net (weights, long prompts, clip skip, embeddings; SDXL: "
+        "both encoders, 2048 channels) as `hidden` [B, 77k, C], `pooled` [B, P] (SDXL), "
+        "`negative_hidden` and `negative_pooled`.",
+    )
     _add_prompt_args(p)
-    p.add_argument("--model", "-m", help="checkpoint file, diffusers / HF folder, or HF repo id (default: the "
-                   "bundled sdclip-mini)")
+    p.add_argument(
+        "--model", "-m", help="checkpoint file, diffusers / HF folder, or HF repo id (default: the bundled sdclip-mini)"
+    )
     p.add_argument("--out", "-o", required=True, help="output .safetensors file")
-    p.add_argument("--layer", type=int, help="Python-style index into the hidden states: 0 = embeddings, -1 = last "
-                   "layer (default: the family's SD choice: SD1 -1 + final LN, SD2 23rd layer + final LN, "
-                   "SDXL -2 without final LN)")
+    p.add_argument(
+        "--layer",
+        type=int,
+        help="Python-style index into the hidden states: 0 = embeddings, -1 = last "
+        "layer (default: the family's SD choice: SD1 -1 + final LN, SD2 23rd layer + final LN, "
+        "SDXL -2 without final LN)",
+    )
     _bool_flag(p, "final-norm", "apply the final LayerNorm to the selected layer (default: the family's SD choice)")
-    p.add_argument("--encoder", type=int, default=1, help="which encoder of a two-encoder file (SDXL: 1 = CLIP-L, "
-                   "2 = bigG; default 1)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="weights and outputs (default float32)")
+    p.add_argument(
+        "--encoder",
+        type=int,
+        default=1,
+        help="which encoder of a two-encoder file (SDXL: 1 = CLIP-L, 2 = bigG; default 1)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="weights and outputs (default float32)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--quantize", choices=["int8"], help="run the Linear layers in int8 on the CPU: 1.6-2.2x "
-                   "faster, not exact (first block in float; cosine to float32 ~0.9993: the README speed table)")
-    p.add_argument("--mode", choices=sdclip.tokenizer.MODES, default="hf", help="tokenizer text cleaning (see tokenize)")
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="run the Linear layers in int8 on the CPU: 1.6-2.2x "
+        "faster, not exact (first block in float; cosine to float32 ~0.9993: the README speed table)",
+    )
+    p.add_argument(
+        "--mode", choices=sdclip.tokenizer.MODES, default="hf", help="tokenizer text cleaning (see tokenize)"
+    )
     from .backends import BACKENDS
 
-    p.add_argument("--backend", choices=BACKENDS, default="torch", help="engine for the text tower: torch (default), "
-                   "onnxruntime or openvino (exported once per model into ~/.cache/sdclip or $SDCLIP_CACHE; "
-                   "pip install 'sdclip[onnx]' / 'sdclip[openvino]'; within 1e-5 of torch)")
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="torch",
+        help="engine for the text tower: torch (default), "
+        "onnxruntime or openvino (exported once per model into ~/.cache/sdclip or $SDCLIP_CACHE; "
+        "pip install 'sdclip[onnx]' / 'sdclip[openvino]'; within 1e-5 of torch)",
+    )
     _add_conditioning_args(p)
     p.set_defaults(run=cmd_encode)
 
-    p = sub.add_parser("info", help="what a checkpoint holds: layout, family, architecture, ignored tensors",
-                       description="Load a checkpoint's text encoder(s) and report layout, family, layers, width, "
-                                   "heads, activation, dtype, parameter count and the tensors it ignored.")
+    p = sub.add_parser(
+        "info",
+        help="what a checkpoint holds: layout, family, architecture, ignored tensors",
+        description="Load a checkpoint's text encoder(s) and report layout, family, layers, width, "
+        "heads, activation, dtype, parameter count and the tensors it ignored.",
+    )
     p.add_argument("model", metavar="MODEL", help="checkpoint file, diffusers / HF folder, or HF repo id")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--max-ignored", type=int, default=12, help="groups of ignored tensors to list (default 12)")
@@ -910,6 +1180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- cache: a caption dataset -> cached conditioning (sdclip.cachejob) ----------------------------------
 
+
 def cmd_cache(args: argparse.Namespace) -> None:
     from . import cachejob
 
@@ -921,49 +1192,92 @@ def cmd_cache(args: argparse.Namespace) -> None:
     if args.negative is not None or args.negative_file is not None:
         raise BadInput("a cache holds captions' conditioning; --negative / --negative-file do not apply")
     if args.dialect is not None and (args.layer is not None or args.final_norm is not None or args.encoder is not None):
-        raise BadInput("--layer, --final-norm and --encoder select raw hidden states; with --dialect the front end "
-                       "decides (use --clip-skip)")
+        raise BadInput(
+            "--layer, --final-norm and --encoder select raw hidden states; with --dialect the front end "
+            "decides (use --clip-skip)"
+        )
     _check_device(args.device)
     options = cachejob.CacheOptions(
-        model=args.model, dialect=args.dialect or "diffusers", clip_skip=args.clip_skip, embeddings=args.embeddings,
-        dialect_options=_dialect_options(args, "encode", args.dialect or "diffusers"), layer=args.layer,
-        final_norm=args.final_norm, encoder=args.encoder, dtype=args.dtype, device=args.device, mode=args.mode,
-        batch_size=args.batch_size, shard_rows=args.shard_rows, format=args.format,
-        caption_column=args.caption_column, id_column=args.id_column, max_chars=args.max_chars)
-    report = cachejob.run(args.inputs, args.out, options, engine=args.engine, address=args.address,
-                          workers=args.workers, strict=args.strict)
+        model=args.model,
+        dialect=args.dialect or "diffusers",
+        clip_skip=args.clip_skip,
+        embeddings=args.embeddings,
+        dialect_options=_dialect_options(args, "encode", args.dialect or "diffusers"),
+        layer=args.layer,
+        final_norm=args.final_norm,
+        encoder=args.encoder,
+        dtype=args.dtype,
+        device=args.device,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        shard_rows=args.shard_rows,
+        format=args.format,
+        caption_column=args.caption_column,
+        id_column=args.id_column,
+        max_chars=args.max_chars,
+    )
+    report = cachejob.run(
+        args.inputs,
+        args.out,
+        options,
+        engine=args.engine,
+        address=args.address,
+        workers=args.workers,
+        strict=args.strict,
+    )
     print(json.dumps(report))
 
 
 def _add_cache_command(sub) -> None:
-    p = sub.add_parser("cache", help="caption dataset -> cached conditioning on disk (resumable; local or Ray)",
-                       description="Encode every caption of INPUT... (.txt, .jsonl, .csv, .parquet, webdataset .tar, "
-                                   "kohya folders; globs) once and store the conditioning in --out: safetensors "
-                                   "shards, index.parquet, manifest.json, errors.jsonl (format sdclip; read with "
-                                   "sdclip.open_cache), or kohya's SDXL _te_outputs.npz beside each image.  Killed, "
-                                   "the same command resumes.  `sdclip cache verify DIR` checks a finished cache.  "
-                                   "A JSON report goes to stdout, progress to stderr.")
+    p = sub.add_parser(
+        "cache",
+        help="caption dataset -> cached conditioning on disk (resumable; local or Ray)",
+        description="Encode every caption of INPUT... (.txt, .jsonl, .csv, .parquet, webdataset .tar, "
+        "kohya folders; globs) once and store the conditioning in --out: safetensors "
+        "shards, index.parquet, manifest.json, errors.jsonl (format sdclip; read with "
+        "sdclip.open_cache), or kohya's SDXL _te_outputs.npz beside each image.  Killed, "
+        "the same command resumes.  `sdclip cache verify DIR` checks a finished cache.  "
+        "A JSON report goes to stdout, progress to stderr.",
+    )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="caption files, globs or kohya folders")
     p.add_argument("--model", "-m", help="checkpoint file, folder or hub id (default: the bundled sdclip-mini)")
     p.add_argument("--out", "-o", help="output folder (new, or a cache this same command started)")
     p.add_argument("--layer", type=int, help="raw hidden states of this layer (as encode without --dialect)")
     _bool_flag(p, "final-norm", "raw hidden states: apply the final LayerNorm")
     p.add_argument("--encoder", type=int, help="raw hidden states of this encoder (SDXL: 1 = CLIP-L, 2 = bigG)")
-    p.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"],
-                   help="stored dtype (encoding runs in float32; default float16)")
+    p.add_argument(
+        "--dtype",
+        default="float16",
+        choices=["float32", "float16", "bfloat16"],
+        help="stored dtype (encoding runs in float32; default float16)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--mode", choices=sdclip.tokenizer.MODES, default="hf", help="tokenizer text cleaning (see tokenize)")
+    p.add_argument(
+        "--mode", choices=sdclip.tokenizer.MODES, default="hf", help="tokenizer text cleaning (see tokenize)"
+    )
     _add_conditioning_args(p)
     p.add_argument("--batch-size", type=int, default=64, help="unique captions per encoder call (default 64)")
     p.add_argument("--shard-rows", type=int, default=4096, help="unique captions per shard (default 4096)")
-    p.add_argument("--format", choices=["sdclip", "kohya"], default="sdclip",
-                   help="sdclip (default) or kohya (SDXL: <image stem>_te_outputs.npz beside each image)")
-    p.add_argument("--engine", choices=["local", "ray"], default="local", help="local (default) or ray (Ray Data; "
-                   "pip install 'sdclip[ray]')")
+    p.add_argument(
+        "--format",
+        choices=["sdclip", "kohya"],
+        default="sdclip",
+        help="sdclip (default) or kohya (SDXL: <image stem>_te_outputs.npz beside each image)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local (default) or ray (Ray Data; pip install 'sdclip[ray]')",
+    )
     p.add_argument("--address", help="ray: join this cluster (e.g. auto or HEAD:6379; default: a local Ray)")
     p.add_argument("--workers", type=int, default=1, help="ray: encoder actors, one model each (default 1)")
-    p.add_argument("--caption-column", "--caption-key", dest="caption_column",
-                   help=".csv / .parquet column, .jsonl key of the caption (default caption, then text)")
+    p.add_argument(
+        "--caption-column",
+        "--caption-key",
+        dest="caption_column",
+        help=".csv / .parquet column, .jsonl key of the caption (default caption, then text)",
+    )
     p.add_argument("--id-column", help=".csv / .parquet column, .jsonl key of the row id (default FILE:N)")
     p.add_argument("--max-chars", type=int, default=20_000, help="a longer caption is a bad row (default 20000)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad row (default: errors.jsonl)")
@@ -977,8 +1291,7 @@ def _fail(message: str, code: int) -> int:
 
 
 # the commands whose results go to stdout (the others write files and only talk on stderr)
-_PRINTS_DATA = (cmd_tokenize, cmd_parse, cmd_tokens, cmd_info, cmd_zeroshot, cmd_similarity, cmd_shapes,
-                cmd_ti_inspect)
+_PRINTS_DATA = (cmd_tokenize, cmd_parse, cmd_tokens, cmd_info, cmd_zeroshot, cmd_similarity, cmd_shapes, cmd_ti_inspect)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,7 +24,8 @@ from . import bundled
 from .atomic import write_safetensors, write_text
 from .checkpoint import KINDS, CheckpointInfo, build, find_towers, foreign_names, infer
 from .embeddings import EmbeddingSource, inject, token_table
-from .encoder import _dtype, _read_json, load as load_text
+from .encoder import _dtype, _read_json
+from .encoder import load as load_text
 from .errors import BadInput
 from .images import MEAN, STD, ImageLike, pixel_values
 from .loss import INIT_LOGIT_SCALE, MAX_LOGIT_SCALE, logits
@@ -48,8 +49,10 @@ def check_templates(templates: Sequence[str]) -> None:
         if not fields:
             raise BadInput(f"template {t!r} has no '{{}}' for the label")
         if fields != [""]:
-            raise BadInput(f"template {t!r} must hold exactly one '{{}}' for the label, and no other {{...}} field "
-                           f"(it has {len(fields)}: {', '.join('{' + f + '}' for f in fields)})")
+            raise BadInput(
+                f"template {t!r} must hold exactly one '{{}}' for the label, and no other {{...}} field "
+                f"(it has {len(fields)}: {', '.join('{' + f + '}' for f in fields)})"
+            )
 
 
 class CLIPModel(nn.Module):
@@ -58,13 +61,20 @@ class CLIPModel(nn.Module):
     Frozen for inference like the towers; a trainer unfreezes it with ``requires_grad_(True)``.
     """
 
-    def __init__(self, text: TextTransformer, vision: VisionTransformer, logit_scale: float = INIT_LOGIT_SCALE,
-                 tokenizer: Tokenizer | None = None, info: CheckpointInfo | None = None):
+    def __init__(
+        self,
+        text: TextTransformer,
+        vision: VisionTransformer,
+        logit_scale: float = INIT_LOGIT_SCALE,
+        tokenizer: Tokenizer | None = None,
+        info: CheckpointInfo | None = None,
+    ):
         super().__init__()
         t, v = text.config.projection_dim, vision.config.projection_dim
         if not t or t != v:
-            raise BadInput(f"the text and image towers must project to the same width; got text {t or 'none'}, "
-                           f"image {v or 'none'}")
+            raise BadInput(
+                f"the text and image towers must project to the same width; got text {t or 'none'}, image {v or 'none'}"
+            )
         self.text = text
         self.vision = vision
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale)), requires_grad=False)
@@ -73,14 +83,20 @@ class CLIPModel(nn.Module):
 
     # --- construction --------------------------------------------------------------------
     @classmethod
-    def create(cls, text_config: TextConfig, vision_config: VisionConfig, seed: int = 0) -> "CLIPModel":
+    def create(cls, text_config: TextConfig, vision_config: VisionConfig, seed: int = 0) -> CLIPModel:
         """A randomly initialised model (CLIP's scheme), reproducible from ``seed``."""
         g = torch.Generator().manual_seed(seed)
         return cls(TextTransformer(text_config).init_weights(g), VisionTransformer(vision_config).init_weights(g))
 
     @classmethod
-    def load(cls, source: str | Path | None = None, *, dtype: str | torch.dtype = "float32",
-             device: str | torch.device = "cpu", tokenizer_mode: str = "hf") -> "CLIPModel":
+    def load(
+        cls,
+        source: str | Path | None = None,
+        *,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device = "cpu",
+        tokenizer_mode: str = "hf",
+    ) -> CLIPModel:
         """A full CLIP checkpoint: a Hugging Face CLIPModel folder, hub id or safetensors file, or an
         OpenAI / open_clip state dict (no source, or ``"sdclip-mini"``: the model bundled with
         sdclip).  The text tower is read by ``sdclip.load``."""
@@ -98,13 +114,22 @@ class CLIPModel(nn.Module):
         with open_tensor_file(path) as f:
             found = find_towers(f, "image")
             if not found:
-                raise BadInput(f"{source}: no CLIP image tower (looked for '*vision_model.*' and OpenAI 'visual.*' "
-                               f"tensors); for a text encoder alone use sdclip.load")
+                raise BadInput(
+                    f"{source}: no CLIP image tower (looked for '*vision_model.*' and OpenAI 'visual.*' "
+                    f"tensors); for a text encoder alone use sdclip.load"
+                )
             # both towers of a CLIP model use one activation: the text tower's, unless the config says
-            hints = {"hidden_act": te.towers[0].config.activation, **{k: v for k, v in (vision_config or {}).items() if v}}
+            hints = {
+                "hidden_act": te.towers[0].config.activation,
+                **{k: v for k, v in (vision_config or {}).items() if v},
+            }
             tower = infer(found[0], hints)
             vision = build(tower, _dtype(dtype), device)
-            base = tower.prefix.removesuffix(KINDS["image"].hf_prefix) if tower.style == "hf" else tower.prefix.removesuffix("visual.")
+            base = (
+                tower.prefix.removesuffix(KINDS["image"].hf_prefix)
+                if tower.style == "hf"
+                else tower.prefix.removesuffix("visual.")
+            )
             scale = float(f.get(base + "logit_scale")) if base + "logit_scale" in f.keys() else MAX_LOGIT_SCALE
         return cls(te.towers[0], vision, scale, te.tokenizers[0], te.info).to(device)
 
@@ -125,23 +150,57 @@ class CLIPModel(nn.Module):
                 for part, chunk in zip(parts, t.chunk(len(parts))):
                     state[prefix + part] = chunk
         state["logit_scale"] = self.logit_scale.detach()
-        write_safetensors(folder / "model.safetensors",
-                          {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in state.items()}, {"format": "pt"})
+        write_safetensors(
+            folder / "model.safetensors",
+            {k: v.detach().to("cpu", torch_dtype).contiguous() for k, v in state.items()},
+            {"format": "pt"},
+        )
         write_text(folder / "config.json", json.dumps(self.hf_config(torch_dtype), indent=2) + "\n")
         self.tokenizer.save_hf(folder)
         eos = "<|endoftext|>"
         pad = self.tokenizer.decoder[self.text.config.pad_id]
-        write_text(folder / "special_tokens_map.json", json.dumps(
-            {"bos_token": "<|startoftext|>", "eos_token": eos, "unk_token": eos, "pad_token": pad}, indent=2) + "\n")
-        write_text(folder / "tokenizer_config.json", json.dumps(
-            {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.text.config.context_length,
-             "bos_token": "<|startoftext|>", "eos_token": eos, "unk_token": eos, "pad_token": pad}, indent=2) + "\n")
+        write_text(
+            folder / "special_tokens_map.json",
+            json.dumps({"bos_token": "<|startoftext|>", "eos_token": eos, "unk_token": eos, "pad_token": pad}, indent=2)
+            + "\n",
+        )
+        write_text(
+            folder / "tokenizer_config.json",
+            json.dumps(
+                {
+                    "tokenizer_class": "CLIPTokenizer",
+                    "model_max_length": self.text.config.context_length,
+                    "bos_token": "<|startoftext|>",
+                    "eos_token": eos,
+                    "unk_token": eos,
+                    "pad_token": pad,
+                },
+                indent=2,
+            )
+            + "\n",
+        )
         size = self.vision.config.image_size
-        write_text(folder / "preprocessor_config.json", json.dumps(
-            {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
-             "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
-             "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(MEAN),
-             "image_std": list(STD), "do_convert_rgb": True}, indent=2) + "\n")
+        write_text(
+            folder / "preprocessor_config.json",
+            json.dumps(
+                {
+                    "image_processor_type": "CLIPImageProcessor",
+                    "do_resize": True,
+                    "size": {"shortest_edge": size},
+                    "resample": 3,
+                    "do_center_crop": True,
+                    "crop_size": {"height": size, "width": size},
+                    "do_rescale": True,
+                    "rescale_factor": 1 / 255,
+                    "do_normalize": True,
+                    "image_mean": list(MEAN),
+                    "image_std": list(STD),
+                    "do_convert_rgb": True,
+                },
+                indent=2,
+            )
+            + "\n",
+        )
         return folder
 
     def hf_config(self, dtype: torch.dtype = torch.float32) -> dict:
@@ -149,17 +208,37 @@ class CLIPModel(nn.Module):
         t, v = self.text.config, self.vision.config
         common = {"layer_norm_eps": 1e-5, "projection_dim": t.projection_dim}
         return {
-            "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": t.projection_dim,
-            "logit_scale_init_value": INIT_LOGIT_SCALE, "torch_dtype": str(dtype).removeprefix("torch."),
-            "text_config": {"model_type": "clip_text_model", "hidden_size": t.width, "num_hidden_layers": t.layers,
-                            "num_attention_heads": t.heads, "intermediate_size": t.mlp_width,
-                            "vocab_size": t.vocab_size, "max_position_embeddings": t.context_length,
-                            "hidden_act": t.activation, "bos_token_id": 49406, "eos_token_id": t.eos_id,
-                            "pad_token_id": t.pad_id, **common},
-            "vision_config": {"model_type": "clip_vision_model", "hidden_size": v.width, "num_hidden_layers": v.layers,
-                              "num_attention_heads": v.heads, "intermediate_size": v.mlp_width,
-                              "image_size": v.image_size, "patch_size": v.patch_size, "num_channels": 3,
-                              "hidden_act": v.activation, **common},
+            "architectures": ["CLIPModel"],
+            "model_type": "clip",
+            "projection_dim": t.projection_dim,
+            "logit_scale_init_value": INIT_LOGIT_SCALE,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+            "text_config": {
+                "model_type": "clip_text_model",
+                "hidden_size": t.width,
+                "num_hidden_layers": t.layers,
+                "num_attention_heads": t.heads,
+                "intermediate_size": t.mlp_width,
+                "vocab_size": t.vocab_size,
+                "max_position_embeddings": t.context_length,
+                "hidden_act": t.activation,
+                "bos_token_id": 49406,
+                "eos_token_id": t.eos_id,
+                "pad_token_id": t.pad_id,
+                **common,
+            },
+            "vision_config": {
+                "model_type": "clip_vision_model",
+                "hidden_size": v.width,
+                "num_hidden_layers": v.layers,
+                "num_attention_heads": v.heads,
+                "intermediate_size": v.mlp_width,
+                "image_size": v.image_size,
+                "patch_size": v.patch_size,
+                "num_channels": 3,
+                "hidden_act": v.activation,
+                **common,
+            },
             "sdclip": {"text": asdict(t), "vision": asdict(v)},
         }
 
@@ -199,8 +278,9 @@ class CLIPModel(nn.Module):
         return logits(image, text, self.logit_scale)
 
     @torch.inference_mode()
-    def encode_text(self, texts: Texts, *, normalize: bool = True, batch_size: int = 256,
-                    embeddings: EmbeddingSource | None = None) -> torch.Tensor:
+    def encode_text(
+        self, texts: Texts, *, normalize: bool = True, batch_size: int = 256, embeddings: EmbeddingSource | None = None
+    ) -> torch.Tensor:
         """[B, P] text embeddings: projected pooled outputs, unit length unless ``normalize=False``.
         ``embeddings``: textual-inversion words (a file, folder, ``Embedding``...) the texts use by token."""
         if embeddings is None:
@@ -209,11 +289,19 @@ class CLIPModel(nn.Module):
             if isinstance(texts, torch.Tensor):
                 raise BadInput("embeddings need texts, not token ids")
             table = token_table(embeddings, self.text.config.width)
-            ids, embeds = inject(self.text, self.tokenizer, [texts] if isinstance(texts, str) else texts, table,
-                                 trim=True)
-        out = torch.cat([self.text(ids[s:s + batch_size], final_norm=False, token_embeds=None if embeds is None
-                                   else embeds[s:s + batch_size]).pooled_projected
-                         for s in range(0, len(ids), batch_size)])
+            ids, embeds = inject(
+                self.text, self.tokenizer, [texts] if isinstance(texts, str) else texts, table, trim=True
+            )
+        out = torch.cat(
+            [
+                self.text(
+                    ids[s : s + batch_size],
+                    final_norm=False,
+                    token_embeds=None if embeds is None else embeds[s : s + batch_size],
+                ).pooled_projected
+                for s in range(0, len(ids), batch_size)
+            ]
+        )
         return F.normalize(out, dim=-1) if normalize else out
 
     @torch.inference_mode()
@@ -223,8 +311,9 @@ class CLIPModel(nn.Module):
         batch = _as_batch(images)
         if not len(batch):
             raise BadInput("no images given")
-        out = torch.cat([self.vision(self.pixels(batch[s:s + batch_size])).embeds
-                         for s in range(0, len(batch), batch_size)])
+        out = torch.cat(
+            [self.vision(self.pixels(batch[s : s + batch_size])).embeds for s in range(0, len(batch), batch_size)]
+        )
         return F.normalize(out, dim=-1) if normalize else out
 
     def similarity(self, images: Images, texts: Texts) -> torch.Tensor:
@@ -236,8 +325,12 @@ class CLIPModel(nn.Module):
         with torch.inference_mode():
             return self.logit_scale.exp() * self.similarity(images, texts)
 
-    def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
-                         embeddings: EmbeddingSource | None = None) -> torch.Tensor:
+    def class_embeddings(
+        self,
+        labels: Sequence[str],
+        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        embeddings: EmbeddingSource | None = None,
+    ) -> torch.Tensor:
         """[L, P] one unit vector per label: the mean of its normalized template embeddings,
         normalized again (CLIP's prompt ensembling).  ``embeddings``: see ``encode_text``."""
         if not labels or not templates:
@@ -247,8 +340,13 @@ class CLIPModel(nn.Module):
         per_label = self.encode_text(prompts, embeddings=embeddings).view(len(labels), len(templates), -1)
         return F.normalize(per_label.mean(1), dim=-1)
 
-    def zero_shot(self, images: Images, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
-                  embeddings: EmbeddingSource | None = None) -> torch.Tensor:
+    def zero_shot(
+        self,
+        images: Images,
+        labels: Sequence[str],
+        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        embeddings: EmbeddingSource | None = None,
+    ) -> torch.Tensor:
         """[N_images, L] probabilities over ``labels``, each written into every template (labels may use
         learned words: ``embeddings``, see ``encode_text``)."""
         classes = self.class_embeddings(labels, templates, embeddings)

@@ -38,9 +38,9 @@ from .cache import ConditioningCache, default_cache
 from .embeddings import EmbeddingSource, by_name, load_embeddings, put_vectors
 from .encoder import TextEncoder
 from .errors import BadInput
+from .families import CLIP, FAMILIES, Family, Usage
 from .limits import MAX_PROMPT_CHARS, check_prompt
 from .model import TextTransformer
-from .families import CLIP, FAMILIES, Family, Usage
 from .prompts import Dialect, check_options
 from .prompts import get as get_dialect
 from .prompts.a1111 import EMPHASIS  # noqa: F401 (kept importable from here)
@@ -52,6 +52,7 @@ Deferred = Callable[[], _T]  # a result that exists once the encoding call has r
 
 
 # --- families and layers ---------------------------------------------------------------------------
+
 
 def family_of(te: TextEncoder) -> Family:
     """The family table's row for this text encoder (a family sdclip does not know: plain CLIP's)."""
@@ -88,12 +89,15 @@ def layer_for(te: TextEncoder, encoder: int, dialect: str | Dialect, clip_skip: 
     layer = usage.layer - skipped
     layers = te.tower(encoder).config.layers
     if not -layers - 1 <= layer < 0:
-        raise BadInput(f"clip skip {abs(clip_skip)} ({front.name}) asks for hidden state {layer} of encoder {encoder}, "
-                       f"which this {layers}-layer tower does not have")
+        raise BadInput(
+            f"clip skip {abs(clip_skip)} ({front.name}) asks for hidden state {layer} of encoder {encoder}, "
+            f"which this {layers}-layer tower does not have"
+        )
     return Usage(layer, usage.final_norm)
 
 
 # --- results -----------------------------------------------------------------------------------------
+
 
 @dataclass
 class Encoded:
@@ -134,12 +138,15 @@ class Conditioning:
 
     def to_comfy(self) -> tuple[list, list]:
         """ComfyUI's (positive, negative) conditioning: ``[[tensor, {"pooled_output": pooled}]]`` each."""
+
         def one(hidden: torch.Tensor, pooled: torch.Tensor | None) -> list:
             return [[hidden, {} if pooled is None else {"pooled_output": pooled}]]
+
         return one(self.hidden, self.pooled), one(self.negative_hidden, self.negative_pooled)
 
 
 # --- the shared arithmetic ----------------------------------------------------------------------------
+
 
 def lerp_from_empty(z: torch.Tensor, empty: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """ComfyUI and compel weighting: a token of weight w moves to e + (z - e) * w, e being the empty prompt's
@@ -181,6 +188,7 @@ def _fill(tensors: list[torch.Tensor], how: str, empty: torch.Tensor | None = No
 
 # --- rows to encode -----------------------------------------------------------------------------------
 
+
 @dataclass
 class _EncoderUse:
     """One encoder (by its number) as a dialect uses it; ``table`` is the chunker's textual-inversion lookup: name ->
@@ -209,8 +217,9 @@ class _Rows:
         self.index: dict[Row, int] = {}
         self.hidden = self.pooled = torch.empty(0)
 
-    def add(self, ids: Sequence[int], slots: Sequence[tuple[int, str, int]] = (),
-            mask: Sequence[int] | None = None) -> int:
+    def add(
+        self, ids: Sequence[int], slots: Sequence[tuple[int, str, int]] = (), mask: Sequence[int] | None = None
+    ) -> int:
         """Row number of [77] ids with (position, embedding, vector) slots and an attention mask (1 = attend)."""
         key = Row(tuple(ids), tuple(slots), None if mask is None or all(mask) else tuple(mask))
         return self.index.setdefault(key, len(self.index))
@@ -218,20 +227,29 @@ class _Rows:
     def run(self) -> None:
         rows = list(self.index)
         ids = torch.tensor([r.ids for r in rows], dtype=torch.long)
-        kw = dict(encoder=self.use.number, layer=self.usage.layer, final_norm=self.usage.final_norm,
-                  pooled=self.use.pooled)
+        kw = dict(
+            encoder=self.use.number, layer=self.usage.layer, final_norm=self.usage.final_norm, pooled=self.use.pooled
+        )
         simple = [i for i, r in enumerate(rows) if not r.slots and r.mask is None]
         special = [i for i, r in enumerate(rows) if r.slots or r.mask is not None]
         parts = []
         if simple:
             parts.append((simple, self.te.encode_ids(ids[simple], **kw)))
         if special:
-            embeds = put_vectors(self.te.tower(self.use.number).token_embedding(ids[special].to(self.te.device)),
-                                 [(n, position, self.use.table[name][vector])  # type: ignore[index]
-                                  for n, i in enumerate(special) for position, name, vector in rows[i].slots])
+            embeds = put_vectors(
+                self.te.tower(self.use.number).token_embedding(ids[special].to(self.te.device)),
+                [
+                    (n, position, self.use.table[name][vector])  # type: ignore[index]
+                    for n, i in enumerate(special)
+                    for position, name, vector in rows[i].slots
+                ],
+            )
             masks = [rows[i].mask for i in special]
-            mask = None if all(m is None for m in masks) else torch.tensor(
-                [m if m is not None else [1] * CHUNK_LENGTH for m in masks])
+            mask = (
+                None
+                if all(m is None for m in masks)
+                else torch.tensor([m if m is not None else [1] * CHUNK_LENGTH for m in masks])
+            )
             parts.append((special, self.te.encode_ids(ids[special], token_embeds=embeds, attention_mask=mask, **kw)))
         width = parts[0][1].hidden.shape[-1]
         self.hidden = parts[0][1].hidden.new_empty(len(rows), CHUNK_LENGTH, width)
@@ -270,8 +288,11 @@ def _chunk_rows(rows: _Rows, chunked: Chunked, masks: Sequence[Sequence[int] | N
         slots = [(s.position, s.name, s.vector) for s in chunked.slots if s.chunk == c]
         drop = {p for p, name, _ in slots if not isinstance(use.table.get(name), torch.Tensor)}
         if drop:
-            warnings.warn(f"{len(drop)} embedding vector(s) do not fit encoder {use.number}'s width and are "
-                          f"left out, as ComfyUI does", stacklevel=5)
+            warnings.warn(
+                f"{len(drop)} embedding vector(s) do not fit encoder {use.number}'s width and are "
+                f"left out, as ComfyUI does",
+                stacklevel=5,
+            )
             keep = [p for p in range(len(ids)) if p not in drop]
             moved = {p: n for n, p in enumerate(keep)}
             ids = tuple(ids[p] for p in keep) + (use.pad,) * len(drop)
@@ -281,6 +302,7 @@ def _chunk_rows(rows: _Rows, chunked: Chunked, masks: Sequence[Sequence[int] | N
 
 
 # --- compel's down-weighting ----------------------------------------------------------------------------
+
 
 def _compel_mask(chunked: Chunked, segment: int, truncate: bool) -> list[list[int]] | None:
     """compel's attention mask hiding one fragment (None when it has no tokens): its token range from first to
@@ -298,7 +320,7 @@ def _compel_mask(chunked: Chunked, segment: int, truncate: bool) -> list[list[in
     for i in range(first, last + 1):
         if truncate or i % CHUNK_LENGTH not in (0, CHUNK_LENGTH - 1):
             mask[i] = 0
-    return [mask[c * CHUNK_LENGTH:(c + 1) * CHUNK_LENGTH] for c in range(len(chunked.ids))]
+    return [mask[c * CHUNK_LENGTH : (c + 1) * CHUNK_LENGTH] for c in range(len(chunked.ids))]
 
 
 def _downweight_factor(weight: float) -> float:
@@ -307,6 +329,7 @@ def _downweight_factor(weight: float) -> float:
 
 
 # --- the conditioner ----------------------------------------------------------------------------------------
+
 
 class Conditioner:
     """Turns prompts into conditioning for one model's text encoders the way one front end (``dialect``) does.
@@ -319,29 +342,56 @@ class Conditioner:
     ``max_prompt_chars``: longer prompts are refused before they are parsed (``sdclip.limits``; None: no limit).
     """
 
-    def __init__(self, te: TextEncoder, dialect: str = "diffusers", *, clip_skip: int | None = None,
-                 emphasis: str = "original", embeddings: EmbeddingSource | None = None, steps: int = 20,
-                 hires_steps: int | None = None, old_scheduling: bool = False, comma_backtrack: int = 20,
-                 truncate: bool = True, split: str = "sentences",
-                 cache: ConditioningCache | None = default_cache, max_prompt_chars: int | None = MAX_PROMPT_CHARS):
+    def __init__(
+        self,
+        te: TextEncoder,
+        dialect: str = "diffusers",
+        *,
+        clip_skip: int | None = None,
+        emphasis: str = "original",
+        embeddings: EmbeddingSource | None = None,
+        steps: int = 20,
+        hires_steps: int | None = None,
+        old_scheduling: bool = False,
+        comma_backtrack: int = 20,
+        truncate: bool = True,
+        split: str = "sentences",
+        cache: ConditioningCache | None = default_cache,
+        max_prompt_chars: int | None = MAX_PROMPT_CHARS,
+    ):
         self.te = te
         self.max_prompt_chars = max_prompt_chars
         self.cache = cache
         self.front_end = get_dialect(dialect)  # every rule in which front ends differ
         self.dialect = self.front_end.name
-        self.options = dict(emphasis=emphasis, steps=steps, hires_steps=hires_steps, old_scheduling=old_scheduling,
-                            comma_backtrack=comma_backtrack, truncate=truncate, split=split)
+        self.options = dict(
+            emphasis=emphasis,
+            steps=steps,
+            hires_steps=hires_steps,
+            old_scheduling=old_scheduling,
+            comma_backtrack=comma_backtrack,
+            truncate=truncate,
+            split=split,
+        )
         check_options(**self.options)
         numbers = unet_encoders(te)
         self.usages = [layer_for(te, n, self.front_end, clip_skip) for n in numbers]
-        self.negative_usages = (self.usages if self.front_end.clip_skip_on_negative
-                                else [te.usages[n - 1] for n in numbers])
+        self.negative_usages = (
+            self.usages if self.front_end.clip_skip_on_negative else [te.usages[n - 1] for n in numbers]
+        )
         self.unfit: dict[str, str] = {}  # diffusers / compel names whose vectors do not fit: an error if used
         tables = self._tables(load_embeddings(embeddings) if embeddings is not None else [], numbers)
-        self.uses = [_EncoderUse(n, te.tokenizers[n - 1], te.towers[n - 1].config.pad_id, table,
-                                 n in pooled_encoders(te)) for n, table in zip(numbers, tables)]
-        self._options = (self.dialect, tuple(self.usages), tuple(self.negative_usages), tuple(self.options.items()),
-                         tuple(tuple(sorted((k, _digest(v)) for k, v in t.items())) for t in tables))
+        self.uses = [
+            _EncoderUse(n, te.tokenizers[n - 1], te.towers[n - 1].config.pad_id, table, n in pooled_encoders(te))
+            for n, table in zip(numbers, tables)
+        ]
+        self._options = (
+            self.dialect,
+            tuple(self.usages),
+            tuple(self.negative_usages),
+            tuple(self.options.items()),
+            tuple(tuple(sorted((k, _digest(v)) for k, v in t.items())) for t in tables),
+        )
 
     def _tables(self, embeddings: list, numbers: tuple[int, ...]) -> list[dict[str, object]]:
         """Each encoder's textual-inversion lookup.  A file that does not fit every encoder is skipped with a
@@ -357,8 +407,10 @@ class Conditioner:
                 for table, v in zip(tables, vectors):
                     table[name] = v if v is not None else e.count
             else:
-                message = (f"embedding {name!r} ({e.path}) has vectors of width {e.describe_widths()}; this "
-                           f"{self.te.family} model's text encoders take {' + '.join(map(str, widths))}")
+                message = (
+                    f"embedding {name!r} ({e.path}) has vectors of width {e.describe_widths()}; this "
+                    f"{self.te.family} model's text encoders take {' + '.join(map(str, widths))}"
+                )
                 if unfit == "skip":
                     warnings.warn(message + f"; skipped, as {self.front_end.title} skips it", stacklevel=3)
                 else:
@@ -366,8 +418,9 @@ class Conditioner:
         return tables
 
     # --- public -------------------------------------------------------------------------------------------
-    def encode(self, prompts: str | Sequence[str], negative: str | Sequence[str] | None = None, *,
-               step: int = 0) -> Conditioning:
+    def encode(
+        self, prompts: str | Sequence[str], negative: str | Sequence[str] | None = None, *, step: int = 0
+    ) -> Conditioning:
         """Conditioning for ``prompts`` and their negatives (one for all, or one per prompt; None: no negative
         prompt, which is the empty prompt, or zeros where the front end uses zeros: A1111 and diffusers SDXL).
         A1111 prompt editing is taken at sampler ``step``; ``AND`` has no single tensor (see ``encode_tree``).
@@ -386,15 +439,16 @@ class Conditioner:
         wanted = [("+", p) for p in dict.fromkeys(prompts)] + [("-", n) for n in dict.fromkeys(negatives)]
         if self.front_end.uses_empty_prompt:
             wanted.append(("empty", ""))
-        key = (lambda role, text: (self.te.fingerprint, self._options, role, text, step))
+        key = lambda role, text: (self.te.fingerprint, self._options, role, text, step)
         done = {w: self.cache.get(key(*w)) for w in wanted} if self.cache is not None else dict.fromkeys(wanted)
         plans = {}
         for role, text in (w for w in wanted if done[w] is None):
             if role == "empty":
                 plans[role, text] = self._plan_empty(call, self.usages)
             else:
-                plans[role, text] = self._plan(call, text, self.usages if role == "+" else self.negative_usages,
-                                               negative=role == "-")
+                plans[role, text] = self._plan(
+                    call, text, self.usages if role == "+" else self.negative_usages, negative=role == "-"
+                )
         with torch.no_grad():
             call.run()
             for w, plan in plans.items():
@@ -409,7 +463,7 @@ class Conditioner:
                 hidden = _fill(hidden, self.front_end.batch_fill)
             both = _fill(hidden + [e.hidden for e in neg], self.front_end.negative_fill, padding)
             pooled, negative_pooled = self._project(pos), self._project(neg)
-            return Conditioning(torch.stack(both[:len(pos)]), pooled, torch.stack(both[len(pos):]), negative_pooled)
+            return Conditioning(torch.stack(both[: len(pos)]), pooled, torch.stack(both[len(pos) :]), negative_pooled)
 
     def encode_tree(self, prompt: str) -> Node[Encoded]:
         """One prompt's conditioning with its structure: for A1111 ``AND`` and prompt editing a ``Schedule`` of
@@ -423,6 +477,7 @@ class Conditioner:
             def finish(leaf: _Leaf) -> Encoded:
                 pooled = self._project([leaf])
                 return Encoded(leaf.hidden, None if pooled is None else pooled[0])
+
             return map_leaves(tree, finish)
 
     def _project(self, leaves: list[_Leaf]) -> torch.Tensor | None:
@@ -437,15 +492,19 @@ class Conditioner:
 
         def project(tower: TextTransformer, x: torch.Tensor) -> torch.Tensor:
             return tower.projection(x[None])[0] if tower.projection is not None else x
-        return torch.stack([zeros if leaf.zeros else torch.cat([project(t, p) for t, p in zip(towers, leaf.pooled)])
-                            for leaf in leaves])
+
+        return torch.stack(
+            [
+                zeros if leaf.zeros else torch.cat([project(t, p) for t, p in zip(towers, leaf.pooled)])
+                for leaf in leaves
+            ]
+        )
 
     # --- planning ---------------------------------------------------------------------------------------------
     def _plan(self, call: _Call, prompt: str, usages: list[Usage], negative: bool) -> Deferred[Node[_Leaf]]:
         """Every prompt's conditioning, checked finite (``check_finite``) before anyone sees it."""
         plan = self._plan_prompt(call, prompt, usages, negative)
-        return lambda: map_leaves(plan(), lambda leaf: check_finite(leaf, prompt, self.front_end,
-                                                                    self.options))
+        return lambda: map_leaves(plan(), lambda leaf: check_finite(leaf, prompt, self.front_end, self.options))
 
     def _plan_prompt(self, call: _Call, prompt: str, usages: list[Usage], negative: bool) -> Deferred[Node[_Leaf]]:
         if not isinstance(prompt, str) and not (negative and prompt is None):
@@ -474,8 +533,11 @@ class Conditioner:
         for w in chunked.warnings:
             warnings.warn(w, stacklevel=5)
         if chunked.lost and self.front_end.warn_truncation:
-            warnings.warn(f"{len(chunked.lost)} tokens of {prompt[:40]!r}... were truncated: CLIP reads 77 "
-                          f"({self.dialect} truncates too)", stacklevel=5)
+            warnings.warn(
+                f"{len(chunked.lost)} tokens of {prompt[:40]!r}... were truncated: CLIP reads 77 "
+                f"({self.dialect} truncates too)",
+                stacklevel=5,
+            )
         return chunked
 
     @staticmethod
@@ -487,8 +549,9 @@ class Conditioner:
         group = self._plan_group(call, [[self._empty_chunk(e) for e in self.uses]], usages)
         return lambda: self._join(*group()[0])
 
-    def _plan_group(self, call: _Call, group: list[list[Chunked]],
-                    usages: list[Usage]) -> Deferred[list[tuple[list[torch.Tensor], list]]]:
+    def _plan_group(
+        self, call: _Call, group: list[list[Chunked]], usages: list[Usage]
+    ) -> Deferred[list[tuple[list[torch.Tensor], list]]]:
         """Prompts encoded together (A1111: one sub-prompt's schedule; otherwise one prompt), each given as one
         ``Chunked`` per encoder.  Per prompt: each encoder's weighted hidden states [77 k, C] and the (unprojected)
         pooled output of its first chunk.  Prompts with fewer chunks get empty chunks (A1111's batch rule)."""
@@ -499,19 +562,23 @@ class Conditioner:
             indices = [_chunk_rows(rows, leaf[e]) for leaf in group]
             k = max(map(len, indices))
             indices = [i + [empty] * (k - len(i)) for i in indices]  # type: ignore[list-item]
-            weights = torch.tensor([list(leaf[e].weights) + [(1.0,) * CHUNK_LENGTH] * (k - len(leaf[e].weights))
-                                    for leaf in group], dtype=torch.float32)
+            weights = torch.tensor(
+                [list(leaf[e].weights) + [(1.0,) * CHUNK_LENGTH] * (k - len(leaf[e].weights)) for leaf in group],
+                dtype=torch.float32,
+            )
             plans.append((rows, torch.tensor(indices), weights, empty))
 
         def build() -> list[tuple[list[torch.Tensor], list]]:
             out: list[tuple[list[torch.Tensor], list]] = [([], []) for _ in group]
             for rows, indices, weights, empty in plans:
-                z = self._weight(rows.hidden[indices], weights.to(rows.hidden.device),
-                                 None if empty is None else rows.hidden[empty])
+                z = self._weight(
+                    rows.hidden[indices], weights.to(rows.hidden.device), None if empty is None else rows.hidden[empty]
+                )
                 for r, (hidden, pooled) in enumerate(out):
                     hidden.append(z[r].flatten(0, 1))
                     pooled.append(rows.pooled[indices[r, 0]] if rows.use.pooled else None)
             return out
+
         return build
 
     def _empty_row(self, rows: _Rows) -> int | None:
@@ -524,8 +591,9 @@ class Conditioner:
         """The front end's weighting of encoded chunks z [R, k, 77, C] with per-token weights [R, k, 77]."""
         if self.front_end.weighting == "emphasis":
             # each chunk index on its own, contiguous as A1111 holds it: its mean is then summed in A1111's order
-            return torch.stack([emphasize(z[:, c].contiguous(), weights[:, c], self.options["emphasis"])
-                                for c in range(z.shape[1])], 1)
+            return torch.stack(
+                [emphasize(z[:, c].contiguous(), weights[:, c], self.options["emphasis"]) for c in range(z.shape[1])], 1
+            )
         if self.front_end.weighting == "lerp":
             return lerp_from_empty(z, empty, weights)
         return z
@@ -535,9 +603,11 @@ class Conditioner:
         lengths = {h.shape[0] for h in hidden}
         if len(lengths) > 1:
             if not self.front_end.cut_to_shorter_encoder:
-                raise BadInput(f"the encoders' tokenizers chunk this prompt into {sorted(lengths)} tokens; "
-                               f"{self.dialect} fails on such a prompt too")
-            hidden = [h[:min(lengths)] for h in hidden]  # ComfyUI cuts to the shorter
+                raise BadInput(
+                    f"the encoders' tokenizers chunk this prompt into {sorted(lengths)} tokens; "
+                    f"{self.dialect} fails on such a prompt too"
+                )
+            hidden = [h[: min(lengths)] for h in hidden]  # ComfyUI cuts to the shorter
         return _Leaf(torch.cat(hidden, -1), [p for p in pooled if p is not None])
 
     def _plan_schedule(self, call: _Call, prompt: str, usages: list[Usage], negative: bool) -> Deferred[Node[_Leaf]]:
@@ -554,19 +624,24 @@ class Conditioner:
 
         def build() -> Node[_Leaf]:
             done = {sub: {t: self._join(*r) for t, r in zip(texts, group())} for sub, (texts, group) in groups.items()}
-            entries = tuple((until, Conjunction(tuple(done[subs[j]][part] for j, part in enumerate(conj.parts)),
-                                                conj.weights)) for until, conj in tree.entries)
+            entries = tuple(
+                (until, Conjunction(tuple(done[subs[j]][part] for j, part in enumerate(conj.parts)), conj.weights))
+                for until, conj in tree.entries
+            )
             if len(entries) == 1 and entries[0][1].weights == (1.0,):
                 return entries[0][1].parts[0]
             return Schedule(tree.steps, entries)
+
         return build
 
     def _plan_blend(self, call: _Call, prompt: str, usages: list[Usage]) -> Deferred[_Leaf]:
         """compel's structure: weighted leaves, ``.blend()`` (weighted sum) and ``.and()`` (concatenation, each
         part lerped from the empty prompt by its weight); pooled from the front end's ``pooled_leaf``."""
         front = self.front_end
-        tree = map_leaves(front.tree(prompt, **self.options),
-                          lambda segments: [self._checked(self._leaf(segments, e), prompt) for e in self.uses])
+        tree = map_leaves(
+            front.tree(prompt, **self.options),
+            lambda segments: [self._checked(self._leaf(segments, e), prompt) for e in self.uses],
+        )
         empty = self._plan_empty(call, usages)
 
         def plan(node: object) -> Deferred[torch.Tensor]:
@@ -594,20 +669,26 @@ class Conditioner:
             masks = [_compel_mask(c, s, self.options["truncate"]) for c in leaf]
             if segment.weight >= 1 or any(m is None for m in masks):
                 continue
-            masked.append((_downweight_factor(segment.weight),
-                           [torch.tensor(_chunk_rows(r, c, m)) for r, c, m in zip(rows, leaf, masks)]))
+            masked.append(
+                (
+                    _downweight_factor(segment.weight),
+                    [torch.tensor(_chunk_rows(r, c, m)) for r, c, m in zip(rows, leaf, masks)],
+                )
+            )
 
         def build() -> torch.Tensor:
             hidden, pooled = base()[0]
             if masked:
                 for e, (r, empty) in enumerate(zip(rows, empties)):
                     weights = torch.tensor(leaf[e].weights, dtype=torch.float32, device=r.hidden.device)
-                    variants = [hidden[e]] + [lerp_from_empty(r.hidden[idx[e]], r.hidden[empty], weights).flatten(0, 1)
-                                              for _, idx in masked]
+                    variants = [hidden[e]] + [
+                        lerp_from_empty(r.hidden[idx[e]], r.hidden[empty], weights).flatten(0, 1) for _, idx in masked
+                    ]
                     pull = torch.tensor([1.0] + [f for f, _ in masked], dtype=hidden[e].dtype, device=hidden[e].device)
                     pull = pull / pull.sum()
                     hidden[e] = (torch.stack(variants) * pull[:, None, None]).sum(0)
             return self._join(hidden, pooled).hidden
+
         return build
 
     @staticmethod
@@ -617,8 +698,10 @@ class Conditioner:
             node = node.at(step)
         if isinstance(node, Conjunction):
             if len(node.parts) != 1 or node.weights != (1.0,):
-                raise BadInput("A1111 AND / sub-prompt weights are composable diffusion: the sampler combines "
-                               "the parts, so there is no single conditioning tensor (use Conditioner.encode_tree)")
+                raise BadInput(
+                    "A1111 AND / sub-prompt weights are composable diffusion: the sampler combines "
+                    "the parts, so there is no single conditioning tensor (use Conditioner.encode_tree)"
+                )
             node = node.parts[0]
         return node  # type: ignore[return-value]
 
@@ -643,12 +726,15 @@ def check_finite(leaf: _Leaf, prompt: str | None, front_end: Dialect, options: d
                 walk(part)
         else:
             weights.extend(s.weight for s in node)  # type: ignore[attr-defined]
+
     walk(front_end.parse(prompt or "", **options))
     limit = torch.finfo(torch.float32).max
     beyond = [w for w in weights if not abs(w) <= limit]
     if zero_blends:
-        why = (f".blend() weights {', '.join(f'{w:g}' for w in zero_blends[0])} sum to 0 and compel divides by "
-               f"their sum: compel itself gives NaN for this prompt")
+        why = (
+            f".blend() weights {', '.join(f'{w:g}' for w in zero_blends[0])} sum to 0 and compel divides by "
+            f"their sum: compel itself gives NaN for this prompt"
+        )
     elif beyond:
         why = f"weight {beyond[0]:g} is beyond float32's range (±{limit:.3g})"
     elif weights and max(map(abs, weights)) > 1:
@@ -656,8 +742,10 @@ def check_finite(leaf: _Leaf, prompt: str | None, front_end: Dialect, options: d
     else:
         why = "the text encoder's output is not finite (NaN or infinite values in the model's weights?)"
     shown = prompt if prompt is None or len(prompt) <= 120 else prompt[:120] + "..."
-    raise BadInput(f"{front_end.name} prompt {shown!r}: the conditioning would be NaN or infinite: {why}; weights must "
-                   f"be finite numbers whose weighted conditioning stays within float32")
+    raise BadInput(
+        f"{front_end.name} prompt {shown!r}: the conditioning would be NaN or infinite: {why}; weights must "
+        f"be finite numbers whose weighted conditioning stays within float32"
+    )
 
 
 def _digest(value: object) -> object:
@@ -688,8 +776,15 @@ def _concatenate(parts: list[torch.Tensor], node: Conjunction, empty: torch.Tens
     return torch.cat(out)
 
 
-def encode_prompts(te: TextEncoder, prompts: str | Sequence[str], negative: str | Sequence[str] | None = None, *,
-                   dialect: str = "diffusers", step: int = 0, **options) -> Conditioning:
+def encode_prompts(
+    te: TextEncoder,
+    prompts: str | Sequence[str],
+    negative: str | Sequence[str] | None = None,
+    *,
+    dialect: str = "diffusers",
+    step: int = 0,
+    **options,
+) -> Conditioning:
     """``Conditioner(te, dialect, **options).encode(prompts, negative, step=step)``: the conditioning a front
     end computes for these prompts (options: ``clip_skip``, ``emphasis``, ``embeddings``, dialect options)."""
     return Conditioner(te, dialect, **options).encode(prompts, negative, step=step)

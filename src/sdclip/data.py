@@ -45,8 +45,11 @@ class FolderDataset:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise BadInput(f"{folder}: not a folder")
-        self.pairs = sorted((p, p.with_suffix(".txt")) for p in self.folder.rglob("*")
-                            if p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".txt").is_file())
+        self.pairs = sorted(
+            (p, p.with_suffix(".txt"))
+            for p in self.folder.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".txt").is_file()
+        )
         if not self.pairs:
             raise BadInput(f"{folder}: no image + .txt caption pairs (e.g. cat.jpg and cat.txt)")
 

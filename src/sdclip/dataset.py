@@ -66,8 +66,10 @@ def expand(inputs: Sequence[str]) -> list[Path]:
         for m in matches:
             path = Path(m)
             if not path.is_dir() and path.suffix.lower() not in _READERS:
-                raise BadInput(f"{m}: unknown input type; give .txt, .jsonl, .csv, .parquet, a webdataset .tar or "
-                               f"a kohya folder (images with .txt / .caption sidecars)")
+                raise BadInput(
+                    f"{m}: unknown input type; give .txt, .jsonl, .csv, .parquet, a webdataset .tar or "
+                    f"a kohya folder (images with .txt / .caption sidecars)"
+                )
             out.append(path)
     if not out:
         raise BadInput("no inputs")
@@ -177,8 +179,10 @@ def _column(path: Path, header: Sequence[str], wanted: str | None) -> str:
     for name in [wanted] if wanted else ["caption", "text"]:
         if name in header:
             return name
-    raise BadInput(f"{path}: no caption column {wanted or 'caption or text'!r} (columns: {', '.join(header)}); "
-                   f"name it with --caption-column")
+    raise BadInput(
+        f"{path}: no caption column {wanted or 'caption or text'!r} (columns: {', '.join(header)}); "
+        f"name it with --caption-column"
+    )
 
 
 def _read_parquet(path: Path, columns: Columns) -> Iterator[Row]:
@@ -203,7 +207,7 @@ def _read_parquet(path: Path, columns: Columns) -> Iterator[Row]:
 def _read_tar(path: Path, columns: Columns) -> Iterator[Row]:
     """A webdataset shard: members grouped by key (path up to the first dot of the name), in tar order."""
     try:
-        tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by the with below; the try names the file
+        tar = tarfile.open(path, "r:*")
     except (OSError, tarfile.TarError) as e:
         raise BadInput(f"{path}: not a tar file ({e})") from None
     with tar:
@@ -259,5 +263,4 @@ def require_pyarrow():
     return pyarrow
 
 
-_READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet,
-            ".tar": _read_tar}
+_READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet, ".tar": _read_tar}

@@ -33,8 +33,8 @@ import torch
 from . import families, limits
 from .atomic import write_bytes, write_safetensors
 from .errors import BadInput
-from .runconfig import FORMATS
 from .prompts import plain
+from .runconfig import FORMATS
 from .tensorfile import open_tensor_file
 from .tokenizer import Tokenizer
 
@@ -101,8 +101,10 @@ def _from_tensors(tensors: dict[str, torch.Tensor], texts: Mapping[str, str], pa
     elif set(tensors) == {"clip_l", "clip_g"}:  # SDXL
         vectors = {k: _checked(tensors[k], f"{path} [{k}]") for k in SDXL_ROLES}
         if vectors["clip_l"].shape[0] != vectors["clip_g"].shape[0]:
-            raise BadInput(f"{path}: clip_l has {vectors['clip_l'].shape[0]} vectors, clip_g "
-                           f"{vectors['clip_g'].shape[0]}; an SDXL embedding has as many for both")
+            raise BadInput(
+                f"{path}: clip_l has {vectors['clip_l'].shape[0]} vectors, clip_g "
+                f"{vectors['clip_g'].shape[0]}; an SDXL embedding has as many for both"
+            )
         token = stem
     elif len(tensors) == 1:  # emb_params, diffusers learned_embeds {token: tensor}
         key, value = next(iter(tensors.items()))
@@ -110,8 +112,10 @@ def _from_tensors(tensors: dict[str, torch.Tensor], texts: Mapping[str, str], pa
     elif not tensors:
         raise BadInput(f"{path}: holds no tensors, so no embedding")
     else:
-        raise BadInput(f"{path}: not an embedding file: {len(tensors)} tensors ({', '.join(sorted(tensors)[:4])}...) "
-                       f"and none of string_to_param, emb_params, clip_l + clip_g")
+        raise BadInput(
+            f"{path}: not an embedding file: {len(tensors)} tensors ({', '.join(sorted(tensors)[:4])}...) "
+            f"and none of string_to_param, emb_params, clip_l + clip_g"
+        )
     return Embedding(texts.get("name", stem) if path.suffix.lower() in IMAGE_SUFFIXES else stem, token, vectors, path)
 
 
@@ -188,8 +192,10 @@ def _scan(folder: Path, strict: bool = False) -> list[Embedding]:
         except BadInput as e:
             if strict:
                 raise
-            warnings.warn(f"skipping embedding: {e} (as A1111 and ComfyUI skip it; --strict-embeddings makes this "
-                          f"an error)", stacklevel=3)
+            warnings.warn(
+                f"skipping embedding: {e} (as A1111 and ComfyUI skip it; --strict-embeddings makes this an error)",
+                stacklevel=3,
+            )
     return out
 
 
@@ -221,14 +227,16 @@ def by_name(embeddings: Iterable[Embedding], token: bool = False) -> dict[str, E
     for e in embeddings:
         key = e.token if token else e.name
         if key in out:
-            warnings.warn(f"embedding {key!r}: {e.path} has the same name as {out[key].path}; using the first",
-                          stacklevel=2)
+            warnings.warn(
+                f"embedding {key!r}: {e.path} has the same name as {out[key].path}; using the first", stacklevel=2
+            )
             continue
         out[key] = e
     return out
 
 
 # --- vectors into prompts -----------------------------------------------------------------------------
+
 
 def token_table(source: EmbeddingSource, width: int) -> dict[str, torch.Tensor]:
     """Token -> vectors [n, C] for a text encoder of ``width``, called by token as diffusers and compel call
@@ -237,14 +245,22 @@ def token_table(source: EmbeddingSource, width: int) -> dict[str, torch.Tensor]:
     for token, e in by_name(load_embeddings(source), token=True).items():
         v = e.for_encoder(width)
         if v is None:
-            raise BadInput(f"embedding {token!r} ({e.path or 'in memory'}) has vectors of width {e.describe_widths()}; "
-                           f"this text encoder takes {width}")
+            raise BadInput(
+                f"embedding {token!r} ({e.path or 'in memory'}) has vectors of width {e.describe_widths()}; "
+                f"this text encoder takes {width}"
+            )
         table[token] = v
     return table
 
 
-def inject(tower: "TextTransformer", tokenizer: Tokenizer, prompts: Sequence[str], vectors: Mapping[str, torch.Tensor],
-           *, trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def inject(
+    tower: TextTransformer,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    vectors: Mapping[str, torch.Tensor],
+    *,
+    trim: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids [B, L], token_embeds [B, L, C])`` for ``tower``: each name in ``vectors`` stands, wherever it
     appears in a prompt, for its n vectors (diffusers' rule), the other positions get the tower's own token
     embedding.  Differentiable in ``vectors``.  ``trim`` cuts the rows after the last first EOS: causal
@@ -256,8 +272,9 @@ def inject(tower: "TextTransformer", tokenizer: Tokenizer, prompts: Sequence[str
     if trim:
         ids = ids[:, : int((ids == tower.config.eos_id).int().argmax(-1).max()) + 1]
     embeds = tower.token_embedding(ids)
-    return ids, put_vectors(embeds, [(b, s.position, vectors[s.name][s.vector]) for b, r in enumerate(rows)
-                                     for s in r.slots])
+    return ids, put_vectors(
+        embeds, [(b, s.position, vectors[s.name][s.vector]) for b, r in enumerate(rows) for s in r.slots]
+    )
 
 
 def put_vectors(embeds: torch.Tensor, slots: Sequence[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
@@ -271,6 +288,7 @@ def put_vectors(embeds: torch.Tensor, slots: Sequence[tuple[int, int, torch.Tens
 
 # --- writing ------------------------------------------------------------------------------------------
 
+
 def format_for(path: str | Path) -> str:
     """The format a file name asks for: ``learned_embeds.*`` diffusers, ``.safetensors`` safetensors
     (``emb_params``), ``.pt`` / ``.bin`` A1111."""
@@ -282,12 +300,20 @@ def format_for(path: str | Path) -> str:
         return "safetensors"
     if suffix in (".pt", ".bin"):
         return "a1111"
-    raise BadInput(f"{path}: name the file .pt (A1111), .safetensors, or learned_embeds.safetensors (diffusers), "
-                   f"or give the format")
+    raise BadInput(
+        f"{path}: name the file .pt (A1111), .safetensors, or learned_embeds.safetensors (diffusers), "
+        f"or give the format"
+    )
 
 
-def save_embedding(embedding: Embedding, path: str | Path, format: str | None = None, *, step: int | None = None,
-                   checkpoint: str | None = None) -> Path:
+def save_embedding(
+    embedding: Embedding,
+    path: str | Path,
+    format: str | None = None,
+    *,
+    step: int | None = None,
+    checkpoint: str | None = None,
+) -> Path:
     """Write ``embedding`` where A1111, ComfyUI, kohya, diffusers and sdclip read it (``read_embedding`` gives
     the same vectors back); ``format`` defaults to what the file name asks for (``format_for``).
 
@@ -306,13 +332,17 @@ def save_embedding(embedding: Embedding, path: str | Path, format: str | None = 
     if path.suffix.lower() not in suffixes[format]:
         raise BadInput(f"{path}: a {format} embedding file ends in {' or '.join(suffixes[format])}")
     # own storage: torch.save writes a view's whole storage
-    tensors = {k: v.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
-               for k, v in embedding.vectors.items()}
+    tensors = {
+        k: v.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
+        for k, v in embedding.vectors.items()
+    }
     if set(tensors) == set(SDXL_ROLES):
         if format != "safetensors":
-            raise BadInput(f"{embedding.name}: an SDXL embedding (clip_l + clip_g) is written as .safetensors (the "
-                           f"form A1111, ComfyUI and kohya read; diffusers loads each part with "
-                           f"load_textual_inversion(tensors['clip_l'], token=..., text_encoder=..., tokenizer=...))")
+            raise BadInput(
+                f"{embedding.name}: an SDXL embedding (clip_l + clip_g) is written as .safetensors (the "
+                f"form A1111, ComfyUI and kohya read; diffusers loads each part with "
+                f"load_textual_inversion(tensors['clip_l'], token=..., text_encoder=..., tokenizer=...))"
+            )
     elif len(tensors) != 1:
         raise BadInput(f"{embedding.name}: vectors for {', '.join(tensors)}; a file holds one set, or an SDXL pair")
     vec = next(iter(tensors.values()))
@@ -321,9 +351,18 @@ def save_embedding(embedding: Embedding, path: str | Path, format: str | None = 
     elif format == "diffusers" and path.suffix.lower() == ".safetensors":
         write_safetensors(path, {embedding.token: vec})
     else:
-        data = ({"string_to_token": {"*": _STAR_ID}, "string_to_param": {"*": vec}, "name": embedding.token,
-                 "step": step, "sd_checkpoint": None, "sd_checkpoint_name": checkpoint} if format == "a1111"
-                else {embedding.token: vec})
+        data = (
+            {
+                "string_to_token": {"*": _STAR_ID},
+                "string_to_param": {"*": vec},
+                "name": embedding.token,
+                "step": step,
+                "sd_checkpoint": None,
+                "sd_checkpoint_name": checkpoint,
+            }
+            if format == "a1111"
+            else {embedding.token: vec}
+        )
         buffer = io.BytesIO()  # small; torch's own file writer reports a full disk as an opaque RuntimeError
         torch.save(data, buffer)
         write_bytes(path, buffer.getvalue())

@@ -23,20 +23,46 @@ import torch
 
 from . import bundled, hub
 from .accel import quantize_int8
-from .checkpoint import (CheckpointInfo, TowerSpec, Usage, build, check_hf_config, check_tokenizer_fits, family_of,
-                         find_towers, ignored_tensors, infer, layout_name, usage_for)
+from .checkpoint import (
+    CheckpointInfo,
+    TowerSpec,
+    Usage,
+    build,
+    check_hf_config,
+    check_tokenizer_fits,
+    family_of,
+    find_towers,
+    ignored_tensors,
+    infer,
+    layout_name,
+    usage_for,
+)
 from .errors import BadInput
 from .model import TextOutput, TextTransformer
 from .reuse import ReusingRunner
 from .tensorfile import TensorFile, open_tensor_file
 from .tokenizer import CONTEXT_LENGTH, Tokenizer
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 # in a folder, the first of these that exists holds the weights (full precision first)
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json", "model.fp16.safetensors", "model.safetensors.index.fp16.json", "pytorch_model.fp16.bin",
-                "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "model.fp16.safetensors",
+    "model.safetensors.index.fp16.json",
+    "pytorch_model.fp16.bin",
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.bin",
+)
 
 
 class TextEncoder:
@@ -46,9 +72,17 @@ class TextEncoder:
     threads: encoding only reads the weights; ``reuse`` (its counters and prefix cache) takes a lock.
     """
 
-    def __init__(self, towers: Sequence[TextTransformer], usages: Sequence[Usage], tokenizers: Sequence[Tokenizer],
-                 family: str = "clip", info: CheckpointInfo | None = None, reuse: ReusingRunner | None = None,
-                 backend: str = "torch", quantize: str | None = None):
+    def __init__(
+        self,
+        towers: Sequence[TextTransformer],
+        usages: Sequence[Usage],
+        tokenizers: Sequence[Tokenizer],
+        family: str = "clip",
+        info: CheckpointInfo | None = None,
+        reuse: ReusingRunner | None = None,
+        backend: str = "torch",
+        quantize: str | None = None,
+    ):
         self.towers = list(towers)
         self.usages = list(usages)
         self.tokenizers = list(tokenizers)
@@ -74,8 +108,17 @@ class TextEncoder:
         """A digest of the weights (sampled), architecture, tokenizers, defaults, dtype, device and engine: what
         an exported graph of this model keys on."""
         if self._fingerprint is None:
-            h = hashlib.sha256(repr((self.family, self.usages, [(t.mode, t.vocab_size) for t in self.tokenizers],
-                                     str(self.dtype), str(self.device))).encode())
+            h = hashlib.sha256(
+                repr(
+                    (
+                        self.family,
+                        self.usages,
+                        [(t.mode, t.vocab_size) for t in self.tokenizers],
+                        str(self.dtype),
+                        str(self.device),
+                    )
+                ).encode()
+            )
             if self.backend != "torch":  # an engine's outputs differ from torch's in the last bits
                 h.update(f"{self.backend} {self.quantize}".encode())
             with torch.no_grad():
@@ -96,7 +139,7 @@ class TextEncoder:
     def device(self) -> torch.device:
         return self.towers[0].token_embedding.weight.device
 
-    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> "TextEncoder":
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> TextEncoder:
         for t in self.towers:
             t.to(device=device, dtype=_dtype(dtype) if dtype is not None else None)
         self.reuse.cache.clear()  # cached prefixes hold the old device / dtype
@@ -106,8 +149,10 @@ class TextEncoder:
 
     def _index(self, encoder: int) -> int:
         if not 1 <= encoder <= len(self.towers):
-            raise BadInput(f"encoder {encoder} does not exist: this {self.family} checkpoint has "
-                           f"{len(self.towers)} text encoder{'s' if len(self.towers) > 1 else ''}")
+            raise BadInput(
+                f"encoder {encoder} does not exist: this {self.family} checkpoint has "
+                f"{len(self.towers)} text encoder{'s' if len(self.towers) > 1 else ''}"
+            )
         return encoder - 1
 
     def tower(self, encoder: int = 1) -> TextTransformer:
@@ -120,20 +165,44 @@ class TextEncoder:
         return self.tokenizers[i](prompts, length=min(config.context_length, CONTEXT_LENGTH), pad_id=config.pad_id)
 
     @torch.inference_mode()
-    def encode(self, prompts: str | Sequence[str], *, encoder: int = 1, layer: int | None = None,
-               final_norm: bool | None = None, hidden: bool = True, pooled: bool = True,
-               pooling: str | None = None) -> TextOutput:
+    def encode(
+        self,
+        prompts: str | Sequence[str],
+        *,
+        encoder: int = 1,
+        layer: int | None = None,
+        final_norm: bool | None = None,
+        hidden: bool = True,
+        pooled: bool = True,
+        pooling: str | None = None,
+    ) -> TextOutput:
         """Hidden states [B, 77, C] of the chosen layer (default: what this family feeds its U-Net),
         pooled [B, C] and, with a projection, pooled_projected [B, P].  ``hidden=False`` asks for
         the pooled outputs only, which stops each prompt at its EOS."""
-        return self.encode_ids(self.tokenize(prompts, encoder), encoder=encoder, layer=layer, final_norm=final_norm,
-                               hidden=hidden, pooled=pooled, pooling=pooling)
+        return self.encode_ids(
+            self.tokenize(prompts, encoder),
+            encoder=encoder,
+            layer=layer,
+            final_norm=final_norm,
+            hidden=hidden,
+            pooled=pooled,
+            pooling=pooling,
+        )
 
     @torch.inference_mode()
-    def encode_ids(self, ids: torch.Tensor, *, encoder: int = 1, layer: int | None = None,
-                   final_norm: bool | None = None, hidden: bool = True, pooled: bool = True,
-                   pooling: str | None = None, token_embeds: torch.Tensor | None = None,
-                   attention_mask: torch.Tensor | None = None) -> TextOutput:
+    def encode_ids(
+        self,
+        ids: torch.Tensor,
+        *,
+        encoder: int = 1,
+        layer: int | None = None,
+        final_norm: bool | None = None,
+        hidden: bool = True,
+        pooled: bool = True,
+        pooling: str | None = None,
+        token_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> TextOutput:
         """``encode`` for token ids [B, L] already built (prompt dialects build their own chunks).
 
         Identical rows, shared prefixes and pooled-only requests are computed once (``reuse``);
@@ -150,12 +219,19 @@ class TextEncoder:
             raise BadInput("nothing to compute: hidden=False and pooled=False")
         ids = ids.to(self.device)
         if token_embeds is not None or attention_mask is not None:
-            out = tower(ids, layer=layer, final_norm=final_norm, pooled=pooled, pooling=pooling,
-                        token_embeds=None if token_embeds is None else token_embeds.to(self.device, self.dtype),
-                        attention_mask=attention_mask)
+            out = tower(
+                ids,
+                layer=layer,
+                final_norm=final_norm,
+                pooled=pooled,
+                pooling=pooling,
+                token_embeds=None if token_embeds is None else token_embeds.to(self.device, self.dtype),
+                attention_mask=attention_mask,
+            )
             return out if hidden else TextOutput(None, out.pooled, out.pooled_projected)  # type: ignore[arg-type]
-        return self.reuse(self._engine(i), ids, layer=layer, final_norm=final_norm, hidden=hidden, pooled=pooled,
-                          pooling=pooling)
+        return self.reuse(
+            self._engine(i), ids, layer=layer, final_norm=final_norm, hidden=hidden, pooled=pooled, pooling=pooling
+        )
 
     def _engine(self, i: int) -> TextTransformer:
         """What runs tower i's plain passes: the tower itself, or its exported graph on the chosen backend
@@ -165,8 +241,10 @@ class TextEncoder:
         if self._engines is None:
             from .backends import EngineTower
 
-            self._engines = [EngineTower(t, self.backend, f"{self.weights_fingerprint}-{n}", quantize=self.quantize)
-                             for n, t in enumerate(self.towers)]
+            self._engines = [
+                EngineTower(t, self.backend, f"{self.weights_fingerprint}-{n}", quantize=self.quantize)
+                for n, t in enumerate(self.towers)
+            ]
         return self._engines[i]  # type: ignore[return-value]  # called as a tower is
 
 
@@ -202,8 +280,9 @@ def _text_config(folder: Path) -> dict | None:
     if not (folder / "config.json").is_file():
         return None
     config = _read_json(folder / "config.json")
-    return check_hf_config(config.get("text_config") if isinstance(config.get("text_config"), dict) else config,
-                           folder / "config.json")
+    return check_hf_config(
+        config.get("text_config") if isinstance(config.get("text_config"), dict) else config, folder / "config.json"
+    )
 
 
 def _tokenizer_for(folder: Path | None, mode: str, shared: dict[str, Tokenizer]) -> tuple[Tokenizer, int | None]:
@@ -250,9 +329,19 @@ def _open(source: str | Path) -> tuple[list[tuple[TensorFile, dict | None, Path 
     return [(open_tensor_file(_weights_in(path)), _text_config(path), path)], None, str(source)
 
 
-def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-         tokenizer_mode: str = "hf", quantize: str | None = None, compile: bool = False, backend: str = "torch",
-         micro_batch: int = 8, share_prefixes: bool = False, **overrides: Any) -> TextEncoder:
+def load(
+    source: str | Path | None = None,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    tokenizer_mode: str = "hf",
+    quantize: str | None = None,
+    compile: bool = False,
+    backend: str = "torch",
+    micro_batch: int = 8,
+    share_prefixes: bool = False,
+    **overrides: Any,
+) -> TextEncoder:
     """Load the text encoder(s) of a checkpoint file, a diffusers / Hugging Face folder or a hub id
     (no source, or ``"sdclip-mini"``: the model bundled with sdclip).
 
@@ -297,8 +386,10 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "float3
             configs += [hf_config] * len(in_file)
             tok_dirs += [tok_dir] * len(in_file)
         if not found:
-            raise BadInput(f"{source}: no CLIP text encoder found (looked for '*embeddings.token_embedding.weight' "
-                           f"and OpenCLIP '*token_embedding.weight' + 'transformer.resblocks.*' tensors)")
+            raise BadInput(
+                f"{source}: no CLIP text encoder found (looked for '*embeddings.token_embedding.weight' "
+                f"and OpenCLIP '*token_embedding.weight' + 'transformer.resblocks.*' tensors)"
+            )
         family = family_of(found, pipeline)
         shared: dict[str, Tokenizer] = {}  # the bundled vocabulary, built once per mode
         towers: list[TowerSpec] = []
@@ -316,12 +407,26 @@ def load(source: str | Path | None = None, *, dtype: str | torch.dtype = "float3
             towers.append(spec)
             modules.append(module)
             tokenizers.append(tokenizer)
-        info = CheckpointInfo(name, layout_name(family, towers, files[0]) if pipeline is None
-                              else f"diffusers pipeline folder ({pipeline or 'no model_index.json'})",
-                              family, towers, ignored_tensors(files, towers), [str(f.path) for f in files])
+        info = CheckpointInfo(
+            name,
+            layout_name(family, towers, files[0])
+            if pipeline is None
+            else f"diffusers pipeline folder ({pipeline or 'no model_index.json'})",
+            family,
+            towers,
+            ignored_tensors(files, towers),
+            [str(f.path) for f in files],
+        )
     finally:
         for f in files:
             f.close()
-    return TextEncoder(modules, [usage_for(family, t) for t in towers], tokenizers, family, info,
-                       ReusingRunner(micro_batch, prefixes=share_prefixes), backend,
-                       quantize if backend != "torch" else None)
+    return TextEncoder(
+        modules,
+        [usage_for(family, t) for t in towers],
+        tokenizers,
+        family,
+        info,
+        ReusingRunner(micro_batch, prefixes=share_prefixes),
+        backend,
+        quantize if backend != "torch" else None,
+    )

@@ -35,18 +35,26 @@ class Architecture:
 # The one width-to-architecture table: the tower's width says which CLIP text tower it is.
 ARCHITECTURES: dict[int, Architecture] = {
     512: Architecture("clip_b", "CLIP ViT-B", "CLIP ViT-B", (12,), "quick_gelu", 49407),
-    768: Architecture("clip_l", "CLIP ViT-L/14 (SD 1.x; SDXL's first encoder)", "CLIP ViT-L/14", (12,), "quick_gelu",
-                      49407),
+    768: Architecture(
+        "clip_l", "CLIP ViT-L/14 (SD 1.x; SDXL's first encoder)", "CLIP ViT-L/14", (12,), "quick_gelu", 49407
+    ),
     1024: Architecture("clip_h", "OpenCLIP ViT-H/14 (SD 2.x)", "OpenCLIP ViT-H/14", (24, 23), "gelu", 0),
-    1280: Architecture("clip_g", "OpenCLIP ViT-bigG/14 (SDXL's second encoder)", "OpenCLIP ViT-bigG/14", (32,), "gelu",
-                       0),
+    1280: Architecture(
+        "clip_g", "OpenCLIP ViT-bigG/14 (SDXL's second encoder)", "OpenCLIP ViT-bigG/14", (32,), "gelu", 0
+    ),
 }
 
 
 def architecture(width: int) -> Architecture:
     """The architecture of a tower of this width (an unknown width: named by it, OpenAI-style defaults)."""
-    return ARCHITECTURES.get(width) or Architecture(f"clip_{width}", "a CLIP text encoder of that width",
-                                                    f"CLIP text tower (width {width})", (), "quick_gelu", 49407)
+    return ARCHITECTURES.get(width) or Architecture(
+        f"clip_{width}",
+        "a CLIP text encoder of that width",
+        f"CLIP text tower (width {width})",
+        (),
+        "quick_gelu",
+        49407,
+    )
 
 
 @dataclass(frozen=True)
@@ -70,21 +78,89 @@ class Family:
 
 _LAST = Usage(-1, True)
 _PENULTIMATE_RAW = Usage(-2, False)
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("sd1", "cond_stage_model.", ("clip_l",), "SD1 single file", None, _LAST, None, (1,), (), 1,
-           True, False, False),
-    # SD2 reads the 23rd of OpenCLIP-H's 24 blocks: the penultimate of a full tower, the last of diffusers'
-    # 23-layer one and of a kohya file once its placeholder 24th block is left out
-    Family("sd2", "cond_stage_model.", ("clip_h",), "SD2 single file", None, Usage(-2, True), _LAST, (1,), (), 2,
-           False, False, False),
-    Family("sdxl", "conditioner.embedders.", ("clip_l", "clip_g"), "SDXL single file", "XL", _PENULTIMATE_RAW,
-           None, (1, 2), (2,), 2, False, True, True),
-    Family("sdxl-refiner", "conditioner.embedders.", ("clip_g",), "SDXL refiner single file", "XL",
-           _PENULTIMATE_RAW, None, (1,), (1,), 2, False, True, False),
-    Family("sd3", "text_encoders.", None, "SD3-style text_encoders.* file", "StableDiffusion3", _PENULTIMATE_RAW,
-           None, (1, 2), (1, 2), 2, False, False, False),
-    Family("clip", None, None, None, None, _LAST, None, (1,), (), 1, True, False, False),
-)}
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            "sd1",
+            "cond_stage_model.",
+            ("clip_l",),
+            "SD1 single file",
+            None,
+            _LAST,
+            None,
+            (1,),
+            (),
+            1,
+            True,
+            False,
+            False,
+        ),
+        # SD2 reads the 23rd of OpenCLIP-H's 24 blocks: the penultimate of a full tower, the last of diffusers'
+        # 23-layer one and of a kohya file once its placeholder 24th block is left out
+        Family(
+            "sd2",
+            "cond_stage_model.",
+            ("clip_h",),
+            "SD2 single file",
+            None,
+            Usage(-2, True),
+            _LAST,
+            (1,),
+            (),
+            2,
+            False,
+            False,
+            False,
+        ),
+        Family(
+            "sdxl",
+            "conditioner.embedders.",
+            ("clip_l", "clip_g"),
+            "SDXL single file",
+            "XL",
+            _PENULTIMATE_RAW,
+            None,
+            (1, 2),
+            (2,),
+            2,
+            False,
+            True,
+            True,
+        ),
+        Family(
+            "sdxl-refiner",
+            "conditioner.embedders.",
+            ("clip_g",),
+            "SDXL refiner single file",
+            "XL",
+            _PENULTIMATE_RAW,
+            None,
+            (1,),
+            (1,),
+            2,
+            False,
+            True,
+            False,
+        ),
+        Family(
+            "sd3",
+            "text_encoders.",
+            None,
+            "SD3-style text_encoders.* file",
+            "StableDiffusion3",
+            _PENULTIMATE_RAW,
+            None,
+            (1, 2),
+            (1, 2),
+            2,
+            False,
+            False,
+            False,
+        ),
+        Family("clip", None, None, None, None, _LAST, None, (1,), (), 1, True, False, False),
+    )
+}
 CLIP = FAMILIES["clip"]  # what a file that fits no Stable Diffusion family is
 
 
@@ -96,8 +172,11 @@ def family(name: str) -> Family:
 def of_file(prefixes: Sequence[str], roles: Sequence[str]) -> Family:
     """The family of a single file, from where its towers sit (key prefixes) and their roles."""
     for f in FAMILIES.values():
-        if f.prefix is not None and all(p.startswith(f.prefix) for p in prefixes) and (
-                f.roles is None or tuple(roles) == f.roles):
+        if (
+            f.prefix is not None
+            and all(p.startswith(f.prefix) for p in prefixes)
+            and (f.roles is None or tuple(roles) == f.roles)
+        ):
             return f
     return CLIP
 

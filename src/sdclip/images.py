@@ -61,8 +61,10 @@ def open_image(source: str | Path | bytes, name: str | None = None, max_pixels: 
             image = Image.open(io.BytesIO(data))  # reads the header only
             width, height = image.size
             if width * height > max_pixels:
-                raise BadInput(f"{label}: declares {width} x {height} pixels, more than the {max_pixels:,} "
-                               f"allowed (a decompression bomb?); not decoded")
+                raise BadInput(
+                    f"{label}: declares {width} x {height} pixels, more than the {max_pixels:,} "
+                    f"allowed (a decompression bomb?); not decoded"
+                )
             if width == 0 or height == 0:
                 raise BadInput(f"{label}: has zero size ({width} x {height})")
             image.load()
@@ -107,8 +109,9 @@ def resize_crop(image: Image.Image, size: int, max_pixels: int = MAX_PIXELS) -> 
         return resized.crop((left, top, left + size, top + size))
     # a very elongated image: resample only the crop window (same kernels, no huge intermediate)
     sx, sy = image.width / w, image.height / h
-    return image.resize((size, size), Image.Resampling.BICUBIC,
-                        box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy))
+    return image.resize(
+        (size, size), Image.Resampling.BICUBIC, box=(left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    )
 
 
 def preprocess(image: ImageLike, size: int = 224) -> np.ndarray:
@@ -148,8 +151,9 @@ def png_text(path: str | Path, key: str) -> str | None:
                 f.seek(length + 4, io.SEEK_CUR)  # the chunk and its CRC, unread
                 continue
             if length > MAX_TEXT_CHUNK:
-                raise BadInput(f"{path}: a {kind.decode()} chunk of {length:,} bytes, more than the "
-                               f"{MAX_TEXT_CHUNK:,} allowed")
+                raise BadInput(
+                    f"{path}: a {kind.decode()} chunk of {length:,} bytes, more than the {MAX_TEXT_CHUNK:,} allowed"
+                )
             body, crc = f.read(length), f.read(4)
             if len(body) < length or len(crc) < 4:
                 raise BadInput(f"{path}: a PNG cut short (in a {kind.decode()} chunk)")

@@ -81,8 +81,10 @@ def _parts(model: Model) -> list[_Part]:
         return [_Part(ANY, model.text, model.tokenizer, Usage(-1, True), True)]
     numbers, pooled = unet_encoders(model), pooled_encoders(model)
     roles = SDXL_ROLES if len(numbers) == 2 else (ANY,)
-    return [_Part(role, model.tower(n), model.tokenizers[n - 1], model.usages[n - 1], n in pooled)
-            for role, n in zip(roles, numbers)]
+    return [
+        _Part(role, model.tower(n), model.tokenizers[n - 1], model.usages[n - 1], n in pooled)
+        for role, n in zip(roles, numbers)
+    ]
 
 
 def initial_vectors(tower: TextTransformer, tokenizer: Tokenizer, word: str, n: int) -> torch.Tensor:
@@ -97,15 +99,17 @@ def initial_vectors(tower: TextTransformer, tokenizer: Tokenizer, word: str, n: 
     return rows[torch.arange(n) % len(ids)].clone()
 
 
-def conditioning(model: Model, prompts: Sequence[str], vectors: dict[str, torch.Tensor], token: str
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def conditioning(
+    model: Model, prompts: Sequence[str], vectors: dict[str, torch.Tensor], token: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(hidden [B, 77, C], pooled [B, P] or None)`` of ``prompts`` with ``token``'s vectors (per role) in place,
     as the family's U-Net reads them (encoders side by side on the channel axis); differentiable in the vectors."""
     hidden, pooled = [], []
     for part in _parts(model):
         ids, embeds = inject(part.tower, part.tokenizer, prompts, {token: vectors[part.role]})
-        out = part.tower(ids, layer=part.usage.layer, final_norm=part.usage.final_norm, pooled=part.pooled,
-                         token_embeds=embeds)
+        out = part.tower(
+            ids, layer=part.usage.layer, final_norm=part.usage.final_norm, pooled=part.pooled, token_embeds=embeds
+        )
         hidden.append(out.hidden)
         if part.pooled:
             pooled.append(out.pooled if out.pooled_projected is None else out.pooled_projected)
@@ -124,8 +128,9 @@ class _ClipObjective:
             texts = [t.format(n) for t in config.templates for n in config.negatives]
             self.negatives = model.encode_text(texts).view(len(config.templates), len(config.negatives), -1).clone()
 
-    def __call__(self, vectors: dict[str, torch.Tensor], which: list[int], step: int
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(
+        self, vectors: dict[str, torch.Tensor], which: list[int], step: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         text, token = self.model.text, self.config.token
         prompts = [self.config.templates[i].format(token) for i in which]
         ids, embeds = inject(text, self.model.tokenizer, prompts, {token: vectors[ANY]}, trim=True)
@@ -148,8 +153,9 @@ class _LossObjective:
     def __init__(self, model: Model, loss_fn: LossFn, config: InversionConfig):
         self.model, self.loss_fn, self.config = model, loss_fn, config
 
-    def __call__(self, vectors: dict[str, torch.Tensor], which: list[int], step: int
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(
+        self, vectors: dict[str, torch.Tensor], which: list[int], step: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
         prompts = [self.config.templates[i].format(self.config.token) for i in which]
         hidden, pooled = conditioning(self.model, prompts, vectors, self.config.token)
         seed = int(np.random.default_rng([self.config.seed, step, 1]).integers(2**62))
@@ -164,9 +170,17 @@ def _weights(model: Model) -> list[torch.nn.Parameter]:
     return [p for m in modules for p in m.parameters()]
 
 
-def train_embedding(model: Model, images: Images | None = None, *, loss_fn: LossFn | None = None,
-                    out: str | Path | None = None, resume: bool = False, until: int | None = None,
-                    log: TextIO | None = sys.stderr, **settings) -> Embedding:
+def train_embedding(
+    model: Model,
+    images: Images | None = None,
+    *,
+    loss_fn: LossFn | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    until: int | None = None,
+    log: TextIO | None = sys.stderr,
+    **settings,
+) -> Embedding:
     """Learn a new word (``settings``: the fields of ``InversionConfig``: token, vectors, init_word, templates,
     negatives, steps, lr, ...) and return it as an ``Embedding`` (``save_embedding`` writes it).
 
@@ -184,8 +198,10 @@ def train_embedding(model: Model, images: Images | None = None, *, loss_fn: Loss
     if (images is None) == (loss_fn is None):
         raise BadInput("give example images (the CLIP objective) or a loss_fn, one of the two")
     if images is not None and not isinstance(model, CLIPModel):
-        raise BadInput("the CLIP objective needs a full CLIP model (text and image towers, CLIPModel.load); for a "
-                       "text encoder alone give a loss_fn")
+        raise BadInput(
+            "the CLIP objective needs a full CLIP model (text and image towers, CLIPModel.load); for a "
+            "text encoder alone give a loss_fn"
+        )
     run = Run(out, log) if out is not None else None
     state = None
     if resume:
@@ -200,16 +216,28 @@ def train_embedding(model: Model, images: Images | None = None, *, loss_fn: Loss
         except TypeError as e:
             raise BadInput(f"unknown setting: {e}") from None
     parts = _parts(model)
-    vectors = {p.role: torch.nn.Parameter(initial_vectors(p.tower, p.tokenizer, config.init_word, config.vectors)
-                                          .to(p.tower.token_embedding.weight.device)) for p in parts}
+    vectors = {
+        p.role: torch.nn.Parameter(
+            initial_vectors(p.tower, p.tokenizer, config.init_word, config.vectors).to(
+                p.tower.token_embedding.weight.device
+            )
+        )
+        for p in parts
+    }
     optimizer = torch.optim.AdamW(vectors.values(), lr=config.lr, weight_decay=config.weight_decay)
-    objective = (_ClipObjective(model, images, config) if images is not None  # type: ignore[arg-type]
-                 else _LossObjective(model, loss_fn, config))  # type: ignore[arg-type]
+    objective = (
+        _ClipObjective(model, images, config)
+        if images is not None  # type: ignore[arg-type]
+        else _LossObjective(model, loss_fn, config)
+    )  # type: ignore[arg-type]
     start = 0
     if state is not None:
         saved = state.get("images")
-        if isinstance(objective, _ClipObjective) != (saved is not None) or saved is not None and (
-                saved.shape != objective.images.shape or not torch.allclose(saved, objective.images.cpu(), atol=1e-3)):
+        if (
+            isinstance(objective, _ClipObjective) != (saved is not None)
+            or saved is not None
+            and (saved.shape != objective.images.shape or not torch.allclose(saved, objective.images.cpu(), atol=1e-3))
+        ):
             raise BadInput(f"{out}: the run was started with other example images (or another objective)")
         with torch.no_grad():
             for role, v in vectors.items():
@@ -228,8 +256,17 @@ def train_embedding(model: Model, images: Images | None = None, *, loss_fn: Loss
     return Embedding(config.name, config.token, {role: v.detach().clone() for role, v in vectors.items()})
 
 
-def _steps(config: InversionConfig, vectors: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-           objective: Callable, start: int, stop: int, run: Run | None, resumed: bool, log: TextIO | None) -> None:
+def _steps(
+    config: InversionConfig,
+    vectors: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    objective: Callable,
+    start: int,
+    stop: int,
+    run: Run | None,
+    resumed: bool,
+    log: TextIO | None,
+) -> None:
     """The steps ``start`` .. ``stop``, with metrics, progress and checkpoints."""
     if run is not None:
         run.start(start, resumed)
@@ -243,8 +280,16 @@ def _steps(config: InversionConfig, vectors: dict[str, torch.nn.Parameter], opti
         _loop(config, vectors, optimizer, objective, start, stop, None, log)
 
 
-def _loop(config: InversionConfig, vectors: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-          objective: Callable, start: int, stop: int, run: Run | None, log: TextIO | None) -> None:
+def _loop(
+    config: InversionConfig,
+    vectors: dict[str, torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    objective: Callable,
+    start: int,
+    stop: int,
+    run: Run | None,
+    log: TextIO | None,
+) -> None:
     progress = Progress(config.steps, log, "prompts") if log is not None else None
     images = getattr(objective, "images", None)
     began = time.monotonic()
@@ -261,21 +306,34 @@ def _loop(config: InversionConfig, vectors: dict[str, torch.nn.Parameter], optim
             run.record({"step": done, "loss": loss.item(), "norm": norm, **extra, "elapsed": time.monotonic() - began})
         if progress is not None:
             per_step = (time.monotonic() - began) / (done - start)
-            progress.update(done, loss.item(), config.batch_size / per_step, time.monotonic() - began,
-                            (stop - done) * per_step, force=done == stop)
+            progress.update(
+                done,
+                loss.item(),
+                config.batch_size / per_step,
+                time.monotonic() - began,
+                (stop - done) * per_step,
+                force=done == stop,
+            )
         if run is not None and (done % config.checkpoint_every == 0 or done == stop):
-            run.save(done, config, optimizer=optimizer.state_dict(),
-                     vectors={k: v.detach().cpu() for k, v in vectors.items()},
-                     images=None if images is None else images.cpu())
+            run.save(
+                done,
+                config,
+                optimizer=optimizer.state_dict(),
+                vectors={k: v.detach().cpu() for k, v in vectors.items()},
+                images=None if images is None else images.cpu(),
+            )
     if progress is not None:
         progress.close()
 
 
-def nearest_tokens(vectors: torch.Tensor, tower: TextTransformer, tokenizer: Tokenizer, k: int = 5
-                   ) -> list[list[tuple[str, float]]]:
+def nearest_tokens(
+    vectors: torch.Tensor, tower: TextTransformer, tokenizer: Tokenizer, k: int = 5
+) -> list[list[tuple[str, float]]]:
     """For each vector [n, C], the ``k`` vocabulary tokens whose embeddings point most nearly its way (cosine):
     what the learned word resembles to this encoder."""
     table = F.normalize(tower.token_embedding.weight.detach().float(), dim=-1)
     found = (F.normalize(vectors.float().to(table.device), dim=-1) @ table.t()).topk(k, dim=-1)
-    return [[(tokenizer.token_text(int(i)), float(s)) for s, i in zip(scores, ids)]
-            for scores, ids in zip(found.values, found.indices)]
+    return [
+        [(tokenizer.token_text(int(i)), float(s)) for s, i in zip(scores, ids)]
+        for scores, ids in zip(found.values, found.indices)
+    ]

@@ -37,8 +37,10 @@ def check_prompt(prompt: str, limit: int | None = MAX_PROMPT_CHARS, where: str =
     ``where`` names it in the message (``prompts.txt:3``, ``prompt 2``)."""
     if limit is not None and len(prompt) > limit:
         start = prompt[:40].replace("\n", " ")
-        raise BadInput(f"{where + ': ' if where else ''}prompt {start!r}... has {len(prompt):,} characters, more "
-                       f"than the limit of {limit:,} (max_prompt_chars; --max-prompt-chars on the command line)")
+        raise BadInput(
+            f"{where + ': ' if where else ''}prompt {start!r}... has {len(prompt):,} characters, more "
+            f"than the limit of {limit:,} (max_prompt_chars; --max-prompt-chars on the command line)"
+        )
     return prompt
 
 

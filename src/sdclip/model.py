@@ -41,8 +41,17 @@ class TextConfig:
     pooling: str = "first_eos"
 
     def __post_init__(self) -> None:
-        for name in ("width", "layers", "heads", "mlp_width", "vocab_size", "context_length", "projection_dim",
-                     "eos_id", "pad_id"):
+        for name in (
+            "width",
+            "layers",
+            "heads",
+            "mlp_width",
+            "vocab_size",
+            "context_length",
+            "projection_dim",
+            "eos_id",
+            "pad_id",
+        ):
             value = getattr(self, name)
             least = 0 if name in ("projection_dim", "eos_id", "pad_id") else 1
             if type(value) is not int or value < least:
@@ -78,8 +87,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, past: KeyValues | None = None, keep: list[KeyValues] | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        past: KeyValues | None = None,
+        keep: list[KeyValues] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``past``: keys/values of earlier positions (a shared prefix) that ``x`` follows; ``keep``
         collects this call's keys/values so that ``x`` can serve as such a prefix; ``mask`` [B, 1, n, n]
         (True = may attend) replaces the causal rule."""
@@ -126,8 +140,13 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.width, eps=1e-5)
         self.mlp = MLP(config.width, config.mlp_width, config.activation)
 
-    def forward(self, x: torch.Tensor, past: KeyValues | None = None, keep: list[KeyValues] | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        past: KeyValues | None = None,
+        keep: list[KeyValues] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), past, keep, mask)
         return x + self.mlp(self.ln_2(x))
 
@@ -172,8 +191,9 @@ class TextTransformer(nn.Module):
         super().__init__()
         self.config = config
         # an explicit weight skips nn.Embedding's random init (slow, and pointless before loading)
-        self.token_embedding = nn.Embedding(config.vocab_size, config.width,
-                                            _weight=torch.empty(config.vocab_size, config.width))
+        self.token_embedding = nn.Embedding(
+            config.vocab_size, config.width, _weight=torch.empty(config.vocab_size, config.width)
+        )
         self.position_embedding = nn.Parameter(torch.empty(config.context_length, config.width))
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
         self.final_norm = nn.LayerNorm(config.width, eps=1e-5)
@@ -184,14 +204,25 @@ class TextTransformer(nn.Module):
         """A Python-style index into the hidden states (0 = embeddings, -1 = last layer) -> 0..layers."""
         n = self.config.layers + 1
         if not -n <= layer < n:
-            raise BadInput(f"layer {layer} is out of range for a {self.config.layers}-layer model "
-                           f"(hidden states are indexed {-n}..{n - 1}; 0 = embeddings, -1 = last layer)")
+            raise BadInput(
+                f"layer {layer} is out of range for a {self.config.layers}-layer model "
+                f"(hidden states are indexed {-n}..{n - 1}; 0 = embeddings, -1 = last layer)"
+            )
         return layer % n
 
-    def forward(self, ids: torch.Tensor, *, layer: int = -1, final_norm: bool = True, pooled: bool = True,
-                pooling: str | None = None, token_embeds: torch.Tensor | None = None,
-                output_hidden_states: bool = False, prefix: Prefix | None = None,
-                attention_mask: torch.Tensor | None = None) -> TextOutput:
+    def forward(
+        self,
+        ids: torch.Tensor,
+        *,
+        layer: int = -1,
+        final_norm: bool = True,
+        pooled: bool = True,
+        pooling: str | None = None,
+        token_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        prefix: Prefix | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> TextOutput:
         """Encode [B, L] ids.
 
         ``layer`` picks the hidden state returned as ``hidden`` (Python-style index, 0 = embeddings);
@@ -238,8 +269,10 @@ class TextTransformer(nn.Module):
             if i + 1 == stop:
                 hidden = whole(i + 1, x)
         assert hidden is not None
-        out = TextOutput(self.final_norm(hidden) if final_norm else hidden,
-                         hidden_states=tuple(states) if states is not None else None)
+        out = TextOutput(
+            self.final_norm(hidden) if final_norm else hidden,
+            hidden_states=tuple(states) if states is not None else None,
+        )
         if pooled:
             where = ids.argmax(-1) if pooling == "argmax" else (ids == self.config.eos_id).int().argmax(-1)
             last = whole(self.config.layers, x)
@@ -260,10 +293,10 @@ class TextTransformer(nn.Module):
             states.append(x)
         return Prefix(ids.clone(), kv, states)
 
-    def init_weights(self, generator: torch.Generator | None = None) -> "TextTransformer":
+    def init_weights(self, generator: torch.Generator | None = None) -> TextTransformer:
         """Random weights in CLIP's initialisation scheme (for tests and training from scratch)."""
         w, layers = self.config.width, self.config.layers
-        attn_std = w ** -0.5
+        attn_std = w**-0.5
         proj_std = attn_std * (2 * layers) ** -0.5
         with torch.no_grad():
             nn.init.normal_(self.token_embedding.weight, std=0.02, generator=generator)

@@ -114,8 +114,15 @@ class ReusingRunner:
     """Runs a tower over [N, L] ids in fixed-shape micro-batches with the savings above; thread-safe (one
     encoder may serve many threads: the tower only reads its weights, the counters and caches take a lock)."""
 
-    def __init__(self, micro_batch: int = 8, *, prefixes: bool = False, min_prefix: int = 8, min_saving: int = 154,
-                 cache_bytes: int = 256 * 2**20):
+    def __init__(
+        self,
+        micro_batch: int = 8,
+        *,
+        prefixes: bool = False,
+        min_prefix: int = 8,
+        min_saving: int = 154,
+        cache_bytes: int = 256 * 2**20,
+    ):
         """``micro_batch``: the rows of every forward pass (a speed knob: each value is deterministic, but two
         values round differently).  ``prefixes``: share prompt prefixes (faster on prompts with long common
         starts, not bit-stable: see the module note); ``min_prefix``: the shortest prefix worth sharing;
@@ -141,8 +148,17 @@ class ReusingRunner:
             for name, n in added.items():
                 setattr(self.stats, name, getattr(self.stats, name) + n)
 
-    def __call__(self, tower: TextTransformer, ids: torch.Tensor, *, layer: int = -1, final_norm: bool = True,
-                 hidden: bool = True, pooled: bool = True, pooling: str | None = None) -> TextOutput:
+    def __call__(
+        self,
+        tower: TextTransformer,
+        ids: torch.Tensor,
+        *,
+        layer: int = -1,
+        final_norm: bool = True,
+        hidden: bool = True,
+        pooled: bool = True,
+        pooling: str | None = None,
+    ) -> TextOutput:
         pooling = pooling or tower.config.pooling
         unique, inverse = torch.unique(ids, dim=0, return_inverse=True)  # sorted: shared prefixes are adjacent
         self._count(rows=len(ids), unique_rows=len(unique), positions=ids.numel())
@@ -153,7 +169,7 @@ class ReusingRunner:
             out = self._with_prefixes(tower, unique, **kw)
         else:
             out = _scatter(len(unique), [(list(range(len(unique))), self._run(tower, unique, None, **kw))], True)
-        pick = (lambda t: None if t is None else t[inverse])
+        pick = lambda t: None if t is None else t[inverse]
         return TextOutput(pick(out.hidden), pick(out.pooled), pick(out.pooled_projected))
 
     def _run(self, tower: TextTransformer, ids: torch.Tensor, prefix: Prefix | None, **kw: object) -> list[TextOutput]:
@@ -163,7 +179,7 @@ class ReusingRunner:
         mb = self.micro_batch * max(1, tower.config.context_length // ids.shape[1])
         outs = []
         for s in range(0, len(ids), mb):
-            part = ids[s:s + mb]
+            part = ids[s : s + mb]
             n = len(part)
             if n < mb and not self.prefixes:
                 part = torch.cat([part, part[-1:].expand(mb - n, -1)])
@@ -171,8 +187,13 @@ class ReusingRunner:
             projected = None
             if out.pooled_projected is not None:  # one row at a time: what diffusers computes for one prompt
                 projected = torch.cat([tower.projection(p[None]) for p in out.pooled[:n]])  # type: ignore[misc]
-            outs.append(TextOutput(None if out.hidden is None else out.hidden[:n],
-                                   None if out.pooled is None else out.pooled[:n], projected))
+            outs.append(
+                TextOutput(
+                    None if out.hidden is None else out.hidden[:n],
+                    None if out.pooled is None else out.pooled[:n],
+                    projected,
+                )
+            )
         rows = len(ids) if self.prefixes else len(outs) * mb
         self._count(positions_computed=rows * (ids.shape[1] - (0 if prefix is None else prefix.length)))
         return outs
@@ -216,13 +237,20 @@ class ReusingRunner:
         parts: list[tuple[list[int], list[TextOutput]]] = []
         for length in sorted(set(lengths)):
             members = [i for i, n in enumerate(lengths) if n == length]
-            parts.append((members, self._run(tower, rows[members, :length], None, layer=-1, final_norm=False,
-                                             pooled=True, pooling=pooling)))
+            parts.append(
+                (
+                    members,
+                    self._run(
+                        tower, rows[members, :length], None, layer=-1, final_norm=False, pooled=True, pooling=pooling
+                    ),
+                )
+            )
         return _scatter(len(rows), parts, hidden=False)
 
 
 def _scatter(n: int, parts: list[tuple[list[int], list[TextOutput]]], hidden: bool) -> TextOutput:
     """Reassemble per-group outputs into row order."""
+
     def gather(field_name: str) -> torch.Tensor | None:
         first = getattr(parts[0][1][0], field_name)
         if first is None:
@@ -231,5 +259,9 @@ def _scatter(n: int, parts: list[tuple[list[int], list[TextOutput]]], hidden: bo
         for members, outs in parts:
             out[members] = torch.cat([getattr(o, field_name) for o in outs])
         return out
-    return TextOutput(gather("hidden") if hidden else None, gather("pooled"),  # type: ignore[arg-type]
-                      gather("pooled_projected"))
+
+    return TextOutput(
+        gather("hidden") if hidden else None,
+        gather("pooled"),  # type: ignore[arg-type]
+        gather("pooled_projected"),
+    )

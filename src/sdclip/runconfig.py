@@ -18,9 +18,18 @@ if TYPE_CHECKING:
 FORMATS = ("a1111", "safetensors", "diffusers")  # embedding files: A1111 .pt, emb_params safetensors, learned_embeds
 
 # caption templates in the spirit of the textual-inversion paper's: the word as an object in varied photos
-TEMPLATES = ("a photo of a {}", "a rendering of a {}", "a close-up photo of a {}", "a cropped photo of the {}",
-             "a bright photo of a {}", "a dark photo of the {}", "a picture of a {}", "a drawing of a {}",
-             "a good photo of a {}", "a photo of one {}")
+TEMPLATES = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a close-up photo of a {}",
+    "a cropped photo of the {}",
+    "a bright photo of a {}",
+    "a dark photo of the {}",
+    "a picture of a {}",
+    "a drawing of a {}",
+    "a good photo of a {}",
+    "a photo of one {}",
+)
 
 
 @dataclass(frozen=True)
@@ -53,8 +62,17 @@ class TrainConfig:
     save_dtype: str = "float16"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "image_size", "patch_size", "vision_width", "vision_layers",
-                     "text_width", "text_layers", "embed_dim"):
+        for name in (
+            "steps",
+            "batch_size",
+            "image_size",
+            "patch_size",
+            "vision_width",
+            "vision_layers",
+            "text_width",
+            "text_layers",
+            "embed_dim",
+        ):
             if getattr(self, name) < 1:
                 raise BadInput(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.checkpoint_every < 1 or self.eval_every < 0 or self.eval_images < 1:
@@ -64,25 +82,38 @@ class TrainConfig:
         if self.lr <= 0 or self.warmup < 0 or self.weight_decay < 0 or self.grad_clip <= 0:
             raise BadInput("lr and grad_clip must be positive, warmup and weight_decay non-negative")
         if self.bootstrap_steps and (self.data != "shapes" or not 0 < self.bootstrap_steps < self.steps):
-            raise BadInput("bootstrap_steps needs the shapes data (captions that name shapes) and fewer steps than "
-                           "the run's")
+            raise BadInput(
+                "bootstrap_steps needs the shapes data (captions that name shapes) and fewer steps than the run's"
+            )
         if not 0 <= self.ema < 1:
             raise BadInput(f"ema is a decay per step, 0 (off) to below 1, got {self.ema}")
         if self.patch_init not in ("whiten", "clip"):
             raise BadInput(f"patch_init must be 'whiten' or 'clip', got {self.patch_init!r}")
 
-    def towers(self) -> "tuple[TextConfig, VisionConfig]":
+    def towers(self) -> tuple[TextConfig, VisionConfig]:
         """The architecture: heads of 64 channels (at least one), MLPs 4x wide, CLIP's vocabulary
         and context of 77 so the text tower is an SD-style conditioner."""
         from .model import TextConfig
         from .vision import VisionConfig
 
-        text = TextConfig(width=self.text_width, layers=self.text_layers, heads=max(self.text_width // 64, 1),
-                          mlp_width=4 * self.text_width, activation=self.activation, projection_dim=self.embed_dim)
-        vision = VisionConfig(width=self.vision_width, layers=self.vision_layers,
-                              heads=max(self.vision_width // 64, 1), mlp_width=4 * self.vision_width,
-                              image_size=self.image_size, patch_size=self.patch_size, activation=self.activation,
-                              projection_dim=self.embed_dim)
+        text = TextConfig(
+            width=self.text_width,
+            layers=self.text_layers,
+            heads=max(self.text_width // 64, 1),
+            mlp_width=4 * self.text_width,
+            activation=self.activation,
+            projection_dim=self.embed_dim,
+        )
+        vision = VisionConfig(
+            width=self.vision_width,
+            layers=self.vision_layers,
+            heads=max(self.vision_width // 64, 1),
+            mlp_width=4 * self.vision_width,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            activation=self.activation,
+            projection_dim=self.embed_dim,
+        )
         return text, vision
 
 
@@ -105,13 +136,19 @@ class InversionConfig:
     checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
-        if not self.token or self.token != self.token.strip() or any(c.isspace() for c in self.token) \
-                or "{" in self.token:
+        if (
+            not self.token
+            or self.token != self.token.strip()
+            or any(c.isspace() for c in self.token)
+            or "{" in self.token
+        ):
             raise BadInput(f"the token must be one word without spaces or braces, e.g. <my-thing>; got {self.token!r}")
         if any(c in self.name for c in "/\\\0") or self.name in (".", ".."):
             # the embedding file is named after the token: it must stay inside the run folder
-            raise BadInput(f"the token {self.token!r} cannot name a file (its name is the token without <>): no / "
-                           f"or \\, and not . or ..")
+            raise BadInput(
+                f"the token {self.token!r} cannot name a file (its name is the token without <>): no / "
+                f"or \\, and not . or .."
+            )
         if not 1 <= self.vectors <= 64:
             raise BadInput(f"vectors must be 1 to 64 (they share the prompt's 75 positions), got {self.vectors}")
         if not self.init_word.strip():

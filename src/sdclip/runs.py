@@ -43,8 +43,7 @@ class Run:
         checkpoint, which then starts over.  A folder holding no run at all is bad input."""
         if not (self.folder / CHECKPOINT).is_file() and self.metrics_path.is_file():
             if self.log is not None:
-                print(f"{self.folder}: the run stopped before its first checkpoint; starting it over",
-                      file=self.log)
+                print(f"{self.folder}: the run stopped before its first checkpoint; starting it over", file=self.log)
             return None
         return load_checkpoint(self.folder)
 
@@ -133,17 +132,20 @@ class Progress:
         self.tty = stream.isatty()
         self.last = 0.0
 
-    def update(self, step: int, loss: float | None, rate: float, elapsed: float, eta: float,
-               force: bool = False) -> None:
+    def update(
+        self, step: int, loss: float | None, rate: float, elapsed: float, eta: float, force: bool = False
+    ) -> None:
         """``loss`` None: a job without one (``sdclip cache``)."""
         now = time.monotonic()
         if not (self.tty or force or now - self.last >= 10):
             return
         self.last = now
         done = int(24 * step / max(self.total, 1))
-        line = (f"[{'#' * done}{'.' * (24 - done)}] {self.counting} {step}/{self.total}  "
-                + ("" if loss is None else f"loss {loss:.4f}  ")
-                + f"{rate:.1f} {self.unit}/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}")
+        line = (
+            f"[{'#' * done}{'.' * (24 - done)}] {self.counting} {step}/{self.total}  "
+            + ("" if loss is None else f"loss {loss:.4f}  ")
+            + f"{rate:.1f} {self.unit}/s  elapsed {_clock(elapsed)}  ETA {_clock(eta)}"
+        )
         self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
         self.stream.flush()
 
@@ -160,16 +162,19 @@ def _clock(seconds: float) -> str:
 
 # --- the plot ----------------------------------------------------------------------------------
 
+
 def plot(rows: list[dict], path: str | Path, width: int = 900, height: int = 360) -> None:
     """Loss (left) and zero-shot accuracy (right) against steps, drawn with Pillow."""
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    panels = [("training loss", [("loss", (170, 190, 230), losses),
-                                 ("mean of 20", (30, 70, 170), _smooth(losses, 20))], None)]
-    accuracy = [("seen", (30, 140, 60), [(r["step"], r["zero_shot_seen"]) for r in rows if "zero_shot_seen" in r]),
-                ("held out", (200, 90, 20), [(r["step"], r["zero_shot_held_out"]) for r in rows
-                                            if "zero_shot_held_out" in r])]
+    panels = [
+        ("training loss", [("loss", (170, 190, 230), losses), ("mean of 20", (30, 70, 170), _smooth(losses, 20))], None)
+    ]
+    accuracy = [
+        ("seen", (30, 140, 60), [(r["step"], r["zero_shot_seen"]) for r in rows if "zero_shot_seen" in r]),
+        ("held out", (200, 90, 20), [(r["step"], r["zero_shot_held_out"]) for r in rows if "zero_shot_held_out" in r]),
+    ]
     if accuracy[0][2]:
         panels.append(("zero-shot accuracy", accuracy, (0.0, 1.0)))
     w = width // len(panels)
@@ -181,13 +186,20 @@ def plot(rows: list[dict], path: str | Path, width: int = 900, height: int = 360
 
 def _smooth(points: list[tuple[float, float]], n: int) -> list[tuple[float, float]]:
     values = [v for _, v in points]
-    return [(s, sum(values[max(0, i - n + 1):i + 1]) / len(values[max(0, i - n + 1):i + 1]))
-            for i, (s, _) in enumerate(points)]
+    return [
+        (s, sum(values[max(0, i - n + 1) : i + 1]) / len(values[max(0, i - n + 1) : i + 1]))
+        for i, (s, _) in enumerate(points)
+    ]
 
 
-def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str,
-           series: list[tuple[str, tuple[int, int, int], list[tuple[float, float]]]],
-           fixed: tuple[float, float] | None, xs_max: int) -> None:
+def _panel(
+    draw: ImageDraw.ImageDraw,
+    box: tuple[int, int, int, int],
+    title: str,
+    series: list[tuple[str, tuple[int, int, int], list[tuple[float, float]]]],
+    fixed: tuple[float, float] | None,
+    xs_max: int,
+) -> None:
     x0, y0, x1, y1 = box
     points = [p for _, _, ps in series for p in ps]
     draw.rectangle(box, outline=(120, 120, 120))

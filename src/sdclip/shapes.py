@@ -26,19 +26,46 @@ from PIL import Image, ImageDraw
 from .errors import BadInput
 
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35), "orange": (245, 135, 20), "yellow": (240, 215, 30), "green": (35, 160, 55),
-    "cyan": (30, 195, 215), "blue": (35, 65, 215), "purple": (135, 45, 190), "pink": (245, 120, 185),
+    "red": (215, 35, 35),
+    "orange": (245, 135, 20),
+    "yellow": (240, 215, 30),
+    "green": (35, 160, 55),
+    "cyan": (30, 195, 215),
+    "blue": (35, 65, 215),
+    "purple": (135, 45, 190),
+    "pink": (245, 120, 185),
 }
 SHAPES = ("circle", "square", "triangle", "star", "cross", "hexagon", "heart", "crescent")
 TRAIN_SHAPES = SHAPES[:6]
 NOVEL_SHAPES = SHAPES[6:]
-HELD_OUT = frozenset({("red", "star"), ("orange", "cross"), ("yellow", "circle"), ("green", "hexagon"),
-                      ("cyan", "triangle"), ("blue", "square"), ("purple", "star"), ("pink", "hexagon")})
+HELD_OUT = frozenset(
+    {
+        ("red", "star"),
+        ("orange", "cross"),
+        ("yellow", "circle"),
+        ("green", "hexagon"),
+        ("cyan", "triangle"),
+        ("blue", "square"),
+        ("purple", "star"),
+        ("pink", "hexagon"),
+    }
+)
 
-SINGLE_TEMPLATES = ("{}", "a photo of {}", "a picture of {}", "a drawing of {}", "{} on a {bg} background",
-                    "there is {} in the picture")
-PAIR_TEMPLATES = {"above": "{} above {}", "below": "{} below {}", "left": "{} to the left of {}",
-                  "right": "{} to the right of {}", "and": "{} and {}"}
+SINGLE_TEMPLATES = (
+    "{}",
+    "a photo of {}",
+    "a picture of {}",
+    "a drawing of {}",
+    "{} on a {bg} background",
+    "there is {} in the picture",
+)
+PAIR_TEMPLATES = {
+    "above": "{} above {}",
+    "below": "{} below {}",
+    "left": "{} to the left of {}",
+    "right": "{} to the right of {}",
+    "and": "{} and {}",
+}
 ZERO_SHOT_TEMPLATES = ("{}", "a photo of {}", "a drawing of {}")
 _SIZES = {"small": (0.11, 0.16), "": (0.18, 0.23), "large": (0.26, 0.33)}  # radius / image size
 _PAIR_SIZES = {"small": (0.09, 0.13), "": (0.14, 0.17), "large": (0.18, 0.22)}
@@ -91,9 +118,17 @@ class Shapes:
     shape before its text tower learns anything (``train``'s bootstrap phase).
     """
 
-    def __init__(self, size: int = 64, seed: int = 0, length: int = 1_000_000, shapes: Sequence[str] = TRAIN_SHAPES,
-                 exclude: frozenset = HELD_OUT, pair_p: float = 0.3, partial_p: float = 0.0,
-                 shape_only: bool = False):
+    def __init__(
+        self,
+        size: int = 64,
+        seed: int = 0,
+        length: int = 1_000_000,
+        shapes: Sequence[str] = TRAIN_SHAPES,
+        exclude: frozenset = HELD_OUT,
+        pair_p: float = 0.3,
+        partial_p: float = 0.0,
+        shape_only: bool = False,
+    ):
         unknown = [s for s in shapes if s not in SHAPES]
         if unknown:
             raise BadInput(f"unknown shape {unknown[0]!r}; choose from {', '.join(SHAPES)}")
@@ -154,8 +189,9 @@ class Shapes:
         return Scene((first, second), background, PAIR_TEMPLATES[relation].format(a, b))
 
 
-def _place(rng: np.random.Generator, colour: str, shape: str, sizes: dict, image: int,
-           box: tuple[float, float, float, float]) -> Thing:
+def _place(
+    rng: np.random.Generator, colour: str, shape: str, sizes: dict, image: int, box: tuple[float, float, float, float]
+) -> Thing:
     """A thing of a random size class, wholly inside ``box``."""
     size = list(sizes)[rng.integers(len(sizes))]
     lo, hi = sizes[size]
@@ -170,9 +206,12 @@ def _place(rng: np.random.Generator, colour: str, shape: str, sizes: dict, image
 def _outline(shape: str, angle: float) -> list[list[tuple[float, float]]]:
     """Polygons (unit radius, centred at 0) whose union is the shape; the crescent's second
     polygon is cut out of the first."""
+
     def ring(n: int, radius: float = 1.0, start: float = -90.0) -> list[tuple[float, float]]:
-        return [(radius * math.cos(math.radians(start + 360 * k / n)), radius * math.sin(math.radians(start + 360 * k / n)))
-                for k in range(n)]
+        return [
+            (radius * math.cos(math.radians(start + 360 * k / n)), radius * math.sin(math.radians(start + 360 * k / n)))
+            for k in range(n)
+        ]
 
     if shape in ("circle", "crescent"):
         polys = [ring(64)]
@@ -186,14 +225,22 @@ def _outline(shape: str, angle: float) -> list[list[tuple[float, float]]]:
         polys = [[p for k, p in enumerate(ring(10, 1.15)) if k % 2 == 0 for p in (p, ring(10, 0.5, -54)[k])]]
     elif shape == "cross":
         w = 0.36
-        polys = [[(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w),
-                  (-w, -w)]]
+        polys = [
+            [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)]
+        ]
     elif shape == "hexagon":
         polys = [ring(6, 1.05, 0)]
     else:  # heart
         ts = np.linspace(0, 2 * math.pi, 64, endpoint=False)
-        polys = [[(16 * math.sin(t) ** 3 / 16, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t)
-                                                - math.cos(4 * t)) / 16 + 0.1) for t in ts]]
+        polys = [
+            [
+                (
+                    16 * math.sin(t) ** 3 / 16,
+                    -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)) / 16 + 0.1,
+                )
+                for t in ts
+            ]
+        ]
     c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
     return [[(x * c - y * s, x * s + y * c) for x, y in poly] for poly in polys]
 
@@ -223,8 +270,10 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> Image.Image:
         mask = Image.new("L", (big, big), 0)
         draw = ImageDraw.Draw(mask)
         for k, poly in enumerate(_outline(thing.shape, thing.angle)):
-            points = [((thing.x + x * thing.radius) * _SUPERSAMPLE, (thing.y + y * thing.radius) * _SUPERSAMPLE)
-                      for x, y in poly]
+            points = [
+                ((thing.x + x * thing.radius) * _SUPERSAMPLE, (thing.y + y * thing.radius) * _SUPERSAMPLE)
+                for x, y in poly
+            ]
             draw.polygon(points, fill=0 if k else 255)
         colour = np.clip(np.array(COLOURS[thing.colour]) + rng.integers(-18, 19, 3), 0, 255)
         image.paste(tuple(int(v) for v in colour), mask=mask.reduce(_SUPERSAMPLE))
@@ -243,16 +292,18 @@ def eval_set(split: str, n: int, size: int = 64, seed: int = 1234) -> list[tuple
     return pictures(combos, n, size, seed)
 
 
-def pictures(pairs: Sequence[tuple[str, str]], n: int, size: int = 64, seed: int = 1234
-             ) -> list[tuple[Image.Image, str, str]]:
+def pictures(
+    pairs: Sequence[tuple[str, str]], n: int, size: int = 64, seed: int = 1234
+) -> list[tuple[Image.Image, str, str]]:
     """``n`` single-object pictures (image, colour, shape) cycling through the (colour, shape) ``pairs``,
     drawn as training draws them; any shape of ``SHAPES``, the novel ones included."""
     if not pairs:
         raise BadInput("no colour x shape pairs given")
     unknown = [p for p in pairs if p[0] not in COLOURS or p[1] not in SHAPES]
     if unknown:
-        raise BadInput(f"unknown colour x shape pair {unknown[0]}; colours: {', '.join(COLOURS)}; "
-                       f"shapes: {', '.join(SHAPES)}")
+        raise BadInput(
+            f"unknown colour x shape pair {unknown[0]}; colours: {', '.join(COLOURS)}; shapes: {', '.join(SHAPES)}"
+        )
     out = []
     for i in range(n):
         colour, shape = pairs[i % len(pairs)]

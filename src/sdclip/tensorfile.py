@@ -18,9 +18,9 @@ from __future__ import annotations
 import _compat_pickle
 import io
 import json
+import os
 import pickle
 import pickletools
-import os
 import re
 import zipfile
 import zlib
@@ -35,15 +35,32 @@ from . import limits
 from .errors import BadInput
 
 _STORAGE_DTYPES = {
-    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool, "ComplexFloatStorage": torch.complex64, "ComplexDoubleStorage": torch.complex128,
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+    "ComplexFloatStorage": torch.complex64,
+    "ComplexDoubleStorage": torch.complex128,
 }
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -71,7 +88,7 @@ class TensorFile:
     def close(self) -> None:
         """Release the file (tensors already returned stay valid)."""
 
-    def __enter__(self) -> "TensorFile":
+    def __enter__(self) -> TensorFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -166,8 +183,18 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 # bits per element of the safetensors dtypes sdclip cannot use, so that their sizes are still checked
-_OTHER_SAFETENSORS_BITS = {"U16": 16, "U32": 32, "U64": 64, "C64": 64, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
-                           "F8_E5M2FNUZ": 8, "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4}
+_OTHER_SAFETENSORS_BITS = {
+    "U16": 16,
+    "U32": 32,
+    "U64": 64,
+    "C64": 64,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "F4": 4,
+}
 
 
 def _safetensors_entry(key: str, entry: Any) -> tuple[tuple[int, ...], str, int, int]:
@@ -182,7 +209,9 @@ def _safetensors_entry(key: str, entry: Any) -> tuple[tuple[int, ...], str, int,
     if not (isinstance(offsets, list) and len(offsets) == 2 and _counts(tuple(offsets)) and offsets[0] <= offsets[1]):
         raise ValueError(f"tensor {key} has data_offsets {offsets!r}")
     begin, end = offsets
-    bits = _SAFETENSORS_DTYPES[dtype].itemsize * 8 if dtype in _SAFETENSORS_DTYPES else _OTHER_SAFETENSORS_BITS.get(dtype)
+    bits = (
+        _SAFETENSORS_DTYPES[dtype].itemsize * 8 if dtype in _SAFETENSORS_DTYPES else _OTHER_SAFETENSORS_BITS.get(dtype)
+    )
     if bits is not None and end - begin != -(-_numel(tuple(shape)) * bits // 8):
         raise ValueError(f"tensor {key} has {end - begin} bytes for shape {shape} {dtype}")
     return tuple(shape), dtype, begin, end
@@ -210,8 +239,10 @@ class ShardedSafetensors(TensorFile):
     def __init__(self, index: Path):
         self.path = index
         try:
-            weight_map = json.loads(limits.read_regular(index, "safetensors index", limits.MAX_SAFETENSORS_HEADER),
-                                    object_pairs_hook=_unique_keys)["weight_map"]
+            weight_map = json.loads(
+                limits.read_regular(index, "safetensors index", limits.MAX_SAFETENSORS_HEADER),
+                object_pairs_hook=_unique_keys,
+            )["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise BadInput(f"{index}: not a safetensors index ({e})") from None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -245,6 +276,7 @@ class ShardedSafetensors(TensorFile):
 
 
 # --- pickles ---------------------------------------------------------------------------------
+
 
 @dataclass
 class _Storage:
@@ -282,8 +314,14 @@ class _ScriptModule(_Opaque):
 
 def _rebuild_tensor(storage: _Storage, offset: int, size: tuple, stride: tuple, *_: Any) -> _LazyTensor:
     size, stride = tuple(size), tuple(stride)
-    if not (isinstance(storage, _Storage) and isinstance(offset, int) and offset >= 0 and _counts(size)
-            and _counts(stride) and len(size) == len(stride)):
+    if not (
+        isinstance(storage, _Storage)
+        and isinstance(offset, int)
+        and offset >= 0
+        and _counts(size)
+        and _counts(stride)
+        and len(size) == len(stride)
+    ):
         raise ValueError("a tensor record with a malformed storage, offset, size or stride")
     return _LazyTensor(storage, offset, size, stride)
 
@@ -391,8 +429,10 @@ def _tree_size(obj: Any) -> int:
         total = 1 + sum(size(v, depth + 1) for _, v in items)
         walking.discard(id(obj))
         if total > limits.MAX_TREE_NODES:
-            raise _TooBig(f"its objects form a tree of more than {limits.MAX_TREE_NODES:,} entries (shared "
-                          f"sub-objects repeated?), more than any checkpoint has")
+            raise _TooBig(
+                f"its objects form a tree of more than {limits.MAX_TREE_NODES:,} entries (shared "
+                f"sub-objects repeated?), more than any checkpoint has"
+            )
         sizes[id(obj)] = total
         return total
 
@@ -441,13 +481,27 @@ def _text_fields(obj: Any) -> dict[str, str]:
 
 
 def _refusal(path: Path, what: str) -> BadInput:
-    return BadInput(f"{path}: refused: this pickle asks for {what}, which could run code; sdclip only loads "
-                    f"tensors from pickles (convert the file to safetensors with a tool you trust)")
+    return BadInput(
+        f"{path}: refused: this pickle asks for {what}, which could run code; sdclip only loads "
+        f"tensors from pickles (convert the file to safetensors with a tool you trust)"
+    )
 
 
 # what a malformed pickle or zip can raise once no foreign code runs: all mean a broken file
-_CORRUPT = (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError, ValueError, TypeError, KeyError,
-            AttributeError, IndexError, RecursionError, NotImplementedError, zlib.error)
+_CORRUPT = (
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+    EOFError,
+    OSError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    IndexError,
+    RecursionError,
+    NotImplementedError,
+    zlib.error,
+)
 
 
 class PickleFile(TensorFile):
@@ -478,8 +532,10 @@ class PickleFile(TensorFile):
             order = f"{self._root}/byteorder"
             self._big_endian = order in names and self._zip.read(order).strip() == b"big"
             if self._zip.getinfo(pkl).file_size > limits.MAX_PICKLE_BYTES:
-                raise _TooBig(f"{pkl} claims {self._zip.getinfo(pkl).file_size:,} bytes, more than the "
-                              f"{limits.MAX_PICKLE_BYTES:,} a checkpoint's pickle may have")
+                raise _TooBig(
+                    f"{pkl} claims {self._zip.getinfo(pkl).file_size:,} bytes, more than the "
+                    f"{limits.MAX_PICKLE_BYTES:,} a checkpoint's pickle may have"
+                )
             data = self._zip.read(pkl)  # checks the CRC32
             _check_pickle_ops(data)
             obj = _RestrictedUnpickler(io.BytesIO(data)).load()
@@ -507,18 +563,25 @@ class PickleFile(TensorFile):
         anything is allocated) and its compression is one torch.load reads."""
         name = info.filename
         if info.header_offset + info.compress_size > self._size:
-            raise ValueError(f"member {name} claims {info.compress_size:,} bytes at offset {info.header_offset:,}, "
-                             f"past the end of the {self._size:,}-byte archive")
+            raise ValueError(
+                f"member {name} claims {info.compress_size:,} bytes at offset {info.header_offset:,}, "
+                f"past the end of the {self._size:,}-byte archive"
+            )
         if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
-            raise ValueError(f"member {name} is stored uncompressed with {info.compress_size:,} bytes, "
-                             f"yet claims {info.file_size:,}")
+            raise ValueError(
+                f"member {name} is stored uncompressed with {info.compress_size:,} bytes, yet claims {info.file_size:,}"
+            )
         if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > limits.MAX_DEFLATE_RATIO * max(
-                info.compress_size, 1):
-            raise ValueError(f"member {name} claims {info.file_size:,} bytes from {info.compress_size:,} compressed, "
-                             f"more than deflate can expand")
+            info.compress_size, 1
+        ):
+            raise ValueError(
+                f"member {name} claims {info.file_size:,} bytes from {info.compress_size:,} compressed, "
+                f"more than deflate can expand"
+            )
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise ValueError(f"member {name} uses zip compression method {info.compress_type}, which torch "
-                             f"archives do not use")
+            raise ValueError(
+                f"member {name} uses zip compression method {info.compress_type}, which torch archives do not use"
+            )
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -536,8 +599,10 @@ class PickleFile(TensorFile):
             info = self._zip.getinfo(name)
             nbytes = storage.numel * storage.dtype.itemsize
             if info.file_size < nbytes:
-                raise ValueError(f"record {name} holds {info.file_size} bytes, a storage of {storage.numel} "
-                                 f"{str(storage.dtype).removeprefix('torch.')} needs {nbytes}")
+                raise ValueError(
+                    f"record {name} holds {info.file_size} bytes, a storage of {storage.numel} "
+                    f"{str(storage.dtype).removeprefix('torch.')} needs {nbytes}"
+                )
             flat = torch.empty(storage.numel, dtype=storage.dtype)
             view = memoryview(flat.view(torch.uint8).numpy())
             if info.compress_type == zipfile.ZIP_STORED:
@@ -608,8 +673,10 @@ def _check_repeats(key: str, numel: int, stored: int) -> None:
     """Refuse a view with far more elements than its storage holds (stride 0: 64 floats as a [4e7, 64]
     tensor), which would become gigabytes once read; small broadcasts (a scalar expanded) pass."""
     if numel > stored and numel > limits.MAX_REPEATED_ELEMENTS:
-        raise _TooBig(f"tensor {key} is a view of {numel:,} elements over a storage of {stored:,} (stride 0?): "
-                      f"it would take far more memory than the file holds")
+        raise _TooBig(
+            f"tensor {key} is a view of {numel:,} elements over a storage of {stored:,} (stride 0?): "
+            f"it would take far more memory than the file holds"
+        )
 
 
 class LegacyPickleFile(TensorFile):

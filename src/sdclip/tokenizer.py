@@ -78,11 +78,25 @@ def _case_pairs(*spans: tuple[int, int, int]) -> dict[int, int]:
 # Case pairs Unicode added in 14.0-17.0, which Rust's to_lowercase knows and Python 3.10-3.14's
 # str.lower may not: applied before str.lower in nfc mode.
 _NEWER_LOWER = _case_pairs(
-    (0x1C89, 0x1C89, 1), (0x2C2F, 0x2C2F, 0x30), (0xA7C0, 0xA7C0, 1), (0xA7CB, 0xA7CB, 0x264 - 0xA7CB),
-    (0xA7CC, 0xA7CC, 1), (0xA7CE, 0xA7CE, 1), (0xA7D0, 0xA7D0, 1), (0xA7D2, 0xA7D2, 1), (0xA7D4, 0xA7D4, 1),
-    (0xA7D6, 0xA7D6, 1), (0xA7D8, 0xA7D8, 1), (0xA7DA, 0xA7DA, 1), (0xA7DC, 0xA7DC, 0x19B - 0xA7DC),
-    (0x10570, 0x1057A, 0x27), (0x1057C, 0x1058A, 0x27), (0x1058C, 0x10592, 0x27), (0x10594, 0x10595, 0x27),
-    (0x10D50, 0x10D65, 0x20), (0x16EA0, 0x16EB8, 0x1B),
+    (0x1C89, 0x1C89, 1),
+    (0x2C2F, 0x2C2F, 0x30),
+    (0xA7C0, 0xA7C0, 1),
+    (0xA7CB, 0xA7CB, 0x264 - 0xA7CB),
+    (0xA7CC, 0xA7CC, 1),
+    (0xA7CE, 0xA7CE, 1),
+    (0xA7D0, 0xA7D0, 1),
+    (0xA7D2, 0xA7D2, 1),
+    (0xA7D4, 0xA7D4, 1),
+    (0xA7D6, 0xA7D6, 1),
+    (0xA7D8, 0xA7D8, 1),
+    (0xA7DA, 0xA7DA, 1),
+    (0xA7DC, 0xA7DC, 0x19B - 0xA7DC),
+    (0x10570, 0x1057A, 0x27),
+    (0x1057C, 0x1058A, 0x27),
+    (0x1058C, 0x10592, 0x27),
+    (0x10594, 0x10595, 0x27),
+    (0x10D50, 0x10D65, 0x20),
+    (0x16EA0, 0x16EB8, 0x1B),
 )
 # Combining marks (non-zero combining class in Unicode 17) and canonical composites that the Rust
 # tokenizer's NFC tables (older than Unicode 10) do not know: there they are plain starters that
@@ -99,8 +113,20 @@ _RUST_UNKNOWN_MARKS = (
     r"\U0001e5ee-\U0001e5ef\U0001e6e3\U0001e6e6\U0001e6ee-\U0001e6ef\U0001e6f5"
 )
 _RUST_UNKNOWN_COMPOSITES = (
-    0x105C9, 0x105E4, 0x11383, 0x11385, 0x1138E, 0x11391, 0x113C5, 0x113C7, 0x113C8, 0x11938,
-    *range(0x16121, 0x16129), 0x16D68, 0x16D69, 0x16D6A,
+    0x105C9,
+    0x105E4,
+    0x11383,
+    0x11385,
+    0x1138E,
+    0x11391,
+    0x113C5,
+    0x113C7,
+    0x113C8,
+    0x11938,
+    *range(0x16121, 0x16129),
+    0x16D68,
+    0x16D69,
+    0x16D6A,
 )
 
 
@@ -109,8 +135,12 @@ def _nfc_barriers() -> regex.Pattern:
     and the starters those composites are made of (as far as this Python's Unicode knows them;
     every composite Unicode added after 3.1 has at least one new component)."""
     cps = [*_RUST_UNKNOWN_COMPOSITES]
-    cps += [int(h, 16) for cp in _RUST_UNKNOWN_COMPOSITES for h in unicodedata.decomposition(chr(cp)).split()
-            if unicodedata.combining(chr(int(h, 16))) == 0]
+    cps += [
+        int(h, 16)
+        for cp in _RUST_UNKNOWN_COMPOSITES
+        for h in unicodedata.decomposition(chr(cp)).split()
+        if unicodedata.combining(chr(int(h, 16))) == 0
+    ]
     return regex.compile("([" + _RUST_UNKNOWN_MARKS + "".join(f"\\U{cp:08x}" for cp in cps) + "])")
 
 
@@ -198,8 +228,9 @@ class Tokenizer:
     fixed-length [B, 77] id tensor the text encoder reads (truncated to BOS + 75 + EOS, padded).
     """
 
-    def __init__(self, merges: Sequence[tuple[str, str]] | None = None, mode: str = "hf",
-                 vocab: dict[str, int] | None = None):
+    def __init__(
+        self, merges: Sequence[tuple[str, str]] | None = None, mode: str = "hf", vocab: dict[str, int] | None = None
+    ):
         if mode not in MODES:
             raise BadInput(f"unknown tokenizer mode {mode!r}; choose one of {', '.join(MODES)}")
         self.mode = mode
@@ -231,15 +262,16 @@ class Tokenizer:
 
     # --- construction -------------------------------------------------------------------
     @classmethod
-    def from_files(cls, vocab_json: str | Path, merges_txt: str | Path, mode: str = "hf") -> "Tokenizer":
+    def from_files(cls, vocab_json: str | Path, merges_txt: str | Path, mode: str = "hf") -> Tokenizer:
         """Load the ``vocab.json`` + ``merges.txt`` pair of a Hugging Face / diffusers tokenizer folder."""
         try:
             vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
             lines = Path(merges_txt).read_text(encoding="utf-8").split("\n")
         except (OSError, ValueError) as e:
             raise BadInput(f"cannot read tokenizer files {vocab_json}, {merges_txt}: {e}") from None
-        if not isinstance(vocab, dict) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                                  for i in vocab.values()):
+        if not isinstance(vocab, dict) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in vocab.values()
+        ):
             raise BadInput(f"{vocab_json}: not a token -> id mapping")
         for special in _HF_SPECIALS:
             if special not in vocab:
@@ -251,7 +283,7 @@ class Tokenizer:
         return cls(merges, mode=mode, vocab=vocab)  # type: ignore[arg-type]
 
     @classmethod
-    def from_folder(cls, folder: str | Path, mode: str = "hf") -> "Tokenizer":
+    def from_folder(cls, folder: str | Path, mode: str = "hf") -> Tokenizer:
         """Load a Hugging Face / diffusers tokenizer folder (its ``vocab.json`` and ``merges.txt``)."""
         folder = Path(folder)
         return cls.from_files(folder / "vocab.json", folder / "merges.txt", mode=mode)
@@ -405,8 +437,14 @@ class Tokenizer:
         """BOS + token ids + EOS, no padding, no truncation."""
         return [self.bos_id, *self.tokenize(text), self.eos_id]
 
-    def __call__(self, texts: str | Iterable[str], *, length: int = CONTEXT_LENGTH, pad_id: int | None = None,
-                 truncate: bool = True) -> torch.Tensor:
+    def __call__(
+        self,
+        texts: str | Iterable[str],
+        *,
+        length: int = CONTEXT_LENGTH,
+        pad_id: int | None = None,
+        truncate: bool = True,
+    ) -> torch.Tensor:
         """[B, length] ids: BOS + tokens (truncated to length - 2) + EOS, padded with ``pad_id``
         (EOS by default, as CLIP-L; OpenCLIP H / bigG pad with 0)."""
         import torch  # here, not at the top: tokenizing alone never imports torch

@@ -79,8 +79,11 @@ class _Batches:
     def __init__(self, data: Dataset, model: CLIPModel, config: TrainConfig, workers: int = 2):
         self.data, self.model, self.config = data, model, config
         # the bootstrap phase's pictures: single objects captioned by their shape alone
-        self.bootstrap = (Shapes(size=config.image_size, seed=config.seed, pair_p=0.0, shape_only=True)
-                          if config.bootstrap_steps else None)
+        self.bootstrap = (
+            Shapes(size=config.image_size, seed=config.seed, pair_p=0.0, shape_only=True)
+            if config.bootstrap_steps
+            else None
+        )
         self.shuffle = not isinstance(data, Shapes)  # generated pictures are random already
         self._perms: dict[int, np.ndarray] = {}
         self.pool = ThreadPoolExecutor(workers)
@@ -117,8 +120,9 @@ class _ZeroShot:
         self.labels = labels()
         self.sets = {split: eval_set(split, config.eval_images, config.image_size) for split in ("seen", "held_out")}
         self.pixels = {s: pixel_values([im for im, _, _ in items], config.image_size) for s, items in self.sets.items()}
-        self.targets = {s: torch.tensor([self.labels.index((c, sh)) for _, c, sh in items])
-                        for s, items in self.sets.items()}
+        self.targets = {
+            s: torch.tensor([self.labels.index((c, sh)) for _, c, sh in items]) for s, items in self.sets.items()
+        }
 
     def __call__(self, model: CLIPModel) -> dict[str, float]:
         classes = model.class_embeddings([phrase(c, s) for c, s in self.labels], ZERO_SHOT_TEMPLATES)
@@ -132,8 +136,9 @@ class _ZeroShot:
         return out
 
 
-def train(config: TrainConfig, out: str | Path, *, resume: bool = False, until: int | None = None,
-          log: TextIO = sys.stderr) -> CLIPModel:
+def train(
+    config: TrainConfig, out: str | Path, *, resume: bool = False, until: int | None = None, log: TextIO = sys.stderr
+) -> CLIPModel:
     """Train (or, with ``resume``, continue the run in ``out`` with its saved configuration).
 
     ``until`` stops after that step with a checkpoint, to continue later; the model folder is
@@ -152,8 +157,9 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, until: 
         sample = [data[i][0] for i in range(min(_WHITEN_SAMPLE, len(data)))]
         whiten_patches_(model.vision, pixel_values(sample, config.image_size))
     # the moving average starts at the first step's weights (AveragedModel copies them at its first update)
-    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema \
-        else None
+    average = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema else None
+    )
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -189,16 +195,35 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, until: 
             recent = (recent + [time.monotonic() - tick])[-20:]
             per_step = sum(recent) / len(recent)
             done = step + 1
-            record({"step": done, "loss": loss.item(), "lr": lr, "logit_scale": model.logit_scale.exp().item(),
-                    "grad_norm": grad_norm.item(), "pairs_per_s": config.batch_size / per_step,
-                    "elapsed": time.monotonic() - began})
-            progress.update(done, loss.item(), config.batch_size / per_step, time.monotonic() - began,
-                            (stop - done) * per_step, force=done == stop)
+            record(
+                {
+                    "step": done,
+                    "loss": loss.item(),
+                    "lr": lr,
+                    "logit_scale": model.logit_scale.exp().item(),
+                    "grad_norm": grad_norm.item(),
+                    "pairs_per_s": config.batch_size / per_step,
+                    "elapsed": time.monotonic() - began,
+                }
+            )
+            progress.update(
+                done,
+                loss.item(),
+                config.batch_size / per_step,
+                time.monotonic() - began,
+                (stop - done) * per_step,
+                force=done == stop,
+            )
             if zero_shot is not None and (done % config.eval_every == 0 or done == config.steps):
                 record({"step": done, **zero_shot(evaluated)})
             if done % config.checkpoint_every == 0 or done == stop:
-                run.save(done, config, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         ema=None if average is None else average.state_dict())
+                run.save(
+                    done,
+                    config,
+                    model=model.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    ema=None if average is None else average.state_dict(),
+                )
             tick = time.monotonic()
     finally:
         run.close()

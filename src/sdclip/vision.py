@@ -66,7 +66,7 @@ class VisionTransformer(nn.Module):
         w, p = config.width, config.patch_size
         self.patch_embedding = nn.Conv2d(3, w, kernel_size=p, stride=p, bias=False)
         self.class_embedding = nn.Parameter(torch.empty(w))
-        self.position_embedding = nn.Parameter(torch.empty(config.grid ** 2 + 1, w))
+        self.position_embedding = nn.Parameter(torch.empty(config.grid**2 + 1, w))
         self.pre_norm = nn.LayerNorm(w, eps=1e-5)
         self.blocks = nn.ModuleList(Block(config, causal=False) for _ in range(config.layers))  # type: ignore[arg-type]
         self.post_norm = nn.LayerNorm(w, eps=1e-5)
@@ -86,13 +86,13 @@ class VisionTransformer(nn.Module):
         pooled = self.post_norm(x[:, 0])
         return VisionOutput(x, pooled, self.projection(pooled) if self.projection is not None else None)
 
-    def init_weights(self, generator: torch.Generator | None = None) -> "VisionTransformer":
+    def init_weights(self, generator: torch.Generator | None = None) -> VisionTransformer:
         """Random weights in CLIP's scheme (for tests and training from scratch)."""
         c = self.config
-        scale = c.width ** -0.5
+        scale = c.width**-0.5
         proj_std = scale * (2 * c.layers) ** -0.5
         with torch.no_grad():
-            nn.init.normal_(self.patch_embedding.weight, std=(3 * c.patch_size ** 2) ** -0.5, generator=generator)
+            nn.init.normal_(self.patch_embedding.weight, std=(3 * c.patch_size**2) ** -0.5, generator=generator)
             nn.init.normal_(self.class_embedding, std=scale, generator=generator)
             nn.init.normal_(self.position_embedding, std=scale, generator=generator)
             for ln in (self.pre_norm, self.post_norm):

@@ -30,18 +30,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, PngImagePlugin
 from safetensors.torch import load_file, save_file
+from test_tensorfile import HF, LAYERS, MLP, WIDTH, hf_state
 
 import sdclip
 from sdclip import BadInput
 from sdclip.embeddings import read_embedding
 from sdclip.images import open_image
 from sdclip.tensorfile import open_tensor_file
-from test_tensorfile import HF, LAYERS, MLP, WIDTH, hf_state
 
 HEADROOM = 1536 << 20  # address space a case may add on top of what the process holds when it starts
 EXAMPLES = 50
-FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None, print_blob=True,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=list(HealthCheck),
+)
 PREFIX = HF
 
 
@@ -70,8 +76,9 @@ def read_all(path: Path) -> dict[str, torch.Tensor]:
 
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
-                                        and torch.equal(a[k], b[k]) for k in a)
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a
+    )
 
 
 def params(te: sdclip.TextEncoder) -> dict[str, torch.Tensor]:
@@ -86,7 +93,9 @@ def originals(tmp_path_factory) -> dict[str, object]:
     save_file(state, d / "model.safetensors")
     torch.save({"state_dict": state}, d / "model.ckpt")
     torch.save(state, d / "model.bin", _use_new_zipfile_serialization=False)
-    out: dict[str, object] = {name: (d / name).read_bytes() for name in ("model.safetensors", "model.ckpt", "model.bin")}
+    out: dict[str, object] = {
+        name: (d / name).read_bytes() for name in ("model.safetensors", "model.ckpt", "model.bin")
+    }
     out["tensors"] = read_all(d / "model.safetensors")
     out["params"] = params(sdclip.load(d / "model.safetensors"))
     return out
@@ -156,7 +165,7 @@ def zip_structure(data: bytes) -> list[tuple[int, int]]:
     ranges = []
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         for info in z.infolist():
-            n, extra = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+            n, extra = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
             start = info.header_offset + 30 + n + extra
             ranges.append((info.header_offset, start + (info.compress_size if "/data/" not in info.filename else 8)))
         ranges.append((z.start_dir, len(data)))
@@ -196,14 +205,21 @@ def test_legacy_pickle(tmp_path_factory, originals, edits, cut):
 
 @pytest.fixture(scope="module")
 def torchscript(tmp_path_factory) -> tuple[bytes, dict[str, torch.Tensor]]:
+    import layouts
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    import layouts
-
     torch.manual_seed(0)
-    model = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=49408, hidden_size=WIDTH, intermediate_size=MLP, num_hidden_layers=LAYERS, num_attention_heads=2,
-        projection_dim=16, max_position_embeddings=77)).eval()
+    model = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=WIDTH,
+            intermediate_size=MLP,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=2,
+            projection_dim=16,
+            max_position_embeddings=77,
+        )
+    ).eval()
     path = layouts.write_openai_pt(model, tmp_path_factory.mktemp("ts") / "ViT.pt")
     return path.read_bytes(), read_all(path)
 
@@ -224,11 +240,25 @@ def test_torchscript_archive(tmp_path_factory, torchscript, data):
     assert same(got, tensors)
 
 
-JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10, 10 ** 6), st.floats(allow_nan=True),
-                        st.text(max_size=8), st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3),
-                                                                                                  st.integers(), max_size=2))
-CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
-                 "eos_token_id", "text_config", "max_position_embeddings")
+JSON_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-10, 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+CONFIG_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "eos_token_id",
+    "text_config",
+    "max_position_embeddings",
+)
 
 
 @pytest.fixture(scope="module")
@@ -240,11 +270,20 @@ def hf_folder(tmp_path_factory, originals) -> Path:
 
 
 @FUZZ
-@given(values=st.dictionaries(st.sampled_from(CONFIG_FIELDS), JSON_VALUES, min_size=1, max_size=3),
-       edits=st.one_of(st.none(), EDITS))
+@given(
+    values=st.dictionaries(st.sampled_from(CONFIG_FIELDS), JSON_VALUES, min_size=1, max_size=3),
+    edits=st.one_of(st.none(), EDITS),
+)
 def test_hf_folder_config(hf_folder, originals, values, edits):
-    config = {"hidden_size": WIDTH, "num_hidden_layers": LAYERS, "num_attention_heads": 2, "intermediate_size": MLP,
-              "hidden_act": "quick_gelu", "eos_token_id": 49407, **values}
+    config = {
+        "hidden_size": WIDTH,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": 2,
+        "intermediate_size": MLP,
+        "hidden_act": "quick_gelu",
+        "eos_token_id": 49407,
+        **values,
+    }
     text = json.dumps(config).encode()
     (hf_folder / "config.json").write_bytes(text if edits is None else mutate(text, edits, None, (0, len(text))))
     try:
@@ -262,15 +301,22 @@ def embeddings(tmp_path_factory) -> dict[str, bytes]:
     torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": v}, "name": "thing", "step": 5}, d / "a.pt")
     save_file({"emb_params": v}, d / "b.safetensors")
     info = PngImagePlugin.PngInfo()
-    info.add_text("sd-ti-embedding", base64.b64encode(json.dumps(
-        {"string_to_param": {"*": {"TORCHTENSOR": v.tolist()}}, "name": "thing"}).encode()).decode())
+    info.add_text(
+        "sd-ti-embedding",
+        base64.b64encode(
+            json.dumps({"string_to_param": {"*": {"TORCHTENSOR": v.tolist()}}, "name": "thing"}).encode()
+        ).decode(),
+    )
     Image.new("RGB", (8, 8), "red").save(d / "c.png", pnginfo=info)
     return {p.name: p.read_bytes() for p in d.iterdir()} | {"vectors": v}  # type: ignore[dict-item]
 
 
 @FUZZ
-@given(name=st.sampled_from(["a.pt", "b.safetensors", "c.png"]), edits=EDITS,
-       cut=st.one_of(st.none(), st.integers(0, 1 << 20)))
+@given(
+    name=st.sampled_from(["a.pt", "b.safetensors", "c.png"]),
+    edits=EDITS,
+    cut=st.one_of(st.none(), st.integers(0, 1 << 20)),
+)
 def test_embedding_files(tmp_path_factory, embeddings, name, edits, cut):
     raw = embeddings[name]
     region = region_of_safetensors_header(raw) if name.endswith(".safetensors") else (0, len(raw))
@@ -302,8 +348,12 @@ def images() -> dict[str, bytes]:
 
 
 @FUZZ
-@given(fmt=st.sampled_from(["PNG", "JPEG", "WEBP", "GIF"]), edits=EDITS, header=st.booleans(),
-       cut=st.one_of(st.none(), st.integers(0, 1 << 16)))
+@given(
+    fmt=st.sampled_from(["PNG", "JPEG", "WEBP", "GIF"]),
+    edits=EDITS,
+    header=st.booleans(),
+    cut=st.one_of(st.none(), st.integers(0, 1 << 16)),
+)
 def test_images(images, fmt, edits, header, cut):
     raw = images[fmt]
     data = mutate(raw, edits, None if cut is None else cut % len(raw), (0, 64) if header else (0, len(raw)))

@@ -21,16 +21,30 @@ def segs(text):
 
 
 # --- parse_prompt_attention doctests ---------------------------------------------------------------
-@pytest.mark.parametrize("text, expected", [
-    ("normal text", [("normal text", 1.0)]),
-    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
-    ("(unbalanced", [("unbalanced", 1.1)]),
-    ("\\(literal\\]", [("(literal]", 1.0)]),
-    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
-    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
-     [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
-      (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("normal text", [("normal text", 1.0)]),
+        ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+        ("(unbalanced", [("unbalanced", 1.1)]),
+        ("\\(literal\\]", [("(literal]", 1.0)]),
+        ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+        (
+            "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+            [
+                ("a ", 1.0),
+                ("house", 1.5730000000000004),
+                (" ", 1.1),
+                ("on", 1.0),
+                (" a ", 1.1),
+                ("hill", 0.55),
+                (", sun, ", 1.1),
+                ("sky", 1.4641000000000006),
+                (".", 1.1),
+            ],
+        ),
+    ],
+)
 def test_attention_doctests(text, expected):
     assert segs(text) == expected  # to the last bit: multipliers applied in A1111's order
 
@@ -82,9 +96,19 @@ PARSE = [
     ("[a:b:0.5]", [("a:b:0.5", 0.9090909090909091)]),
     ("[a|b]", [("a|b", 0.9090909090909091)]),
     ("(((a:1.1):1.1):1.1)", [("a", 1.3310000000000004)]),
-    ("masterpiece, (best quality:1.2), [[lowres]], (blue eyes:1.1), ((long hair))",
-     [("masterpiece, ", 1.0), ("best quality", 1.2), (", ", 1.0), ("lowres", 0.8264462809917354), (", ", 1.0),
-      ("blue eyes", 1.1), (", ", 1.0), ("long hair", 1.2100000000000002)]),
+    (
+        "masterpiece, (best quality:1.2), [[lowres]], (blue eyes:1.1), ((long hair))",
+        [
+            ("masterpiece, ", 1.0),
+            ("best quality", 1.2),
+            (", ", 1.0),
+            ("lowres", 0.8264462809917354),
+            (", ", 1.0),
+            ("blue eyes", 1.1),
+            (", ", 1.0),
+            ("long hair", 1.2100000000000002),
+        ],
+    ),
 ]
 
 
@@ -118,47 +142,54 @@ def test_nesting_limit():
 
 
 # --- AND --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("text, expected", [
-    ("a AND b", [("a", 1.0), (" b", 1.0)]),
-    ("a AND b:0.5", [("a", 1.0), (" b", 0.5)]),
-    ("a:1.5", [("a", 1.5)]),
-    ("a : 2 ", [("a", 2.0)]),
-    ("a AND", [("a", 1.0), ("", 1.0)]),
-    ("ANDROID AND b", [("ANDROID", 1.0), (" b", 1.0)]),
-    ("a AND b :-0.5 AND c:.5", [("a", 1.0), (" b", -0.5), (" c", 0.5)]),
-    ("a:1.2.3", [("a:1.2.3", 1.0)]),
-    ("a:x", [("a:x", 1.0)]),
-    ("(a:1.2) AND b", [("(a:1.2)", 1.0), (" b", 1.0)]),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("a AND b", [("a", 1.0), (" b", 1.0)]),
+        ("a AND b:0.5", [("a", 1.0), (" b", 0.5)]),
+        ("a:1.5", [("a", 1.5)]),
+        ("a : 2 ", [("a", 2.0)]),
+        ("a AND", [("a", 1.0), ("", 1.0)]),
+        ("ANDROID AND b", [("ANDROID", 1.0), (" b", 1.0)]),
+        ("a AND b :-0.5 AND c:.5", [("a", 1.0), (" b", -0.5), (" c", 0.5)]),
+        ("a:1.2.3", [("a:1.2.3", 1.0)]),
+        ("a:x", [("a:x", 1.0)]),
+        ("(a:1.2) AND b", [("(a:1.2)", 1.0), (" b", 1.0)]),
+    ],
+)
 def test_and(text, expected):
     assert a1111.split_and(text) == expected
 
 
 # --- prompt editing: get_learned_conditioning_prompt_schedules doctests --------------------------
-@pytest.mark.parametrize("text, expected", [
-    ("test", [(10, "test")]),
-    ("a [b:3]", [(3, "a "), (10, "a b")]),
-    ("a [b: 3]", [(3, "a "), (10, "a b")]),
-    ("a [[[b]]:2]", [(2, "a "), (10, "a [[b]]")]),
-    ("[(a:2):3]", [(3, ""), (10, "(a:2)")]),
-    ("a [b : c : 1] d", [(1, "a b  d"), (10, "a  c  d")]),
-    ("a[b:[c:d:2]:1]e", [(1, "abe"), (2, "ace"), (10, "ade")]),
-    ("a [unbalanced", [(10, "a [unbalanced")]),
-    ("a [b:.5] c", [(5, "a  c"), (10, "a b c")]),
-    # A1111's doctest expects [[5, 'a  c'], [10, 'a {b|d{ c']] but its grammar rejects the stray "|"
-    # since "|" left plain text; its code returns the prompt as it is, and so do we.
-    ("a [{b|d{:.5] c", [(10, "a [{b|d{:.5] c")]),
-    ("((a][:b:c [d:3]", [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
-    ("[a|(b:1.1)]", [(s, "a" if s % 2 else "(b:1.1)") for s in range(1, 11)]),
-    ("[fe|]male", [(s, "female" if s % 2 else "male") for s in range(1, 11)]),
-    ("[fe|||]male", [(s, "female" if s % 4 == 1 else "male") for s in range(1, 11)]),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("test", [(10, "test")]),
+        ("a [b:3]", [(3, "a "), (10, "a b")]),
+        ("a [b: 3]", [(3, "a "), (10, "a b")]),
+        ("a [[[b]]:2]", [(2, "a "), (10, "a [[b]]")]),
+        ("[(a:2):3]", [(3, ""), (10, "(a:2)")]),
+        ("a [b : c : 1] d", [(1, "a b  d"), (10, "a  c  d")]),
+        ("a[b:[c:d:2]:1]e", [(1, "abe"), (2, "ace"), (10, "ade")]),
+        ("a [unbalanced", [(10, "a [unbalanced")]),
+        ("a [b:.5] c", [(5, "a  c"), (10, "a b c")]),
+        # A1111's doctest expects [[5, 'a  c'], [10, 'a {b|d{ c']] but its grammar rejects the stray "|"
+        # since "|" left plain text; its code returns the prompt as it is, and so do we.
+        ("a [{b|d{:.5] c", [(10, "a [{b|d{:.5] c")]),
+        ("((a][:b:c [d:3]", [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
+        ("[a|(b:1.1)]", [(s, "a" if s % 2 else "(b:1.1)") for s in range(1, 11)]),
+        ("[fe|]male", [(s, "female" if s % 2 else "male") for s in range(1, 11)]),
+        ("[fe|||]male", [(s, "female" if s % 4 == 1 else "male") for s in range(1, 11)]),
+    ],
+)
 def test_schedule_doctests(text, expected):
     assert a1111.schedule_text(text, 10) == expected
 
 
-@pytest.mark.parametrize("text, expected", [("a [b:.5] c", [(10, "a b c")]),
-                                            ("a [b:1.5] c", [(5, "a  c"), (10, "a b c")])])
+@pytest.mark.parametrize(
+    "text, expected", [("a [b:.5] c", [(10, "a b c")]), ("a [b:1.5] c", [(5, "a  c"), (10, "a b c")])]
+)
 def test_schedule_hires_doctests(text, expected):
     assert a1111.schedule_text(text, 10, hires_steps=10) == expected
 
@@ -189,13 +220,18 @@ SCHEDULE = [
     ("[a\\:b:2]", 10, [(2, ""), (10, "a\\:b")]),
     ("[a:b:2] \\", 10, [(10, "[a:b:2] \\")]),
     ("[a: b :  3  ]", 10, [(3, "a"), (10, " b ")]),
-    ("fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75][ in foreground::0.6]"
-     "[: in background:0.25] [shoddy:masterful:0.5]", 100,
-     [(25, "fantasy landscape with a mountain and an oak in foreground shoddy"),
-      (50, "fantasy landscape with a lake and an oak in foreground in background shoddy"),
-      (60, "fantasy landscape with a lake and an oak in foreground in background masterful"),
-      (75, "fantasy landscape with a lake and an oak in background masterful"),
-      (100, "fantasy landscape with a lake and a christmas tree in background masterful")]),
+    (
+        "fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75][ in foreground::0.6]"
+        "[: in background:0.25] [shoddy:masterful:0.5]",
+        100,
+        [
+            (25, "fantasy landscape with a mountain and an oak in foreground shoddy"),
+            (50, "fantasy landscape with a lake and an oak in foreground in background shoddy"),
+            (60, "fantasy landscape with a lake and an oak in foreground in background masterful"),
+            (75, "fantasy landscape with a lake and an oak in background masterful"),
+            (100, "fantasy landscape with a lake and a christmas tree in background masterful"),
+        ],
+    ),
 ]
 
 
@@ -233,7 +269,7 @@ def test_schedule_tree():
 # --- chunking ---------------------------------------------------------------------------------------
 def body(chunk):
     """The prompt tokens of each chunk (between BOS and the first EOS)."""
-    return [list(ids[1:1 + sum(s >= 0 for s in src)]) for ids, src in zip(chunk.ids, chunk.sources)]
+    return [list(ids[1 : 1 + sum(s >= 0 for s in src)]) for ids, src in zip(chunk.ids, chunk.sources)]
 
 
 def test_short_prompt():
@@ -298,8 +334,11 @@ EMB = {"emb": torch.zeros(3, 768)}
 def test_embedding_placeholders():
     c = a1111.chunk("a emb b", TOK, embeddings=EMB)
     assert c.ids[0][:7] == (BOS, A, PLACEHOLDER_ID, PLACEHOLDER_ID, PLACEHOLDER_ID, B, EOS)
-    assert [(s.chunk, s.position, s.name, s.vector) for s in c.slots] == [(0, 2, "emb", 0), (0, 3, "emb", 1),
-                                                                           (0, 4, "emb", 2)]
+    assert [(s.chunk, s.position, s.name, s.vector) for s in c.slots] == [
+        (0, 2, "emb", 0),
+        (0, 3, "emb", 1),
+        (0, 4, "emb", 2),
+    ]
     assert c.token_count == 5
 
 

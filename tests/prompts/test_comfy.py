@@ -57,9 +57,17 @@ PARSE = [
     ("(a:.5)", [("a", 0.5)]),
     ("(a:5.)", [("a", 5.0)]),
     ("(a:+2)", [("a", 2.0)]),
-    ("masterpiece, (best quality:1.2), (blue eyes:1.1), ((long hair))",
-     [("masterpiece, ", 1.0), ("best quality", 1.2), (", ", 1.0), ("blue eyes", 1.1), (", ", 1.0),
-      ("long hair", 1.2100000000000002)]),
+    (
+        "masterpiece, (best quality:1.2), (blue eyes:1.1), ((long hair))",
+        [
+            ("masterpiece, ", 1.0),
+            ("best quality", 1.2),
+            (", ", 1.0),
+            ("blue eyes", 1.1),
+            (", ", 1.0),
+            ("long hair", 1.2100000000000002),
+        ],
+    ),
     ("a (b [c] d) e", [("a ", 1.0), ("b [c] d", 1.1), (" e", 1.0)]),
 ]
 
@@ -83,7 +91,7 @@ def test_deep_nesting():
 
 
 def body(chunk):
-    return [list(ids[1:1 + sum(s >= 0 for s in src)]) for ids, src in zip(chunk.ids, chunk.sources)]
+    return [list(ids[1 : 1 + sum(s >= 0 for s in src)]) for ids, src in zip(chunk.ids, chunk.sources)]
 
 
 def test_short_prompt():

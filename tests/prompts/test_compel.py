@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 
 from sdclip import BadInput, Tokenizer
 from sdclip.prompts import compel
-from sdclip.prompts.types import Blend, Conjunction, PLACEHOLDER_ID, Segment
-
+from sdclip.prompts.types import PLACEHOLDER_ID, Blend, Conjunction, Segment
 
 
 def _load_compel_parser():
@@ -37,27 +36,115 @@ with warnings.catch_warnings():
 BOS, EOS = TOK.bos_id, TOK.eos_id
 
 CORPUS = [
-    "", "   ", "a cat", "a cat+", "a cat++ dog-", "a (cat)1.3", "a (cat)-", "a (cat)+++", "(a (b)++)0.5",
-    "(a (b (c)1.5)0.5)2", "cat.attend(1.5)", "(cat, dog).attend(0.8)", '"a cat".attend(++)', "cat.attend(-0.5)",
-    '("a", "b").blend(0.7, 0.3)', '("a cat", "b").blend(1,2,no_normalize)', "(a, b).blend(1,1)",
-    '("a (b)1.5", "c").blend(1,1)', '("a", "b").blend()', '("a").blend(1)', '("a" "b").blend(1,1)',
-    '("a", "b").and()', '("a", "b").and(1, 0.5)', '("a", "b").add(1,2)', "(a, b).and()", '("a").and(0.5)',
-    '("a", "b").and() tail', "a (x:1.2) [y]", "(masterpiece:1.2), best quality", "a\\(b\\) \\\"q\\\"",
-    '"a b"+ c', "a,b", "a ,b", "a , , b", "a. b.", "a..b", "(a.b)1.2", "(a, b)1.2", "cat+++dog", "(cat)1.2dog",
-    "(cat)++ ++", "(a) +", "(a)-0.5", "(b)1e3", "(b)nan", "(b)1.", "(b).5", "a+b", "a-b", "1.5 c", "-1 c",
-    "(a", "a)", '"a', 'a "b', "(a)(b)", "(a) (b)", "(a)+ (b)+", "((a)+)+", "(a)0.5 b", "a\tb\nc",
-    "a cat.swap(dog)", "a cat.swap(dog, t_start=0.3)", "(a cat).swap(a dog)", "a (cat.swap(dog))1.2",
-    "withLora(foo, 0.5) a cat", "a cat useLora(bar)", "withLora(x)", "()", "( )1.2", "(  )0.5 a",
-    '("")', '"" a', 'a \\\\ b', "a\\b", "\\+a", "a\\", "(a)\\+", "a \\, b", "x=1", "a=b c",
+    "",
+    "   ",
+    "a cat",
+    "a cat+",
+    "a cat++ dog-",
+    "a (cat)1.3",
+    "a (cat)-",
+    "a (cat)+++",
+    "(a (b)++)0.5",
+    "(a (b (c)1.5)0.5)2",
+    "cat.attend(1.5)",
+    "(cat, dog).attend(0.8)",
+    '"a cat".attend(++)',
+    "cat.attend(-0.5)",
+    '("a", "b").blend(0.7, 0.3)',
+    '("a cat", "b").blend(1,2,no_normalize)',
+    "(a, b).blend(1,1)",
+    '("a (b)1.5", "c").blend(1,1)',
+    '("a", "b").blend()',
+    '("a").blend(1)',
+    '("a" "b").blend(1,1)',
+    '("a", "b").and()',
+    '("a", "b").and(1, 0.5)',
+    '("a", "b").add(1,2)',
+    "(a, b).and()",
+    '("a").and(0.5)',
+    '("a", "b").and() tail',
+    "a (x:1.2) [y]",
+    "(masterpiece:1.2), best quality",
+    "a\\(b\\) \\\"q\\\"",
+    '"a b"+ c',
+    "a,b",
+    "a ,b",
+    "a , , b",
+    "a. b.",
+    "a..b",
+    "(a.b)1.2",
+    "(a, b)1.2",
+    "cat+++dog",
+    "(cat)1.2dog",
+    "(cat)++ ++",
+    "(a) +",
+    "(a)-0.5",
+    "(b)1e3",
+    "(b)nan",
+    "(b)1.",
+    "(b).5",
+    "a+b",
+    "a-b",
+    "1.5 c",
+    "-1 c",
+    "(a",
+    "a)",
+    '"a',
+    'a "b',
+    "(a)(b)",
+    "(a) (b)",
+    "(a)+ (b)+",
+    "((a)+)+",
+    "(a)0.5 b",
+    "a\tb\nc",
+    "a cat.swap(dog)",
+    "a cat.swap(dog, t_start=0.3)",
+    "(a cat).swap(a dog)",
+    "a (cat.swap(dog))1.2",
+    "withLora(foo, 0.5) a cat",
+    "a cat useLora(bar)",
+    "withLora(x)",
+    "()",
+    "( )1.2",
+    "(  )0.5 a",
+    '("")',
+    '"" a',
+    'a \\\\ b',
+    "a\\b",
+    "\\+a",
+    "a\\",
+    "(a)\\+",
+    "a \\, b",
+    "x=1",
+    "a=b c",
     "a photo of a cat, (highly detailed)1.2, (blurry)0.5, trending on artstation",
     "portrait of a woman, (red hair)++, (freckles)-, soft light",
     '("a castle on a hill", "a watercolor painting").blend(0.6, 0.4)',
     '("a forest", "fog").and(1, 0.3)',
     "beautiful landscape, mountains+, (river)0.8, sunset---",
-    "a cat. a dog. a bird.", "émoji ✨ test (ünïcode)1.2", "ＦＵＬＬ width", "a\u00a0b", "a\u3000b",
+    "a cat. a dog. a bird.",
+    "émoji ✨ test (ünïcode)1.2",
+    "ＦＵＬＬ width",
+    "a\u00a0b",
+    "a\u3000b",
 ]
-ATOMS = list("ab (),.+-\"\\1") + ["0.5", ")1.3", ")+", "++", ".blend(", ".and(", ".swap(", ".attend(",
-                                   "withLora(", ", ", "\\(", ":", "cat", "no_normalize", "="]
+ATOMS = list("ab (),.+-\"\\1") + [
+    "0.5",
+    ")1.3",
+    ")+",
+    "++",
+    ".blend(",
+    ".and(",
+    ".swap(",
+    ".attend(",
+    "withLora(",
+    ", ",
+    "\\(",
+    ":",
+    "cat",
+    "no_normalize",
+    "=",
+]
 
 
 def generated(n, seed=0):
@@ -84,8 +171,12 @@ def reference(prompt):
             out += [Segment(f.text, f.weight) for f in fragments]
         return out
 
-    parts = [Blend(tuple(leaf(p) for p in part.prompts), tuple(part.weights), part.normalize_weights)
-             if isinstance(part, cp.Blend) else leaf(part) for part in conj.prompts]
+    parts = [
+        Blend(tuple(leaf(p) for p in part.prompts), tuple(part.weights), part.normalize_weights)
+        if isinstance(part, cp.Blend)
+        else leaf(part)
+        for part in conj.prompts
+    ]
     if not parts:
         return [Segment("", 1.0)]
     if len(parts) == 1 and conj.weights[0] == 1.0:
@@ -123,13 +214,16 @@ def test_shapes():
     assert conj == Conjunction(([Segment("a", 1.0)], [Segment("b", 1.0)]), (1.0, 0.5))
 
 
-@pytest.mark.parametrize("prompt, message", [
-    ('("a", "b").blend(1)', "2 prompts but 1 weights"),
-    ('("a", "b").and(0.5)', "2 prompts but 1 weights"),
-    ('("a.swap(b)", "c").blend(1, 1)', "swap"),
-    ('("a", "b").blend(x, y)', "weights"),
-    ("a\x0bb", "cannot read"),
-])
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ('("a", "b").blend(1)', "2 prompts but 1 weights"),
+        ('("a", "b").and(0.5)', "2 prompts but 1 weights"),
+        ('("a.swap(b)", "c").blend(1, 1)', "swap"),
+        ('("a", "b").blend(x, y)', "weights"),
+        ("a\x0bb", "cannot read"),
+    ],
+)
 def test_compel_errors_are_bad_input(prompt, message):
     with pytest.raises(BadInput, match=message):
         compel.parse(prompt)
@@ -155,9 +249,11 @@ def provider(tmp_path_factory):
     TOK.save_hf(folder)
 
     def make(truncate, pad_token="<|endoftext|>", mode=SplitLongTextMode.SENTENCES):
-        hf = transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77,
-                                        pad_token=pad_token)
+        hf = transformers.CLIPTokenizer(
+            str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77, pad_token=pad_token
+        )
         return EmbeddingsProvider(hf, object(), truncate=truncate, split_long_text_mode=mode, device="cpu")
+
     return make
 
 

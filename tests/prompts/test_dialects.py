@@ -5,10 +5,10 @@ import ast
 import json
 from pathlib import Path
 
+import condfakes
 import pytest
 import torch
 
-import condfakes
 import sdclip
 from sdclip import BadInput, Conditioner, prompts
 from sdclip.cli import main
@@ -32,9 +32,13 @@ def test_no_front_end_names(module):
     """Rules live in the front-end objects: no code compares anything with a front end's name."""
     names = {*prompts.DIALECTS, "plain"}
     tree = ast.parse((SRC / module).read_text())
-    found = [(node.lineno, c.value) for node in ast.walk(tree) if isinstance(node, ast.Compare)
-             for c in ast.walk(node) if isinstance(c, ast.Constant) and c.value in names
-             and not ast.unparse(node).startswith("args.format")]  # an embedding file format, not a front end
+    found = [
+        (node.lineno, c.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Compare)
+        for c in ast.walk(node)
+        if isinstance(c, ast.Constant) and c.value in names and not ast.unparse(node).startswith("args.format")
+    ]  # an embedding file format, not a front end
     assert found == []
 
 

@@ -21,6 +21,7 @@ def hf(tmp_path_factory):
     def make(**kw):
         files = str(folder / "vocab.json"), str(folder / "merges.txt")
         return transformers.CLIPTokenizer(*files, model_max_length=77, **kw)
+
     return make
 
 

@@ -22,7 +22,9 @@ def test_parse_json(capsys):
     code, out, _ = run(capsys, "parse", "--dialect", "a1111", "--json", "a (b:1.2) BREAK c", "plain")
     assert code == 0
     assert [json.loads(line) for line in out.splitlines()] == [
-        [["a ", 1.0], ["b", 1.2], ["", 1.0], ["BREAK", -1], ["c", 1.0]], [["plain", 1.0]]]
+        [["a ", 1.0], ["b", 1.2], ["", 1.0], ["BREAK", -1], ["c", 1.0]],
+        [["plain", 1.0]],
+    ]
 
 
 def test_parse_trees_json(capsys):
@@ -31,9 +33,13 @@ def test_parse_trees_json(capsys):
     assert blend == {"blend": [[["a", 1.0]], [["b", 1.0]]], "weights": [0.7, 0.3], "normalize": True}
     assert conj == {"and": [[["a", 1.0]], [["b", 1.0]]], "weights": [1.0, 0.5]}
     _, out, _ = run(capsys, "parse", "-d", "a1111", "--json", "--steps", "10", "[a:b:0.5] AND c:0.5")
-    assert json.loads(out) == {"steps": 10, "schedule": [
-        {"until_step": 5, "prompt": {"and": [[["a", 1.0]], [[" c", 1.0]]], "weights": [1.0, 0.5]}},
-        {"until_step": 10, "prompt": {"and": [[["b", 1.0]], [[" c", 1.0]]], "weights": [1.0, 0.5]}}]}
+    assert json.loads(out) == {
+        "steps": 10,
+        "schedule": [
+            {"until_step": 5, "prompt": {"and": [[["a", 1.0]], [[" c", 1.0]]], "weights": [1.0, 0.5]}},
+            {"until_step": 10, "prompt": {"and": [[["b", 1.0]], [[" c", 1.0]]], "weights": [1.0, 0.5]}},
+        ],
+    }
 
 
 def test_parse_readable(capsys):

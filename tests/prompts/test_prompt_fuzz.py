@@ -15,9 +15,29 @@ from sdclip.prompts.types import CHUNK_LENGTH, PLACEHOLDER_ID, Blend, Chunked, C
 
 TOK = Tokenizer()
 EMB = {"emb": torch.zeros(2, 768), "<tok>": torch.zeros(3, 768)}
-SYNTAX = list("()[]{}:|\\\"'.,+-=!<> \n\t") + ["BREAK", "AND", "embedding:", "emb", "<tok>", ".blend(", ".and(",
-                                                 ".swap(", ":1.5)", ")1.2", "++", "nan", "1e309", "\x00", "\x0b",
-                                                 "\x1f", "\u202e", "\u00a0", "é", "字", "👍"]
+SYNTAX = list("()[]{}:|\\\"'.,+-=!<> \n\t") + [
+    "BREAK",
+    "AND",
+    "embedding:",
+    "emb",
+    "<tok>",
+    ".blend(",
+    ".and(",
+    ".swap(",
+    ":1.5)",
+    ")1.2",
+    "++",
+    "nan",
+    "1e309",
+    "\x00",
+    "\x0b",
+    "\x1f",
+    "\u202e",
+    "\u00a0",
+    "é",
+    "字",
+    "👍",
+]
 prompts = st.lists(st.sampled_from(SYNTAX) | st.text(max_size=3), max_size=40).map("".join)
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -36,8 +56,8 @@ def check(c: Chunked, pad: int):
         assert len(ids) == len(weights) == len(sources) == CHUNK_LENGTH
         n = sum(s >= 0 for s in sources)
         assert ids[0] == TOK.bos_id and ids[n + 1] == TOK.eos_id and n <= 75
-        assert all(s >= 0 for s in sources[1:n + 1]) and all(s == -1 for s in sources[n + 1:])
-        assert all(w == 1.0 for w in weights[n + 1:]) and all(t == pad for t in ids[n + 2:])
+        assert all(s >= 0 for s in sources[1 : n + 1]) and all(s == -1 for s in sources[n + 1 :])
+        assert all(w == 1.0 for w in weights[n + 1 :]) and all(t == pad for t in ids[n + 2 :])
         assert all(s < len(c.segments) for s in sources)
     for slot in c.slots:
         assert c.ids[slot.chunk][slot.position] == PLACEHOLDER_ID and slot.name in EMB
@@ -69,8 +89,9 @@ def test_a1111_token_count(prompt):
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)
-@pytest.mark.parametrize("prompt", ["(" * 10000 + "a" + ")" * 10000, "[" * 10000 + "a", "(a" * 10000,
-                                    '"(' * 5000, "((a:1.2)" * 5000])
+@pytest.mark.parametrize(
+    "prompt", ["(" * 10000 + "a" + ")" * 10000, "[" * 10000 + "a", "(a" * 10000, '"(' * 5000, "((a:1.2)" * 5000]
+)
 def test_deep_nesting_is_bad_input_or_fine(dialect, prompt):
     try:
         chunk(prompt, dialect, TOK)
@@ -78,8 +99,15 @@ def test_deep_nesting_is_bad_input_or_fine(dialect, prompt):
         assert "nested" in str(e)
 
 
-@pytest.mark.parametrize("dialect, prompt", [("a1111", "(a:" + "9" * 400 + ")"), ("comfy", "(a:nan)"),
-                                             ("comfy", "(a:1e309)"), ("compel", '("a", "b").blend(1)')])
+@pytest.mark.parametrize(
+    "dialect, prompt",
+    [
+        ("a1111", "(a:" + "9" * 400 + ")"),
+        ("comfy", "(a:nan)"),
+        ("comfy", "(a:1e309)"),
+        ("compel", '("a", "b").blend(1)'),
+    ],
+)
 def test_bad_weights(dialect, prompt):
     with pytest.raises(BadInput):
         chunk(prompt, dialect, TOK)
@@ -122,8 +150,15 @@ def _run(dialect, prompt):
         pass
 
 
-PATTERNS = ["a photo of a cat, ", "(a (b [c (d:1.1) e] f) g, ", ")]:[(|", '"a (b)1.2" c+ ', "[a:b:0.5] [c|d] ",
-            "embedding:emb <tok> ", "(" * 40 + "a" + ")" * 40]
+PATTERNS = [
+    "a photo of a cat, ",
+    "(a (b [c (d:1.1) e] f) g, ",
+    ")]:[(|",
+    '"a (b)1.2" c+ ',
+    "[a:b:0.5] [c|d] ",
+    "embedding:emb <tok> ",
+    "(" * 40 + "a" + ")" * 40,
+]
 
 
 @pytest.mark.parametrize("dialect", DIALECTS)

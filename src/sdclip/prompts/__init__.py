@@ -22,7 +22,7 @@ from ..limits import MAX_PROMPT_CHARS, check_prompt
 from ..tokenizer import Tokenizer
 from . import a1111, comfy, compel, plain
 from .dialect import Dialect, Option
-from .types import (BREAK, Blend, Chunked, Conjunction, EmbeddingSlot, Node, Schedule, Segment, map_leaves)
+from .types import BREAK, Blend, Chunked, Conjunction, EmbeddingSlot, Node, Schedule, Segment, map_leaves
 
 # The front ends, one object each (see ``dialect``): adding one is a module and a line here.
 REGISTRY: dict[str, Dialect] = {d.name: d for d in (a1111.DIALECT, comfy.DIALECT, compel.DIALECT, plain.DIALECT)}
@@ -50,19 +50,38 @@ def _text(prompt: object, max_prompt_chars: int | None) -> str:
     return check_prompt(prompt, max_prompt_chars)
 
 
-def parse(prompt: str, dialect: str, *, max_prompt_chars: int | None = MAX_PROMPT_CHARS,
-          **options) -> Node[list[Segment]]:
+def parse(
+    prompt: str, dialect: str, *, max_prompt_chars: int | None = MAX_PROMPT_CHARS, **options
+) -> Node[list[Segment]]:
     """The prompt's weighted segments as ``dialect`` reads it (a tree for blends, AND, schedules).  A prompt
     longer than ``max_prompt_chars`` is refused before it is parsed (None: no limit)."""
     return get(dialect).parse(_text(prompt, max_prompt_chars), **options)
 
 
-def chunk(prompt: str, dialect: str, tokenizer: Tokenizer, *, max_prompt_chars: int | None = MAX_PROMPT_CHARS,
-          **options) -> Node[Chunked]:
+def chunk(
+    prompt: str, dialect: str, tokenizer: Tokenizer, *, max_prompt_chars: int | None = MAX_PROMPT_CHARS, **options
+) -> Node[Chunked]:
     """The token ids, per-token weights and embedding slots ``dialect`` feeds the text encoder (``max_prompt_chars``
     as in ``parse``)."""
     return get(dialect).chunk(_text(prompt, max_prompt_chars), tokenizer, **options)
 
 
-__all__ = ["DIALECTS", "REGISTRY", "Dialect", "Option", "get", "check_options", "parse", "chunk", "Segment", "BREAK", "Chunked", "EmbeddingSlot", "Blend", "Conjunction",
-           "Schedule", "Node", "map_leaves"]
+__all__ = [
+    "DIALECTS",
+    "REGISTRY",
+    "Dialect",
+    "Option",
+    "get",
+    "check_options",
+    "parse",
+    "chunk",
+    "Segment",
+    "BREAK",
+    "Chunked",
+    "EmbeddingSlot",
+    "Blend",
+    "Conjunction",
+    "Schedule",
+    "Node",
+    "map_leaves",
+]

@@ -20,8 +20,21 @@ from ..families import Family
 from ..tokenizer import Tokenizer
 from .dialect import Dialect, Option, last_layer_number
 from .plain import expand
-from .types import (BREAK, CHUNK_LENGTH, MAX_NESTING, ChunkBuilder, Chunked, Conjunction, Embeddings, Entry, Node,
-                    Schedule, Segment, map_leaves, vector_count)
+from .types import (
+    BREAK,
+    CHUNK_LENGTH,
+    MAX_NESTING,
+    ChunkBuilder,
+    Chunked,
+    Conjunction,
+    Embeddings,
+    Entry,
+    Node,
+    Schedule,
+    Segment,
+    map_leaves,
+    vector_count,
+)
 
 EMPHASIS = ("original", "no-norm", "ignore", "none")  # A1111's emphasis modes (conditioning applies them)
 
@@ -31,9 +44,12 @@ DEFAULT_STEPS = 20  # A1111's default sampling steps, used where a schedule need
 
 # --- emphasis -------------------------------------------------------------------------------------
 # One token per match: escapes, lone backslash, brackets, a weighted close ":1.2)", text, a colon.
-_EMPHASIS_TOKEN = re.compile(r"""
+_EMPHASIS_TOKEN = re.compile(
+    r"""
     \\[()\[\]\\] | \\ | [(\[] | :\s*(?P<w>[+-]?[.\d]+)\s*\) | [)\]] | [^\\()\[\]:]+ | :
-""", re.X)
+""",
+    re.X,
+)
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
@@ -136,8 +152,8 @@ def split_and(prompt: str) -> list[tuple[str, float]]:
     for sub in _AND.split(prompt):
         text, weight = sub.rstrip(), 1.0
         colon = text.rfind(":")
-        if colon >= 0 and _AND_WEIGHT.fullmatch(text[colon + 1:].lstrip()):
-            text, weight = text[:colon].rstrip(), float(text[colon + 1:])
+        if colon >= 0 and _AND_WEIGHT.fullmatch(text[colon + 1 :].lstrip()):
+            text, weight = text[:colon].rstrip(), float(text[colon + 1 :])
         out.append((text, weight))
     return out
 
@@ -190,7 +206,7 @@ def _schedule_tree(text: str) -> list | None:
         if c == "\\":
             if i + 1 >= n or text[i + 1] == "\n":
                 return None
-            buf.append(text[i:i + 2])
+            buf.append(text[i : i + 2])
             i += 2
             continue
         if c in "([":
@@ -346,8 +362,9 @@ def _boundaries(nodes: list, steps: int, when: Callable[[str], int]) -> set[int]
     return out
 
 
-def schedule_text(text: str, steps: int, hires_steps: int | None = None,
-                  old_scheduling: bool = False) -> list[tuple[int, str]]:
+def schedule_text(
+    text: str, steps: int, hires_steps: int | None = None, old_scheduling: bool = False
+) -> list[tuple[int, str]]:
     """Prompt editing and alternation of one sub-prompt: ``[(until_step, text), ...]`` as A1111 computes it.
 
     ``[a:b:when]`` switches from a to b after ``when`` (with a ``.``: a fraction of the steps; without:
@@ -371,8 +388,9 @@ def schedule_text(text: str, steps: int, hires_steps: int | None = None,
     return out
 
 
-def schedule(prompt: str, steps: int = DEFAULT_STEPS, hires_steps: int | None = None,
-             old_scheduling: bool = False) -> Schedule[str]:
+def schedule(
+    prompt: str, steps: int = DEFAULT_STEPS, hires_steps: int | None = None, old_scheduling: bool = False
+) -> Schedule[str]:
     """The whole prompt's timeline: ``AND`` sub-prompts with their weights, each scheduled; the leaves
     are the texts A1111 hands to its emphasis parser at each step range."""
     subs = split_and(prompt)
@@ -385,8 +403,9 @@ def schedule(prompt: str, steps: int = DEFAULT_STEPS, hires_steps: int | None = 
     return Schedule(per_sub[0][-1][0], tuple(entries))
 
 
-def parse_prompt(prompt: str, steps: int = DEFAULT_STEPS, hires_steps: int | None = None,
-                 old_scheduling: bool = False) -> Node[list[Segment]]:
+def parse_prompt(
+    prompt: str, steps: int = DEFAULT_STEPS, hires_steps: int | None = None, old_scheduling: bool = False
+) -> Node[list[Segment]]:
     """Segments for a simple prompt; a ``Schedule`` of segment lists where ``AND``, a sub-prompt
     weight, prompt editing or alternation is used."""
     sched = schedule(prompt, steps, hires_steps, old_scheduling)
@@ -411,8 +430,15 @@ def _ti_table(embeddings: Embeddings | None, tokenizer: Tokenizer) -> dict[int, 
     return table
 
 
-def chunk(text: str, tokenizer: Tokenizer, *, pad_id: int | None = None, embeddings: Embeddings | None = None,
-          comma_backtrack: int = 20, emphasis: bool = True) -> Chunked:
+def chunk(
+    text: str,
+    tokenizer: Tokenizer,
+    *,
+    pad_id: int | None = None,
+    embeddings: Embeddings | None = None,
+    comma_backtrack: int = 20,
+    emphasis: bool = True,
+) -> Chunked:
     """Token ids and weights of one scheduled sub-prompt, chunked as A1111's ``tokenize_line`` does.
 
     Each weighted segment is tokenized on its own; chunks take 75 tokens; when a chunk fills and the
@@ -449,13 +475,13 @@ def chunk(text: str, tokenizer: Tokenizer, *, pad_id: int | None = None, embeddi
             if tok == comma:
                 last_comma = len(body)
             elif comma_backtrack and len(body) == BODY and last_comma != -1 and BODY - last_comma <= comma_backtrack:
-                moved = body[last_comma + 1:]
-                body = body[:last_comma + 1]
+                moved = body[last_comma + 1 :]
+                body = body[: last_comma + 1]
                 next_chunk()
                 body = moved
             if len(body) == BODY:
                 next_chunk()
-            match = next(((m, name) for m, name in table.get(tok, ()) if toks[pos:pos + len(m)] == m), None)
+            match = next(((m, name) for m, name in table.get(tok, ()) if toks[pos : pos + len(m)] == m), None)
             if match is None:
                 body.append(Entry(tok, seg.weight, si))
                 pos += 1
@@ -471,12 +497,19 @@ def chunk(text: str, tokenizer: Tokenizer, *, pad_id: int | None = None, embeddi
     if pad_id is not None and pad_id != tokenizer.eos_id:
         for row in out.ids:
             first = row.index(tokenizer.eos_id)
-            row[first + 1:] = [pad_id] * (len(row) - first - 1)
+            row[first + 1 :] = [pad_id] * (len(row) - first - 1)
     return out.result(segments, token_count)
 
 
-def chunk_prompt(prompt: str, tokenizer: Tokenizer, *, steps: int = DEFAULT_STEPS, hires_steps: int | None = None,
-                 old_scheduling: bool = False, **options) -> Node[Chunked]:
+def chunk_prompt(
+    prompt: str,
+    tokenizer: Tokenizer,
+    *,
+    steps: int = DEFAULT_STEPS,
+    hires_steps: int | None = None,
+    old_scheduling: bool = False,
+    **options,
+) -> Node[Chunked]:
     """``chunk`` applied to every leaf of ``parse_prompt``'s tree (``options`` go to ``chunk``)."""
     sched = schedule(prompt, steps, hires_steps, old_scheduling)
     if len(sched.entries) == 1 and sched.entries[0][1].weights == (1.0,):
@@ -498,14 +531,35 @@ class A1111(Dialect):
     title = "A1111"
     clip_skip_help = "N, 1 = last layer"
     options = (
-        Option("steps", "--steps", "parse", "sampling steps for AND / prompt editing (default 20)",
-               {"type": int, "default": DEFAULT_STEPS}),
-        Option("emphasis", "--emphasis", "encode", "emphasis mode (default original)", {"choices": EMPHASIS},
-               value=lambda args: args.emphasis or "original"),
-        Option("step", "--step", "encode", "the sampler step whose prompt editing to encode (default 0)",
-               {"type": int, "default": 0}),
-        Option("comma_backtrack", "--comma-backtrack", "chunk", "comma padding backtrack (default 20, 0 = off)",
-               {"type": int, "default": 20}),
+        Option(
+            "steps",
+            "--steps",
+            "parse",
+            "sampling steps for AND / prompt editing (default 20)",
+            {"type": int, "default": DEFAULT_STEPS},
+        ),
+        Option(
+            "emphasis",
+            "--emphasis",
+            "encode",
+            "emphasis mode (default original)",
+            {"choices": EMPHASIS},
+            value=lambda args: args.emphasis or "original",
+        ),
+        Option(
+            "step",
+            "--step",
+            "encode",
+            "the sampler step whose prompt editing to encode (default 0)",
+            {"type": int, "default": 0},
+        ),
+        Option(
+            "comma_backtrack",
+            "--comma-backtrack",
+            "chunk",
+            "comma padding backtrack (default 20, 0 = off)",
+            {"type": int, "default": 20},
+        ),
     )
     structure = "schedule"
     weighting = "emphasis"
@@ -519,10 +573,25 @@ class A1111(Dialect):
     def chunk(self, text: str, tokenizer: Tokenizer, **options: Any) -> Node[Chunked]:
         return chunk_prompt(text, tokenizer, **options)
 
-    def leaf(self, leaf: str, tokenizer: Tokenizer, pad_id: int, embeddings: Embeddings, *,
-             emphasis: str = "original", comma_backtrack: int = 20, **options: Any) -> Chunked:
-        return chunk(leaf, tokenizer, pad_id=pad_id, embeddings=embeddings, emphasis=emphasis != "none",
-                     comma_backtrack=comma_backtrack)
+    def leaf(
+        self,
+        leaf: str,
+        tokenizer: Tokenizer,
+        pad_id: int,
+        embeddings: Embeddings,
+        *,
+        emphasis: str = "original",
+        comma_backtrack: int = 20,
+        **options: Any,
+    ) -> Chunked:
+        return chunk(
+            leaf,
+            tokenizer,
+            pad_id=pad_id,
+            embeddings=embeddings,
+            emphasis=emphasis != "none",
+            comma_backtrack=comma_backtrack,
+        )
 
     def check(self, emphasis: str = "original", **options: Any) -> None:
         """Refuse an unknown emphasis setting."""
@@ -533,13 +602,28 @@ class A1111(Dialect):
         """The ``AND`` sub-prompts (negative prompts are not split)."""
         return [text for text, _ in split_and(prompt)] if not negative else [prompt]
 
-    def timeline(self, text: str, *, steps: int = DEFAULT_STEPS, hires_steps: int | None = None,
-                 old_scheduling: bool = False, **options: Any) -> list[str]:
+    def timeline(
+        self,
+        text: str,
+        *,
+        steps: int = DEFAULT_STEPS,
+        hires_steps: int | None = None,
+        old_scheduling: bool = False,
+        **options: Any,
+    ) -> list[str]:
         """One sub-prompt's texts over the sampler steps: A1111 encodes them together."""
         return [t for _, t in schedule_text(text, steps, hires_steps, old_scheduling)]
 
-    def schedule_of(self, prompt: str, negative: bool, *, steps: int = DEFAULT_STEPS, hires_steps: int | None = None,
-                    old_scheduling: bool = False, **options: Any) -> Schedule[str]:
+    def schedule_of(
+        self,
+        prompt: str,
+        negative: bool,
+        *,
+        steps: int = DEFAULT_STEPS,
+        hires_steps: int | None = None,
+        old_scheduling: bool = False,
+        **options: Any,
+    ) -> Schedule[str]:
         """The prompt's schedule of sub-prompt texts (a negative prompt: one part)."""
         if not negative:
             return schedule(prompt, steps, hires_steps, old_scheduling)

@@ -69,7 +69,7 @@ def parse(text: str) -> list[Segment]:
         colon = last_colon[end]
         if colon > inner and last_paren[end] < colon:  # float() never reads brackets: skip those
             try:
-                return float(s[colon + 1:end]), colon
+                return float(s[colon + 1 : end]), colon
             except ValueError:
                 pass
         return weight * 1.1, end
@@ -146,17 +146,19 @@ def _find_embedding(embeddings: Embeddings, text: str) -> tuple[str | None, str,
     if found is None:
         stripped = name.strip(",")
         if len(stripped) < len(name):
-            return _lookup(embeddings, stripped), name, f"{name[len(stripped):]} {rest}"
+            return _lookup(embeddings, stripped), name, f"{name[len(stripped) :]} {rest}"
     return found, name, rest
 
 
-def chunk(text: str, tokenizer: Tokenizer, *, pad_id: int | None = None,
-          embeddings: Embeddings | None = None) -> Chunked:
+def chunk(
+    text: str, tokenizer: Tokenizer, *, pad_id: int | None = None, embeddings: Embeddings | None = None
+) -> Chunked:
     """Token ids and weights as ComfyUI's ``SDTokenizer.tokenize_with_weights`` builds them.
 
     Each weighted piece is tokenized on its own (split before every ``embedding:`` that follows a
-    space or a newline, not other whitespace, as ComfyUI splits); a group of tokens shorter than 8 that does not fit in the current chunk moves whole to
-    the next one, longer groups are cut.  Chunks are BOS + up to 75 tokens + EOS, padded with
+    space or a newline, not other whitespace, as ComfyUI splits); a group of tokens shorter than 8 that does
+    not fit in the current chunk moves whole to the next one, longer groups are cut.  Chunks are BOS + up to
+    75 tokens + EOS, padded with
     ``pad_id`` (EOS by default as for CLIP-L; SD2 and SDXL bigG pad with 0).  With ``embeddings``,
     ``embedding:name`` (extension optional) takes the embedding's vectors; an unknown name is dropped
     with a warning, as ComfyUI does; without ``embeddings`` the text stays text.
@@ -168,7 +170,7 @@ def chunk(text: str, tokenizer: Tokenizer, *, pad_id: int | None = None,
         pieces = _EMBEDDING_SPLIT.split(seg.text)
         for word in [w for w in [pieces[0], *(EMBEDDING + p for p in pieces[1:])] if w]:
             if word.startswith(EMBEDDING) and embeddings is not None:
-                found, name, rest = _find_embedding(embeddings, word[len(EMBEDDING):].strip("\n"))
+                found, name, rest = _find_embedding(embeddings, word[len(EMBEDDING) :].strip("\n"))
                 if found is None:
                     warnings.append(f"embedding:{name} does not exist, ignoring")
                 else:
@@ -190,7 +192,7 @@ def chunk(text: str, tokenizer: Tokenizer, *, pad_id: int | None = None,
                 break
             if large:
                 cut = room - len(body)
-                body += group[i:i + cut]
+                body += group[i : i + cut]
                 i += cut
             out.add(body)
             body = []

@@ -21,15 +21,26 @@ from ..tokenizer import Tokenizer
 from .dialect import Dialect, Option
 from .plain import chunk as plain_chunk
 from .plain import expand, name_pattern, units
-from .types import (CHUNK_LENGTH, MAX_NESTING, Blend, ChunkBuilder, Chunked, Conjunction, Embeddings, Entry, Node,
-                    Segment, map_leaves)
+from .types import (
+    CHUNK_LENGTH,
+    MAX_NESTING,
+    Blend,
+    ChunkBuilder,
+    Chunked,
+    Conjunction,
+    Embeddings,
+    Entry,
+    Node,
+    Segment,
+    map_leaves,
+)
 
 _SKIP = " \n\t\r"  # whitespace pyparsing skips before a token
 _SPACE = frozenset(string.whitespace)  # what ends a word
 _SYNTAX = '()",.+-='
 _ESCAPES = frozenset("\\" + c for c in _SYNTAX)
 _WHITE = " \t\r\n"  # what pyparsing's White() matches ...
-_WHITE_LEAD = "\x0c\xa0\u1680\u180e\u200b\u202f\u205f\u3000" + "".join(map(chr, range(0x2000, 0x200b)))  # ... after
+_WHITE_LEAD = "\x0c\xa0\u1680\u180e\u200b\u202f\u205f\u3000" + "".join(map(chr, range(0x2000, 0x200B)))  # ... after
 _KEYWORD = frozenset(string.ascii_letters + string.digits + "_-")  # LoRA and option names
 _DIGITS = frozenset(string.digits)
 _REAL = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+)")
@@ -50,11 +61,12 @@ def _unescape(text: str, times: int = 1) -> str:
     of backslashes before ``(``, ``)`` or ``"`` loses one backslash."""
     if "\\" not in text:
         return text
-    return _BACKSLASHES.sub(lambda m: m.group()[:max(0, len(m.group()) - times)], text)
+    return _BACKSLASHES.sub(lambda m: m.group()[: max(0, len(m.group()) - times)], text)
 
 
 def _unquote(body: str) -> str:
     """The text of a ``"..."`` as pyparsing's QuotedString hands it over (escapes converted)."""
+
     def one(m: re.Match) -> str:
         if m[1]:
             return _WS_ESCAPES[m[1]]
@@ -62,6 +74,7 @@ def _unquote(body: str) -> str:
             s = m[2][1:]
             return "\0" if s == "0" else chr(int(s[1:], 16)) if s[0] in "ux" else s
         return m[3]
+
     return _UNQUOTE.sub(one, body).replace('\\"', '"')
 
 
@@ -100,7 +113,7 @@ class _Parser:
         s, n = self.s, self.n
         j = k = self.skip(i)
         while k < n:
-            if s[k] == "\\" and s[k:k + 2] in _ESCAPES:
+            if s[k] == "\\" and s[k : k + 2] in _ESCAPES:
                 k += 2
             elif s[k] in "+-":
                 if k + 1 >= n or s[k + 1] in _WHITE or s[k + 1] in _SYNTAX:
@@ -171,9 +184,14 @@ class _Parser:
         """Words, groups and operators (and, if ``commas``, ``,`` and ``.``) until none matches."""
         items: list = []
         while True:
-            r = (self.memoised(self.lora, i) or self.memoised(self.attention, i) or self.memoised(self.swap, i)
-                 or self.memoised(self.paren, i) or self.memoised(self.quoted, i, "fragments")
-                 or self.memoised(self.word, i))
+            r = (
+                self.memoised(self.lora, i)
+                or self.memoised(self.attention, i)
+                or self.memoised(self.swap, i)
+                or self.memoised(self.paren, i)
+                or self.memoised(self.quoted, i, "fragments")
+                or self.memoised(self.word, i)
+            )
             if r is None and commas:
                 j = self.skip(i)
                 r = (j + 1, [("f", self.s[j])]) if j < self.n and self.s[j] in ",." else None
@@ -184,8 +202,7 @@ class _Parser:
 
     def target(self, i: int):
         """What an operator applies to: a quoted fragment, a bracketed fragment or a word."""
-        return (self.memoised(self.quoted, i, "fragments") or self.memoised(self.paren, i)
-                or self.memoised(self.word, i))
+        return self.memoised(self.quoted, i, "fragments") or self.memoised(self.paren, i) or self.memoised(self.word, i)
 
     # --- operators -------------------------------------------------------------------------------
     def weight(self, i: int):
@@ -275,9 +292,15 @@ class _Parser:
     def prompt(self, i: int):
         items: list = []
         while True:
-            r = (self.memoised(self.swap, i) or self.memoised(self.lora, i) or self.memoised(self.attention, i)
-                 or self.memoised(self.quoted, i, "fragments") or self.memoised(self.paren, i)
-                 or self.free_word(i) or self.white(i))
+            r = (
+                self.memoised(self.swap, i)
+                or self.memoised(self.lora, i)
+                or self.memoised(self.attention, i)
+                or self.memoised(self.quoted, i, "fragments")
+                or self.memoised(self.paren, i)
+                or self.free_word(i)
+                or self.white(i)
+            )
             if r is None:
                 return i, items
             i = r[0]
@@ -433,7 +456,7 @@ def _parse(p: _Parser) -> tuple[list, list[float]]:
         i, items = p.prompt(i)
         value = _leaf(items) or None
     if p.skip(p.loras(i)) != p.n:
-        raise _Fail(f"cannot read {p.s[p.skip(p.loras(i)):][:20]!r}")
+        raise _Fail(f"cannot read {p.s[p.skip(p.loras(i)) :][:20]!r}")
     return ([value], [1.0]) if value is not None else ([], [])
 
 
@@ -454,17 +477,27 @@ def _split_point(body: list[Entry], tokenizer: Tokenizer, mode: str, room: int) 
     if len(body) <= room or mode == "brutal":
         return room
     texts = [tokenizer.token_text(e.id) if e.embedding is None else "" for e in body[:room]]
-    tests = {"sentences": lambda t: t == ".</w>", "phrases": lambda t: t in (".</w>", ",</w>", ";</w>", ":</w>"),
-             "words": lambda t: t.endswith("</w>")}
-    for m in SPLIT_MODES[SPLIT_MODES.index(mode):-1]:
+    tests = {
+        "sentences": lambda t: t == ".</w>",
+        "phrases": lambda t: t in (".</w>", ",</w>", ";</w>", ":</w>"),
+        "words": lambda t: t.endswith("</w>"),
+    }
+    for m in SPLIT_MODES[SPLIT_MODES.index(mode) : -1]:
         for k in range(len(texts) - 1, -1, -1):
             if tests[m](texts[k]):
                 return k + 1
     return room
 
 
-def chunk_segments(segments: list[Segment], tokenizer: Tokenizer, *, pad_id: int | None = None,
-                   embeddings: Embeddings | None = None, truncate: bool = True, split: str = "sentences") -> Chunked:
+def chunk_segments(
+    segments: list[Segment],
+    tokenizer: Tokenizer,
+    *,
+    pad_id: int | None = None,
+    embeddings: Embeddings | None = None,
+    truncate: bool = True,
+    split: str = "sentences",
+) -> Chunked:
     """compel's token ids and weights for one prompt's fragments (``EmbeddingsProvider``).
 
     Each fragment is tokenized on its own.  ``truncate`` (compel's default): each fragment, then the
@@ -492,8 +525,8 @@ def chunk_segments(segments: list[Segment], tokenizer: Tokenizer, *, pad_id: int
     start = 0
     while True:
         # truncation cuts at 75 whatever the split mode, as compel does
-        cut = _split_point(body[start:start + room + 1], tokenizer, "brutal" if truncate else split, room)
-        out.add(body[start:start + cut])
+        cut = _split_point(body[start : start + room + 1], tokenizer, "brutal" if truncate else split, room)
+        out.add(body[start : start + cut])
         start += cut
         if truncate or start >= len(body):
             break
@@ -512,9 +545,16 @@ class Compel(Dialect):
 
     name = "compel"
     title = "compel"
-    options = (Option("truncate", "--no-truncate", "chunk", "truncate_long_prompts=False (split long prompts into "
-                      "chunks at sentence, phrase or word ends)", {"action": "store_true"},
-                      value=lambda args: not args.no_truncate),)
+    options = (
+        Option(
+            "truncate",
+            "--no-truncate",
+            "chunk",
+            "truncate_long_prompts=False (split long prompts into chunks at sentence, phrase or word ends)",
+            {"action": "store_true"},
+            value=lambda args: not args.no_truncate,
+        ),
+    )
     structure = "blend"
     weighting = "lerp"
     embeddings_by_token = True
@@ -528,8 +568,17 @@ class Compel(Dialect):
     def tree(self, prompt: str, **options: Any) -> Node[list[Segment]]:
         return parse(prompt)
 
-    def leaf(self, leaf: list[Segment], tokenizer: Tokenizer, pad_id: int, embeddings: Embeddings, *,
-             truncate: bool = True, split: str = "sentences", **options: Any) -> Chunked:
+    def leaf(
+        self,
+        leaf: list[Segment],
+        tokenizer: Tokenizer,
+        pad_id: int,
+        embeddings: Embeddings,
+        *,
+        truncate: bool = True,
+        split: str = "sentences",
+        **options: Any,
+    ) -> Chunked:
         return chunk_segments(leaf, tokenizer, pad_id=pad_id, embeddings=embeddings, truncate=truncate, split=split)
 
     def pooled_leaf(self, prompt: str, tokenizer: Tokenizer, pad_id: int, embeddings: Embeddings) -> Chunked:

@@ -80,23 +80,23 @@ class Dialect:
         return self.chunk(leaf, tokenizer, pad_id=pad_id, embeddings=embeddings)  # type: ignore[return-value]
 
     def tree(self, prompt: str, **options: Any) -> Node[Any]:
-        """"blend" structure: the prompt's tree with unchunked leaves (for ``leaf``)."""
+        """ "blend" structure: the prompt's tree with unchunked leaves (for ``leaf``)."""
         raise NotImplementedError
 
     def pooled_leaf(self, prompt: str, tokenizer: Tokenizer, pad_id: int, embeddings: Embeddings) -> Chunked:
-        """"blend" structure: the chunk whose pooled output the U-Net reads."""
+        """ "blend" structure: the chunk whose pooled output the U-Net reads."""
         raise NotImplementedError
 
     def parts(self, prompt: str, negative: bool) -> list[str]:
-        """"schedule" structure: the sub-prompts, each encoded with its own schedule."""
+        """ "schedule" structure: the sub-prompts, each encoded with its own schedule."""
         raise NotImplementedError
 
     def timeline(self, text: str, **options: Any) -> list[str]:
-        """"schedule" structure: one sub-prompt's texts over the sampler steps, encoded together."""
+        """ "schedule" structure: one sub-prompt's texts over the sampler steps, encoded together."""
         raise NotImplementedError
 
     def schedule_of(self, prompt: str, negative: bool, **options: Any) -> Schedule[str]:
-        """"schedule" structure: the prompt's schedule whose leaves are the texts of ``timeline``."""
+        """ "schedule" structure: the prompt's schedule whose leaves are the texts of ``timeline``."""
         raise NotImplementedError
 
     # --- conditioning rules --------------------------------------------------------------------------------

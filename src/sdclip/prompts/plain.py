@@ -54,8 +54,9 @@ def expand(items: list[int | str], embeddings: Embeddings | None, weight: float 
     return out
 
 
-def chunk(text: str, tokenizer: Tokenizer, *, pad_id: int | None = None,
-          embeddings: Embeddings | None = None) -> Chunked:
+def chunk(
+    text: str, tokenizer: Tokenizer, *, pad_id: int | None = None, embeddings: Embeddings | None = None
+) -> Chunked:
     """One chunk: BOS + the first 75 tokens + EOS, padded with ``pad_id`` (EOS by default; SD2 and SDXL's
     second tokenizer pad with 0); ``lost`` holds what was cut."""
     entries = expand(units(tokenizer, text, name_pattern(embeddings)), embeddings)

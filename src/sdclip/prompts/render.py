@@ -27,8 +27,11 @@ def to_json(node: Node) -> object:
     if isinstance(node, Blend):
         return {"blend": [to_json(p) for p in node.parts], "weights": list(node.weights), "normalize": node.normalize}
     if isinstance(node, Chunked):
-        out: dict = {"tokens": [list(r) for r in node.ids], "weights": [list(r) for r in node.weights],
-                     "token_count": node.token_count}
+        out: dict = {
+            "tokens": [list(r) for r in node.ids],
+            "weights": [list(r) for r in node.weights],
+            "token_count": node.token_count,
+        }
         if node.slots:
             out["embeddings"] = [[s.chunk, s.position, s.name, s.vector] for s in node.slots]
         if node.lost:
@@ -62,7 +65,7 @@ def _chunks(c: Chunked, tokenizer: Tokenizer, lines: list[str], indent: str) -> 
             text = f"<{slot.name}#{slot.vector}>" if slot else _token(tokenizer, ids[p])
             mark = "" if weights[p] == 1.0 else f"  {_weight(weights[p])}"
             lines.append(f"{indent}  {p:3d}  {text}{mark}")
-        rest = ids[end + 1:]
+        rest = ids[end + 1 :]
         filler = "<end>" if rest and rest[0] == tokenizer.eos_id else f"id {rest[0]}" if rest else ""
         pad = f", then {len(rest)} x {filler}" if rest else ""
         lines.append(f"{indent}  {end:3d}  <end>{pad}")
@@ -105,6 +108,8 @@ def describe_segments(node: Node[list[Segment]], indent: str = "") -> str:
         return "\n".join(f"{indent}{title}:\n{describe_segments(c, indent + '  ')}" for title, c in _steps(node))
     if isinstance(node, (Conjunction, Blend)):
         kind = "AND part" if isinstance(node, Conjunction) else "blend part"
-        return "\n".join(f"{indent}{kind} {k + 1}, weight {w:g}:\n{describe_segments(p, indent + '  ')}"
-                         for k, (p, w) in enumerate(zip(node.parts, node.weights)))
+        return "\n".join(
+            f"{indent}{kind} {k + 1}, weight {w:g}:\n{describe_segments(p, indent + '  ')}"
+            for k, (p, w) in enumerate(zip(node.parts, node.weights))
+        )
     return "\n".join(f"{indent}BREAK" if s.is_break else f"{indent}{s.weight:<8.4g} {s.text!r}" for s in node)

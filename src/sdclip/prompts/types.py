@@ -127,7 +127,7 @@ class Chunked:
     lost: tuple[tuple[int, int], ...] = ()
     warnings: tuple[str, ...] = ()
 
-    def tensors(self) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ids [k, 77] long, weights [k, 77] float32)`` for the encoder."""
         import torch
 
@@ -177,11 +177,24 @@ class ChunkBuilder:
         self.sources.append([-1, *(e.segment for e in body), -1, *[-1] * pad])
         self.slots.extend(EmbeddingSlot(n, p + 1, *e.embedding) for p, e in enumerate(body) if e.embedding is not None)
 
-    def result(self, segments: list[Segment], token_count: int, lost: Sequence[tuple[int, int]] = (),
-               warnings: Sequence[str] = ()) -> Chunked:
+    def result(
+        self,
+        segments: list[Segment],
+        token_count: int,
+        lost: Sequence[tuple[int, int]] = (),
+        warnings: Sequence[str] = (),
+    ) -> Chunked:
         """The finished, immutable chunks."""
-        return Chunked(tuple(map(tuple, self.ids)), tuple(map(tuple, self.weights)), tuple(map(tuple, self.sources)),
-                       tuple(segments), token_count, tuple(self.slots), tuple(lost), tuple(warnings))
+        return Chunked(
+            tuple(map(tuple, self.ids)),
+            tuple(map(tuple, self.weights)),
+            tuple(map(tuple, self.sources)),
+            tuple(segments),
+            token_count,
+            tuple(self.slots),
+            tuple(lost),
+            tuple(warnings),
+        )
 
 
 def empty_prompt(bos: int, eos: int, pad: int) -> Chunked:

@@ -17,8 +17,9 @@ from typing import Iterator
 from .app import Limits, ServeConfig, create_app
 
 
-def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-          threads: int | None = None) -> None:
+def serve(
+    config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", threads: int | None = None
+) -> None:
     """Run the server until SIGINT / SIGTERM; on either it stops accepting connections, lets the requests in
     flight finish (up to 30 s), finishes the models' queues and returns.
 
@@ -49,8 +50,17 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_le
     # the prompt warnings the CLI prints (truncation and the like) would only fill the server log; the
     # tokenize endpoint returns them with the prompt that caused them
     warnings.simplefilter("ignore", UserWarning)
-    Server(uvicorn.Config(create_app(config), host=host, port=port, log_level=log_level,
-                          timeout_graceful_shutdown=30, proxy_headers=True, server_header=False)).run()
+    Server(
+        uvicorn.Config(
+            create_app(config),
+            host=host,
+            port=port,
+            log_level=log_level,
+            timeout_graceful_shutdown=30,
+            proxy_headers=True,
+            server_header=False,
+        )
+    ).run()
 
 
 __all__ = ["ServeConfig", "Limits", "create_app", "serve"]

@@ -52,7 +52,7 @@ class ServeConfig:
     """``models``: name -> checkpoint (file, folder, repo id, ``sdclip-mini``) or a loaded ``TextEncoder``; the
     first is the default model."""
 
-    models: dict[str, Union[str, "sdclip.TextEncoder"]] = field(default_factory=lambda: {"sdclip-mini": "sdclip-mini"})
+    models: dict[str, Union[str, sdclip.TextEncoder]] = field(default_factory=lambda: {"sdclip-mini": "sdclip-mini"})
     embeddings: str | None = None
     dtype: str = "float32"
     device: str = "cpu"
@@ -73,8 +73,9 @@ class ApiError(Exception):
         return error_response(self.status, self.kind, str(self), self.headers, **self.extra)
 
 
-def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None,
-                   **extra: Any) -> JSONResponse:
+def error_response(
+    status: int, kind: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
     return JSONResponse({"error": {"type": kind, "message": message, **extra}}, status, headers=headers)
 
 
@@ -84,6 +85,7 @@ def limit_error(name: str, value: int, what: str) -> ApiError:
 
 # --- request bodies -----------------------------------------------------------------------------------------
 
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -91,8 +93,11 @@ class _Body(BaseModel):
 
 
 class _Dialect(_Body):
-    dialect: str | None = Field("diffusers", description="a1111 | comfy | compel | diffusers (for /v1/encode, "
-                                "null: raw hidden states of one layer, as TextEncoder.encode)")
+    dialect: str | None = Field(
+        "diffusers",
+        description="a1111 | comfy | compel | diffusers (for /v1/encode, "
+        "null: raw hidden states of one layer, as TextEncoder.encode)",
+    )
     clip_skip: int | None = Field(None, ge=-64, le=64)
     emphasis: Literal["original", "no-norm", "ignore", "none"] = "original"
     steps: int = Field(20, ge=1, le=150, description="a1111: sampler steps of the prompt-editing schedule")
@@ -106,8 +111,11 @@ class _Dialect(_Body):
 
 class EncodeRequest(_Dialect):
     prompts: str | list[str]
-    negative: str | list[str | None] | None = Field(None, description="one for all prompts, or one per prompt "
-                                                   "(null: none, which is the empty prompt or zeros as the front end does)")
+    negative: str | list[str | None] | None = Field(
+        None,
+        description="one for all prompts, or one per prompt "
+        "(null: none, which is the empty prompt or zeros as the front end does)",
+    )
     step: int = Field(0, ge=0, le=1000, description="a1111: the sampler step whose prompt editing to encode")
     embeddings: list[str] | None = Field(None, description="textual-inversion names from --embeddings (default: all)")
     layer: int | None = Field(None, ge=-100, le=100, description="dialect null only: hidden-state index")
@@ -135,6 +143,7 @@ class CompareRequest(_Body):
 
 
 # --- the application --------------------------------------------------------------------------------------
+
 
 class _BodyLimit:
     """Refuses bodies over ``limit`` bytes (413), by Content-Length or while reading a chunked body, which it
@@ -165,6 +174,7 @@ class _BodyLimit:
 
         async def replayed() -> Message:
             return next(replay, None) or await receive()
+
         await self.app(scope, replayed, send)
 
 
@@ -177,26 +187,53 @@ class Server:
         self.config = config
         self.metrics = Metrics()
         embeddings = sdclip.load_embeddings(config.embeddings) if config.embeddings else []
-        self.workers = {name: ModelWorker(name, self._loader(source), max_batch=config.max_batch,
-                                          max_wait_ms=config.max_wait_ms, queue_size=config.queue_size,
-                                          embeddings=embeddings, on_batch=self.metrics.batch)
-                        for name, source in config.models.items()}
+        self.workers = {
+            name: ModelWorker(
+                name,
+                self._loader(source),
+                max_batch=config.max_batch,
+                max_wait_ms=config.max_wait_ms,
+                queue_size=config.queue_size,
+                embeddings=embeddings,
+                on_batch=self.metrics.batch,
+            )
+            for name, source in config.models.items()
+        }
         self.default = next(iter(self.workers))
         self.draining = False
         self.in_flight = 0  # requests between arrival and answer (the event loop's thread alone counts them)
-        self.metrics.gauge("sdclip_requests_in_flight", "gauge", "Requests being handled, this scrape included.", (),
-                           lambda: [((), self.in_flight)])
-        self.metrics.gauge("sdclip_queue_depth", "gauge", "Requests waiting for a model's worker.", ("model",),
-                           lambda: [((n,), w.depth) for n, w in self.workers.items()])
+        self.metrics.gauge(
+            "sdclip_requests_in_flight",
+            "gauge",
+            "Requests being handled, this scrape included.",
+            (),
+            lambda: [((), self.in_flight)],
+        )
+        self.metrics.gauge(
+            "sdclip_queue_depth",
+            "gauge",
+            "Requests waiting for a model's worker.",
+            ("model",),
+            lambda: [((n,), w.depth) for n, w in self.workers.items()],
+        )
         for what in ("hits", "misses"):
-            self.metrics.gauge(f"sdclip_cache_{what}_total", "counter", f"Conditioning cache {what} by model.",
-                               ("model",), lambda what=what: [((n,), getattr(w.cache, what))
-                                                              for n, w in self.workers.items()])
-        self.metrics.gauge("sdclip_ready", "gauge", "1 once the model is loaded and warmed.", ("model",),
-                           lambda: [((n,), float(w.ready.is_set() and not w.failed)) for n, w in self.workers.items()])
+            self.metrics.gauge(
+                f"sdclip_cache_{what}_total",
+                "counter",
+                f"Conditioning cache {what} by model.",
+                ("model",),
+                lambda what=what: [((n,), getattr(w.cache, what)) for n, w in self.workers.items()],
+            )
+        self.metrics.gauge(
+            "sdclip_ready",
+            "gauge",
+            "1 once the model is loaded and warmed.",
+            ("model",),
+            lambda: [((n,), float(w.ready.is_set() and not w.failed)) for n, w in self.workers.items()],
+        )
         self.app = self._build()
 
-    def _loader(self, source: Union[str, "sdclip.TextEncoder"]):
+    def _loader(self, source: Union[str, sdclip.TextEncoder]):
         if isinstance(source, sdclip.TextEncoder):
             return lambda: source
         return lambda: sdclip.load(source, dtype=self.config.dtype, device=self.config.device)
@@ -206,8 +243,12 @@ class Server:
         name = self.default if name is None else name
         worker = self.workers.get(name)
         if worker is None:
-            raise ApiError(404, "unknown_model", f"no model named {name!r}; this server has "
-                           f"{', '.join(map(repr, self.workers))}", model=name)
+            raise ApiError(
+                404,
+                "unknown_model",
+                f"no model named {name!r}; this server has {', '.join(map(repr, self.workers))}",
+                model=name,
+            )
         if not worker.ready.is_set():
             raise ApiError(503, "not_ready", f"model {name!r} is still loading", {"Retry-After": "1"})
         if worker.failed:
@@ -218,8 +259,14 @@ class Server:
         try:
             future = worker.submit(job)
         except QueueFull as e:
-            raise ApiError(503, "overloaded", f"model {worker.name!r}: {e}; retry later", {"Retry-After": "1"},
-                           limit="queue_size", value=e.limit) from None
+            raise ApiError(
+                503,
+                "overloaded",
+                f"model {worker.name!r}: {e}; retry later",
+                {"Retry-After": "1"},
+                limit="queue_size",
+                value=e.limit,
+            ) from None
         return await future
 
     def check_prompts(self, prompts: list[str], what: str = "prompts") -> None:
@@ -230,15 +277,17 @@ class Server:
             if p is not None and len(p) > limits.max_chars:
                 raise limit_error("max_chars", limits.max_chars, f"{what}[{i}] ({len(p)} characters)")
             if p is not None and not _encodable(p):
-                raise ApiError(422, "bad_input", f"{what}[{i}] holds a lone surrogate (\\ud800-\\udfff), which no "
-                               "text can contain")
+                raise ApiError(
+                    422, "bad_input", f"{what}[{i}] holds a lone surrogate (\\ud800-\\udfff), which no text can contain"
+                )
 
     def check_tokens(self, count: int, what: str) -> None:
         if count > self.config.limits.max_tokens:
             raise limit_error("max_tokens", self.config.limits.max_tokens, f"{what} ({count} tokens)")
 
-    def chunks(self, te: "sdclip.TextEncoder", text: str, body: _Dialect, what: str,
-               strict: bool = False) -> tuple[Any, int]:
+    def chunks(
+        self, te: sdclip.TextEncoder, text: str, body: _Dialect, what: str, strict: bool = False
+    ) -> tuple[Any, int]:
         """The prompt's chunk tree in its dialect, and its longest leaf's chunk count; refuses long prompts.
         An option the dialect does not take is refused when ``strict``, else left out (the conditioner ignores
         it, as ``encode_prompts`` does)."""
@@ -266,39 +315,69 @@ class Server:
         self.check_prompts([n for n in negatives if n is not None], "negatives")
         if body.dialect is None:
             if body.negative is not None or body.embeddings is not None:
-                raise ApiError(422, "bad_input", "negative and embeddings need a dialect (dialect null encodes raw "
-                               "hidden states)")
+                raise ApiError(
+                    422, "bad_input", "negative and embeddings need a dialect (dialect null encodes raw hidden states)"
+                )
             for i, p in enumerate(prompts):
                 self.check_tokens(len(te.tokenizers[0].tokenize(p)), f"prompts[{i}]")
-            te.tower(body.encoder).resolve_layer(te.usages[body.encoder - 1].layer if body.layer is None
-                                                 else body.layer)
+            te.tower(body.encoder).resolve_layer(
+                te.usages[body.encoder - 1].layer if body.layer is None else body.layer
+            )
             options = dict(encoder=body.encoder, layer=body.layer, final_norm=body.final_norm)
             out = await self.run(worker, Job("hidden", tuple(options.items()), prompts, {"options": options}))
             tensors = {"hidden": out.hidden, "pooled": out.pooled, "pooled_projected": out.pooled_projected}
         else:
             if body.layer is not None or body.final_norm is not None or body.encoder != 1:
-                raise ApiError(422, "bad_input", "layer, final_norm and encoder select raw hidden states; with a "
-                               "dialect the front end decides (use clip_skip)")
+                raise ApiError(
+                    422,
+                    "bad_input",
+                    "layer, final_norm and encoder select raw hidden states; with a "
+                    "dialect the front end decides (use clip_skip)",
+                )
             if not one_negative and len(negatives) != len(prompts):
-                raise ApiError(422, "bad_input", f"{len(negatives)} negative prompts for {len(prompts)} prompts; "
-                               "give one, or one each")
+                raise ApiError(
+                    422,
+                    "bad_input",
+                    f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one each",
+                )
             self._known_embeddings(body.embeddings)
             chunks = [self.chunks(te, p, body, f"prompts[{i}]")[1] for i, p in enumerate(prompts)]
-            negative_chunks = [1 if n is None else self.chunks(te, n, body, f"negatives[{i}]")[1]
-                               for i, n in enumerate(negatives)]
-            options = dict(dialect=body.dialect, clip_skip=body.clip_skip, emphasis=body.emphasis, steps=body.steps,
-                           comma_backtrack=body.comma_backtrack, truncate=body.truncate,
-                           embedding_names=None if body.embeddings is None else sorted(body.embeddings))
+            negative_chunks = [
+                1 if n is None else self.chunks(te, n, body, f"negatives[{i}]")[1] for i, n in enumerate(negatives)
+            ]
+            options = dict(
+                dialect=body.dialect,
+                clip_skip=body.clip_skip,
+                emphasis=body.emphasis,
+                steps=body.steps,
+                comma_backtrack=body.comma_backtrack,
+                truncate=body.truncate,
+                embedding_names=None if body.embeddings is None else sorted(body.embeddings),
+            )
             key = (tuple((k, v if not isinstance(v, list) else tuple(v)) for k, v in options.items()), body.step)
-            payload = dict(options=options, step=body.step, negatives=negatives, one_negative=one_negative,
-                           chunks=chunks, negative_chunks=negative_chunks)
+            payload = dict(
+                options=options,
+                step=body.step,
+                negatives=negatives,
+                one_negative=one_negative,
+                chunks=chunks,
+                negative_chunks=negative_chunks,
+            )
             cond = await self.run(worker, Job("conditioning", key, prompts, payload))
-            tensors = {"hidden": cond.hidden, "pooled": cond.pooled, "negative_hidden": cond.negative_hidden,
-                       "negative_pooled": cond.negative_pooled}
+            tensors = {
+                "hidden": cond.hidden,
+                "pooled": cond.pooled,
+                "negative_hidden": cond.negative_hidden,
+                "negative_pooled": cond.negative_pooled,
+            }
         for k, v in tensors.items():
             if v is not None and not bool(torch.isfinite(v).all()):
-                raise ApiError(422, "non_finite", f"the {k} of these prompts holds inf or NaN (a weight too large "
-                               "for the dtype?)", tensor=k)
+                raise ApiError(
+                    422,
+                    "non_finite",
+                    f"the {k} of these prompts holds inf or NaN (a weight too large for the dtype?)",
+                    tensor=k,
+                )
         dtype = DTYPES[body.dtype]
         tensors = {k: v.to(dtype).contiguous() for k, v in tensors.items() if v is not None}
         name = body.model or self.default
@@ -306,10 +385,17 @@ class Server:
             from safetensors.torch import save
 
             metadata = {"model": name, "family": te.family, "dialect": str(body.dialect)}
-            return Response(save({k: v.cpu() for k, v in tensors.items()}, metadata),
-                            media_type="application/octet-stream")
-        return JSONResponse({"model": name, "family": te.family, "dialect": body.dialect,
-                             "tensors": {k: _tensor_json(v) for k, v in tensors.items()}})
+            return Response(
+                save({k: v.cpu() for k, v in tensors.items()}, metadata), media_type="application/octet-stream"
+            )
+        return JSONResponse(
+            {
+                "model": name,
+                "family": te.family,
+                "dialect": body.dialect,
+                "tensors": {k: _tensor_json(v) for k, v in tensors.items()},
+            }
+        )
 
     def _known_embeddings(self, names: list[str] | None) -> None:
         if names is None:
@@ -318,8 +404,11 @@ class Server:
         known = {e.name for e in worker_embeddings} | {e.token for e in worker_embeddings}
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise ApiError(422, "unknown_embedding", f"no embedding named {', '.join(map(repr, unknown))} in "
-                           f"--embeddings ({len(worker_embeddings)} loaded)")
+            raise ApiError(
+                422,
+                "unknown_embedding",
+                f"no embedding named {', '.join(map(repr, unknown))} in --embeddings ({len(worker_embeddings)} loaded)",
+            )
 
     async def embeddings(self, body: EmbeddingsRequest) -> dict:
         worker = self.worker(body.model)
@@ -342,12 +431,19 @@ class Server:
             vectors = torch.nn.functional.normalize(vectors, dim=-1)
         data = []
         for i, v in enumerate(vectors.cpu()):
-            value: Any = base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() \
-                if body.encoding_format == "base64" else v.tolist()
+            value: Any = (
+                base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()
+                if body.encoding_format == "base64"
+                else v.tolist()
+            )
             data.append({"object": "embedding", "index": i, "embedding": value})
         used = sum(min(n + 2, 77) for n in counts)  # the ids the encoder read: BOS, prompt, EOS
-        return {"object": "list", "data": data, "model": body.model or self.default,
-                "usage": {"prompt_tokens": used, "total_tokens": used}}
+        return {
+            "object": "list",
+            "data": data,
+            "model": body.model or self.default,
+            "usage": {"prompt_tokens": used, "total_tokens": used},
+        }
 
     async def tokenize(self, body: TokenizeRequest) -> dict:
         worker = self.worker(body.model)
@@ -355,11 +451,15 @@ class Server:
         self.check_prompts([body.prompt], "prompt")
         tokenizer = te.tokenizers[0]
         tree, _ = self.chunks(te, body.prompt, body, "prompt", strict=True)
-        return {"model": body.model or self.default, "dialect": body.dialect,
-                "ids": tokenizer.encode(body.prompt),
-                "tokens": [{"id": t.id, "text": t.text, "start": t.start, "end": t.end}
-                           for t in tokenizer.tokens(body.prompt)],
-                "chunks": describe_chunks(tree, tokenizer)}
+        return {
+            "model": body.model or self.default,
+            "dialect": body.dialect,
+            "ids": tokenizer.encode(body.prompt),
+            "tokens": [
+                {"id": t.id, "text": t.text, "start": t.start, "end": t.end} for t in tokenizer.tokens(body.prompt)
+            ],
+            "chunks": describe_chunks(tree, tokenizer),
+        }
 
     async def compare(self, body: CompareRequest) -> dict:
         worker = self.worker(body.model)
@@ -367,12 +467,16 @@ class Server:
         for which, text in (("a", body.a), ("b", body.b)):
             self.check_tokens(len(worker.te.tokenizers[0].tokenize(text)), which)
         worker.te.tower(body.encoder)
-        return await self.run(worker, Job("call", None, [body.a, body.b],
-                                          {"fn": lambda te: compare_layers(te, body.a, body.b, body.encoder)}))
+        return await self.run(
+            worker,
+            Job("call", None, [body.a, body.b], {"fn": lambda te: compare_layers(te, body.a, body.b, body.encoder)}),
+        )
 
     def readyz(self) -> JSONResponse:
-        states = {n: ("failed: " + w.failed if w.failed else "ready" if w.ready.is_set() else "loading")
-                  for n, w in self.workers.items()}
+        states = {
+            n: ("failed: " + w.failed if w.failed else "ready" if w.ready.is_set() else "loading")
+            for n, w in self.workers.items()
+        }
         ok = all(s == "ready" for s in states.values()) and not self.draining
         return JSONResponse({"ready": ok, "models": states}, 200 if ok else 503)
 
@@ -389,9 +493,15 @@ class Server:
             for w in self.workers.values():  # uvicorn has waited for in-flight requests; finish the queues
                 await asyncio.to_thread(w.stop, 30)
 
-        app = FastAPI(title="sdclip serve", version=sdclip.__version__, docs_url=None, redoc_url=None,
-                      lifespan=lifespan, description="Stable Diffusion conditioning, CLIP embeddings and prompt "
-                      "tokenization from one warm text encoder.")
+        app = FastAPI(
+            title="sdclip serve",
+            version=sdclip.__version__,
+            docs_url=None,
+            redoc_url=None,
+            lifespan=lifespan,
+            description="Stable Diffusion conditioning, CLIP embeddings and prompt "
+            "tokenization from one warm text encoder.",
+        )
         static = resources.files("sdclip.serve") / "static"
 
         @app.exception_handler(ApiError)
@@ -400,10 +510,13 @@ class Server:
 
         @app.exception_handler(RequestValidationError)
         async def invalid(request: Request, e: RequestValidationError):
-            errors = [{"loc": [str(x) for x in err.get("loc", ())], "message": err.get("msg", "")}
-                      for err in e.errors()]
+            errors = [
+                {"loc": [str(x) for x in err.get("loc", ())], "message": err.get("msg", "")} for err in e.errors()
+            ]
             first = errors[0] if errors else {"loc": [], "message": "invalid request"}
-            kind = "malformed_json" if any(err.get("type") == "json_invalid" for err in e.errors()) else "invalid_request"
+            kind = (
+                "malformed_json" if any(err.get("type") == "json_invalid" for err in e.errors()) else "invalid_request"
+            )
             return error_response(422, kind, f"{'.'.join(first['loc'])}: {first['message']}", errors=errors)
 
         @app.exception_handler(BadInput)
@@ -422,13 +535,19 @@ class Server:
         async def observe(request: Request, call_next):
             start = time.perf_counter()
             path = request.url.path
-            if self.config.token is not None and path not in OPEN_PATHS and path not in STATIC_PATHS \
-                    and not path.startswith("/static/") and request.method != "OPTIONS":
+            if (
+                self.config.token is not None
+                and path not in OPEN_PATHS
+                and path not in STATIC_PATHS
+                and not path.startswith("/static/")
+                and request.method != "OPTIONS"
+            ):
                 given = request.headers.get("authorization", "")
                 expected = f"Bearer {self.config.token}"
                 if not hmac.compare_digest(given.encode(), expected.encode()):
-                    response: Response = error_response(401, "unauthorized", "missing or wrong bearer token",
-                                                        {"WWW-Authenticate": "Bearer"})
+                    response: Response = error_response(
+                        401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
+                    )
                     self._count(request, response.status_code, start)
                     return response
             self.in_flight += 1
@@ -442,19 +561,29 @@ class Server:
         if self.config.cors:
             from fastapi.middleware.cors import CORSMiddleware
 
-            app.add_middleware(CORSMiddleware, allow_origins=self.config.cors, allow_methods=["GET", "POST"],
-                               allow_headers=["Authorization", "Content-Type", "Accept"])
+            app.add_middleware(
+                CORSMiddleware,
+                allow_origins=self.config.cors,
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type", "Accept"],
+            )
         app.add_middleware(_BodyLimit, limit=self.config.limits.max_body_bytes)
 
-        app.post("/v1/encode", summary="Prompts -> conditioning (encode_prompts), as safetensors or JSON",
-                 responses={200: {"content": {"application/octet-stream": {}}}})(self.encode)
+        app.post(
+            "/v1/encode",
+            summary="Prompts -> conditioning (encode_prompts), as safetensors or JSON",
+            responses={200: {"content": {"application/octet-stream": {}}}},
+        )(self.encode)
         app.post("/v1/embeddings", summary="OpenAI-compatible embeddings: projected pooled vectors")(self.embeddings)
-        app.post("/v1/tokenize", summary="Token ids, tokens with offsets, a dialect's chunks and weights")(self.tokenize)
+        app.post("/v1/tokenize", summary="Token ids, tokens with offsets, a dialect's chunks and weights")(
+            self.tokenize
+        )
         app.post("/v1/compare", summary="Per-token cosine similarity of two prompts at every layer")(self.compare)
         app.get("/healthz", summary="The process answers")(lambda: {"ok": True})
         app.get("/readyz", summary="Every model loaded and warmed")(self.readyz)
         app.get("/metrics", summary="Prometheus metrics")(
-            lambda: Response(self.metrics.render(), media_type="text/plain; version=0.0.4"))
+            lambda: Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        )
         app.get("/v1/models", summary="The served models")(self.models)
         app.get("/", include_in_schema=False)(lambda: FileResponse(str(static / "index.html")))
         app.get("/docs", include_in_schema=False)(lambda: FileResponse(str(static / "docs.html")))
@@ -464,9 +593,20 @@ class Server:
     def models(self) -> dict:
         from sdclip.prompts import DIALECTS
 
-        return {"object": "list", "default": self.default, "dialects": list(DIALECTS),
-                "data": [{"id": n, "object": "model", "ready": w.ready.is_set() and not w.failed,
-                          "family": w.te.family if w.te is not None else None} for n, w in self.workers.items()]}
+        return {
+            "object": "list",
+            "default": self.default,
+            "dialects": list(DIALECTS),
+            "data": [
+                {
+                    "id": n,
+                    "object": "model",
+                    "ready": w.ready.is_set() and not w.failed,
+                    "family": w.te.family if w.te is not None else None,
+                }
+                for n, w in self.workers.items()
+            ],
+        }
 
     def _count(self, request: Request, status: int, start: float) -> None:
         route = request.scope.get("route")
@@ -496,8 +636,11 @@ def _encodable(text: str) -> bool:
 
 def _tensor_json(t: torch.Tensor) -> dict:
     raw = t.cpu().contiguous().view(torch.uint8).numpy().tobytes()
-    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-            "data": base64.b64encode(raw).decode()}
+    return {
+        "shape": list(t.shape),
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "data": base64.b64encode(raw).decode(),
+    }
 
 
 def create_app(config: ServeConfig | None = None) -> FastAPI:

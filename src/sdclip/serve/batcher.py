@@ -24,7 +24,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
-
 import sdclip
 from sdclip.cache import ConditioningCache
 
@@ -62,6 +61,7 @@ class Job:
                 future.set_exception(error)
             else:
                 future.set_result(result)
+
         try:
             self.loop.call_soon_threadsafe(settle)
         except RuntimeError:  # the event loop has closed (shutdown)
@@ -79,9 +79,17 @@ class ModelWorker:
     ``ready`` is set once it is loaded and one warm-up encoding has run.
     """
 
-    def __init__(self, name: str, load: Callable[[], "sdclip.TextEncoder"], *, max_batch: int = 32,
-                 max_wait_ms: float = 5.0, queue_size: int = 256, embeddings: list | None = None,
-                 on_batch: Callable[[str, int], None] | None = None):
+    def __init__(
+        self,
+        name: str,
+        load: Callable[[], sdclip.TextEncoder],
+        *,
+        max_batch: int = 32,
+        max_wait_ms: float = 5.0,
+        queue_size: int = 256,
+        embeddings: list | None = None,
+        on_batch: Callable[[str, int], None] | None = None,
+    ):
         self.name = name
         self._load = load
         self.max_batch, self.max_wait = max(1, max_batch), max(0.0, max_wait_ms) / 1000
@@ -135,7 +143,7 @@ class ModelWorker:
         try:
             self.te = self._load()
             self._warm()
-        except Exception as e:  # noqa: BLE001 -- reported by /readyz; the server keeps answering
+        except Exception as e:
             self.failed = f"{type(e).__name__}: {e}"
             return
         finally:
@@ -181,7 +189,7 @@ class ModelWorker:
                 else:
                     for job in jobs:
                         self._call(job)
-            except Exception as e:  # noqa: BLE001 -- a bad job fails alone: answer each on its own
+            except Exception as e:
                 if len(jobs) == 1:
                     jobs[0].finish(error=e)
                 else:
@@ -196,7 +204,7 @@ class ModelWorker:
                 self._raw([job])
             else:
                 self._call(job)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             job.finish(error=e)
 
     # --- kinds -----------------------------------------------------------------------------------------
@@ -237,7 +245,7 @@ class ModelWorker:
             negative = negatives[0] if job.payload["one_negative"] else negatives
             try:
                 job.finish(conditioner.encode(job.prompts, negative, step=step))
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 job.finish(error=e)
 
     def _raw(self, jobs: list[Job]) -> None:
@@ -253,7 +261,7 @@ class ModelWorker:
                 if key not in done:
                     done[key] = self.te.encode(job.prompts, **options)
                 job.finish(done[key])
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 job.finish(error=e)
 
     def _call(self, job: Job) -> None:

@@ -32,7 +32,9 @@ class Metrics:
         self.requests: dict[tuple[str, str], int] = defaultdict(int)  # (route, status)
         self.latency: dict[str, list[float]] = {}  # route -> bucket counts + [sum, count]
         self.batches: dict[str, list[float]] = {}  # model -> bucket counts + [sum, count]
-        self.gauges: list[tuple[str, str, str, tuple[str, ...], Callable[[], Iterable[tuple[tuple[str, ...], float]]]]] = []
+        self.gauges: list[
+            tuple[str, str, str, tuple[str, ...], Callable[[], Iterable[tuple[tuple[str, ...], float]]]]
+        ] = []
 
     @staticmethod
     def _observe(table: dict[str, list[float]], key: str, value: float, buckets: tuple) -> None:
@@ -52,25 +54,41 @@ class Metrics:
         with self._lock:
             self._observe(self.batches, model, prompts, BATCH_BUCKETS)
 
-    def gauge(self, name: str, kind: str, help: str, labels: tuple[str, ...],
-              read: Callable[[], Iterable[tuple[tuple[str, ...], float]]]) -> None:
+    def gauge(
+        self,
+        name: str,
+        kind: str,
+        help: str,
+        labels: tuple[str, ...],
+        read: Callable[[], Iterable[tuple[tuple[str, ...], float]]],
+    ) -> None:
         """A value read at scrape time (``kind`` gauge or counter)."""
         self.gauges.append((name, kind, help, labels, read))
 
     def render(self) -> str:
         out: list[str] = []
         with self._lock:
-            out += ["# HELP sdclip_requests_total HTTP requests by route and status.",
-                    "# TYPE sdclip_requests_total counter"]
-            out += [f"sdclip_requests_total{_labels(('route', 'status'), k)} {v}" for k, v in sorted(self.requests.items())]
+            out += [
+                "# HELP sdclip_requests_total HTTP requests by route and status.",
+                "# TYPE sdclip_requests_total counter",
+            ]
+            out += [
+                f"sdclip_requests_total{_labels(('route', 'status'), k)} {v}" for k, v in sorted(self.requests.items())
+            ]
             for name, help, label, table, buckets in (
-                    ("sdclip_request_seconds", "Request latency in seconds by route.", "route", self.latency,
-                     LATENCY_BUCKETS),
-                    ("sdclip_batch_prompts", "Prompts per micro-batch by model.", "model", self.batches, BATCH_BUCKETS)):
+                (
+                    "sdclip_request_seconds",
+                    "Request latency in seconds by route.",
+                    "route",
+                    self.latency,
+                    LATENCY_BUCKETS,
+                ),
+                ("sdclip_batch_prompts", "Prompts per micro-batch by model.", "model", self.batches, BATCH_BUCKETS),
+            ):
                 out += [f"# HELP {name} {help}", f"# TYPE {name} histogram"]
                 for key, row in sorted(table.items()):
                     for bound, n in [*zip(buckets, row), ("+Inf", row[-1])]:
-                        le = 'le="%s"' % bound
+                        le = f'le="{bound}"'
                         out.append(f"{name}_bucket{_labels((label,), (key,), le)} {n:g}")
                     out.append(f"{name}_sum{_labels((label,), (key,))} {row[-2]:g}")
                     out.append(f"{name}_count{_labels((label,), (key,))} {row[-1]:g}")
