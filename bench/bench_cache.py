@@ -93,9 +93,13 @@ def throughput(n: int, repeats: int, work: Path) -> tuple[list[dict], dict]:
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
-            _job(None, single, work / "r")  # actors start, models load: not timed
+            _job(None, single, work / "r", engine="ray")  # actors start, models load: not timed
             t_ray = paired(
-                {"ray": lambda: _job(None, single, work / "r"), "local": lambda: _job(te, single, work / "a")}, repeats
+                {
+                    "ray": lambda: _job(None, single, work / "r", engine="ray"),
+                    "local": lambda: _job(te, single, work / "a"),
+                },
+                repeats,
             )
         finally:
             ray.shutdown()
