@@ -35,27 +35,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import unique_prompts
-from common import median, paired, write_results
+from common import median, paired, random_vit_l, write_results
 
 import sdclip
 
 warnings.filterwarnings("ignore")
-
-
-def hf_model(folder: str):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    config = CLIPTextConfig(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        hidden_act="quick_gelu",
-        eos_token_id=49407,
-    )
-    CLIPTextModel(config).save_pretrained(folder)
-    return {impl: CLIPTextModel.from_pretrained(folder, attn_implementation=impl).eval() for impl in ("sdpa", "eager")}
 
 
 def export_transformers(model, path: str) -> None:
@@ -85,7 +69,7 @@ def contenders(folder: str, work: str) -> tuple[dict, dict, dict]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
 
-    hf = hf_model(folder)
+    hf = random_vit_l(folder)
     fns, setup, notes = {}, {}, {}
     threads = torch.get_num_threads()
     fns["transformers sdpa"] = lambda ids: hf["sdpa"](ids).last_hidden_state

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import unique_prompts
-from common import write_results
+from common import random_vit_l, write_results
 
 import sdclip
 from sdclip.accel import CudaGraphEncoder
@@ -53,23 +53,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_gpu: no CUDA device")
     dtype = getattr(torch, args.dtype)
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    config = CLIPTextConfig(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        hidden_act="quick_gelu",
-        eos_token_id=49407,
-    )
     with tempfile.TemporaryDirectory() as folder:
-        CLIPTextModel(config).save_pretrained(folder)
-        hf = {
-            impl: CLIPTextModel.from_pretrained(folder, attn_implementation=impl, torch_dtype=dtype).cuda().eval()
-            for impl in ("sdpa", "eager")
-        }
+        hf = {impl: m.cuda() for impl, m in random_vit_l(folder, torch_dtype=dtype).items()}
         te = sdclip.load(folder, dtype=args.dtype, device="cuda")
     tower = te.towers[0]
     rows = []

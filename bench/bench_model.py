@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, paired, write_results
+from common import median, paired, random_vit_l, write_results
 
 import sdclip
 
@@ -68,20 +68,7 @@ def cosine_fidelity(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, flo
 
 
 def build(folder: str):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    config = CLIPTextConfig(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        hidden_act="quick_gelu",
-        eos_token_id=49407,
-    )
-    CLIPTextModel(config).save_pretrained(folder)
-    hf = {impl: CLIPTextModel.from_pretrained(folder, attn_implementation=impl).eval() for impl in ("sdpa", "eager")}
-    return hf, sdclip.load(folder), sdclip.load(folder, quantize="int8")
+    return random_vit_l(folder), sdclip.load(folder), sdclip.load(folder, quantize="int8")
 
 
 def run(quick: bool = False, compile: bool = False) -> tuple[list[dict], dict]:

@@ -62,3 +62,25 @@ def write_results(
     (out / f"{name}.md").write_text(md)
     (out / f"{name}.json").write_text(json.dumps({"machine": machine(), "rows": rows, **(extra or {})}, indent=2))
     return md
+
+
+def random_vit_l(folder: str, **load: object) -> dict[str, torch.nn.Module]:
+    """A CLIP ViT-L/14 text tower with random weights (seed 0), saved to ``folder`` as a transformers folder
+    and loaded back as transformers' ``CLIPTextModel`` with sdpa and eager attention (``load``: more
+    ``from_pretrained`` arguments, e.g. ``torch_dtype``): the weights every model benchmark compares on."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        hidden_act="quick_gelu",
+        eos_token_id=49407,
+    )
+    CLIPTextModel(config).save_pretrained(folder)
+    return {
+        impl: CLIPTextModel.from_pretrained(folder, attn_implementation=impl, **load).eval()
+        for impl in ("sdpa", "eager")
+    }
