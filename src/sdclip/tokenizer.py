@@ -26,7 +26,7 @@ import json
 import unicodedata
 import zlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import resources
 from itertools import chain, repeat
 from pathlib import Path
@@ -187,7 +187,7 @@ def _bundled_merges() -> tuple[tuple[str, str], ...]:
         if text.count(b"\n") > wanted:
             break
     lines = text.decode("utf-8", errors="replace").split("\n")
-    return tuple(tuple(line.split()) for line in lines[1:wanted])  # type: ignore[misc]
+    return tuple(map(tuple, map(str.split, lines[1:wanted])))  # type: ignore[arg-type]
 
 
 def _vocabulary(merges: Sequence[tuple[str, str]]) -> list[str]:
@@ -236,7 +236,6 @@ class Tokenizer:
         self.mode = mode
         merges = _bundled_merges() if merges is None else merges
         self.encoder = dict(vocab) if vocab is not None else {t: i for i, t in enumerate(_vocabulary(merges))}
-        self.decoder = {i: t for t, i in self.encoder.items()}
         self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
         self.bos_id = self.encoder["<|startoftext|>"]
         self.eos_id = self.encoder["<|endoftext|>"]
@@ -259,6 +258,11 @@ class Tokenizer:
         self._lower_table = str.maketrans(_NEWER_LOWER)
         self._bpe_cache = _Cache(self._bpe)
         self._chunk_cache = _Cache(self._chunk_ids)
+
+    @cached_property
+    def decoder(self) -> dict[int, str]:
+        """id -> token text; built on first use (only decoding and offsets need it)."""
+        return {i: t for t, i in self.encoder.items()}
 
     # --- construction -------------------------------------------------------------------
     @classmethod
