@@ -437,7 +437,7 @@ def test_ray_engine_is_bit_and_index_identical_to_local_and_resumes(tmp_path: Pa
 
 class _FakeRayData:
     """Ray Data's calls as the Ray engine makes them, run in this process: one ShardEncoder per 'actor', each
-    batch one row.  Checks sdclip's side of the engine (windows, actors, commits, resume) where Ray cannot start."""
+    batch one row.  Checks sdclip's side of the engine (plans, actors, commits, resume) where Ray cannot start."""
 
     def __init__(self):
         self.calls = []
@@ -450,8 +450,12 @@ class _FakeRayData:
         self.items = items
         return self
 
-    def map_batches(self, cls, *, batch_size, concurrency, num_cpus, num_gpus, fn_constructor_kwargs):
-        self.calls.append((batch_size, concurrency, num_cpus, num_gpus))
+    @staticmethod
+    def ActorPoolStrategy(size):
+        return size
+
+    def map_batches(self, cls, *, batch_size, compute, num_cpus, num_gpus, fn_constructor_kwargs):
+        self.calls.append((batch_size, compute, num_cpus, num_gpus))
         self.actor = cls(**fn_constructor_kwargs)
         return self
 
@@ -471,7 +475,8 @@ def test_ray_engine_actors_without_ray(tmp_path: Path, monkeypatch):
     _run([inputs], tmp_path / "local", _options())
     report = _run([inputs], tmp_path / "ray", _options(), engine="ray", workers=2)
     torch.set_num_threads(threads)  # the actor set the driver's count again
-    assert report["encoded"] == 9 and fake.calls == [(1, 2, 1, 0)]
+    assert report["encoded"] == 9 and fake.calls == [(1, 2, 1, 0)]  # one actor pool for the whole job
+    assert not (tmp_path / "ray" / "plans").exists()  # the plans handed to the actors are gone
     names = ["index.parquet", "errors.jsonl"] + [f"shards/shard-{i:06d}.safetensors" for i in range(3)]
     for name in names:
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name

@@ -21,6 +21,7 @@ prefix cache) is off or cleared per batch, so every batch is a function of its c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -258,6 +259,23 @@ class CacheDir:
 
     def write_manifest(self, manifest: dict) -> None:
         atomic.write_text(self.manifest_path, json.dumps(manifest, indent=2) + "\n")
+
+    def plan_path(self, number: int) -> Path:
+        return self.root / "plans" / f"shard-{number:06d}.json"
+
+    def write_plan(self, work: ShardWork) -> int:
+        """Hand a shard's captions to another process (a Ray actor) through the folder; returns its number."""
+        atomic.write_text(self.plan_path(work.number), json.dumps(work.captions))
+        return work.number
+
+    def read_plan(self, number: int) -> ShardWork:
+        return ShardWork(number, json.loads(self.plan_path(number).read_text(encoding="utf-8")))
+
+    def drop_plans(self) -> None:
+        for plan in self.root.glob("plans/*.json"):
+            plan.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (self.root / "plans").rmdir()
 
     def commit_of(self, number: int) -> dict | None:
         try:
@@ -512,6 +530,7 @@ def _start(folder: CacheDir, options: CacheOptions, paths: Sequence[Path], te, i
             *folder.root.glob(".*.tmp"),
             *folder.root.glob("shards/.*.tmp"),
             *folder.root.glob("commits/.*.tmp"),
+            *folder.root.glob("plans/.*.tmp"),
         ]:
             stale.unlink(missing_ok=True)  # temp files of a killed run (never at a final path)
         return existing

@@ -1,9 +1,10 @@
 """``sdclip cache --engine ray``: the shards of a cache job encoded by a pool of Ray Data actors.
 
 The driver plans as the local engine does (the same rows, uniques and shards: dedup needs one view of the
-whole input, and ids come from sdclip's readers); each shard to produce becomes one Ray Data row, and
-``map_batches`` with a callable class (one model per actor, ``--workers`` actors, one GPU each with
-``--device cuda``) encodes it with the same batches and writes it with the same commit protocol.  The
+whole input, and ids come from sdclip's readers) and writes each shard's captions to ``--out/plans``; each
+shard to produce becomes one Ray Data row, and ``map_batches`` with a callable class (one model per actor,
+``--workers`` actors, one GPU each with ``--device cuda``) reads its plan, encodes it with the same batches
+and writes it with the same commit protocol.  The
 bits are the local engine's; ``--out`` must be a folder every node sees (a shared filesystem).
 
 Imported only when this engine is chosen: ``ray`` is the optional extra ``sdclip[ray]``.
@@ -44,30 +45,25 @@ class ShardEncoder:
         import numpy as np
 
         records = []
-        for number, captions in zip(batch["number"], batch["captions"]):
-            work = ShardWork(int(number), json.loads(str(captions)))
+        for number in batch["number"]:
+            work = self.folder.read_plan(int(number))
             records.append(json.dumps(produce_shard(self.encoder, self.folder, work)))
         return {"record": np.array(records, dtype=object)}
 
 
 class RayProducer:
-    """Feeds shards to the actor pool a window at a time (driver memory: one window of captions)."""
+    """Plans every shard to do into ``--out/plans`` (driver memory: one shard of captions), then encodes them
+    all in one Ray Data pipeline: the actors start and load the model once per job, not once per window."""
 
-    def __init__(
-        self,
-        options: CacheOptions,
-        folder: CacheDir,
-        *,
-        workers: int = 1,
-        address: str | None = None,
-        window: int | None = None,
-    ):
+    def __init__(self, options: CacheOptions, folder: CacheDir, *, workers: int = 1, address: str | None = None):
         if workers < 1:
             raise BadInput("--workers must be at least 1")
         self.options, self.folder, self.workers, self.address = options, folder, workers, address
-        self.window = window or 16 * workers
 
     def __call__(self, works: Iterator[ShardWork]) -> Iterator[dict]:
+        numbers = [self.folder.write_plan(work) for work in works]
+        if not numbers:
+            return
         ray = _ray()
         started = False
         if not ray.is_initialized():
@@ -85,27 +81,20 @@ class RayProducer:
                 ) from None
             started = True
         try:
-            pending: list[ShardWork] = []
-            for work in works:
-                pending.append(work)
-                if len(pending) == self.window:
-                    yield from self._run(ray, pending)
-                    pending = []
-            if pending:
-                yield from self._run(ray, pending)
+            yield from self._run(ray, numbers)
+            self.folder.drop_plans()
         finally:
             if started:
                 ray.shutdown()
 
-    def _run(self, ray, works: list[ShardWork]) -> Iterator[dict]:
+    def _run(self, ray, numbers: list[int]) -> Iterator[dict]:
         import torch
 
-        items = [{"number": w.number, "captions": json.dumps(w.captions)} for w in works]
         gpus = 1 if self.options.device.startswith("cuda") else 0
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ds = ray.data.from_items([{"number": n} for n in numbers], override_num_blocks=len(numbers)).map_batches(
             ShardEncoder,
             batch_size=1,
-            concurrency=min(self.workers, len(items)),
+            compute=ray.data.ActorPoolStrategy(size=min(self.workers, len(numbers))),
             num_cpus=1,
             num_gpus=gpus,
             fn_constructor_kwargs={
