@@ -310,6 +310,24 @@ def test_another_model_or_options_is_refused(tmp_path: Path, capsys, sd1_file: P
     assert "SDXL" in capsys.readouterr().err
 
 
+def test_resume_keeps_the_jobs_thread_count(tmp_path: Path, capsys):
+    """The bits may depend on torch's thread count: another count is refused with why; no --threads resumes with
+    the job's own count, whatever torch's default is now."""
+    inputs = _txt(tmp_path, CAPTIONS[:3])
+    out = tmp_path / "out"
+    assert main(["cache", str(inputs), "--out", str(out), "--threads", "1"]) == 0
+    (out / "index.parquet").unlink()  # as a kill before the index leaves it
+    capsys.readouterr()
+    assert main(["cache", str(inputs), "--out", str(out), "--threads", "2"]) == 2
+    assert "torch threads: the same model encoded with 1 threads there, 2 now" in capsys.readouterr().err
+    torch.set_num_threads(2)
+    try:
+        assert main(["cache", str(inputs), "--out", str(out)]) == 0
+        assert torch.get_num_threads() == 1 and (out / "index.parquet").is_file()
+    finally:
+        torch.set_num_threads(1)
+
+
 # --- resume -------------------------------------------------------------------------------------------------
 
 

@@ -119,3 +119,14 @@ def test_shared_prefixes_are_an_opt_in_with_their_own_cache_key(bundled):
     assert "micro_batch=8" in bundled.fingerprint
     with pytest.raises(sdclip.BadInput, match="micro_batch"):
         sdclip.load(micro_batch=0)
+
+
+def test_weights_fingerprint_does_not_depend_on_the_thread_count():
+    """The fingerprint that caches and exported graphs key on summed the weights as floats, and torch's threads
+    split that sum differently: the bundled model loaded under 2 threads and under 1 got two fingerprints."""
+    fingerprints = set()
+    for threads in (2, 1, 3):
+        torch.set_num_threads(threads)
+        fingerprints.add(sdclip.load().weights_fingerprint)
+    torch.set_num_threads(1)
+    assert len(fingerprints) == 1

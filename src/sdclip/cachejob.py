@@ -565,8 +565,25 @@ def _outputs(folder: CacheDir, records: list[dict]) -> list[str]:
         return [k for k in ("hidden", "pooled", "pooled_projected") if k in held]
 
 
+def saved_threads(out: str | Path) -> int | None:
+    """The torch thread count an existing cache in ``out`` was encoded with (None: no cache there)."""
+    try:
+        fingerprint = CacheDir(out).read_manifest()["model"]["fingerprint"]  # type: ignore[index]
+    except (BadInput, TypeError, KeyError):
+        return None
+    _, _, threads = str(fingerprint).rpartition("/threads=")
+    return int(threads) if threads.isdigit() and int(threads) > 0 else None
+
+
 def _differs(key: str, existing: dict, job: dict, model: dict) -> str:
     if key == "model":
+        there, now = str(existing.get("model", {}).get("fingerprint")), model["fingerprint"]
+        if there.rpartition("/threads=")[0] == now.rpartition("/threads=")[0]:
+            return (
+                f"torch threads: the same model encoded with {there.rpartition('=')[2]} threads there, "
+                f"{now.rpartition('=')[2]} now (the last bits depend on the thread count; resume with "
+                f"--threads {there.rpartition('=')[2]})"
+            )
         return f"model: {existing.get('model', {}).get('source')} there, {model['source']} now"
     return f"{key}: {existing.get('job', {}).get(key)!r} there, {job.get(key)!r} now"
 

@@ -1197,6 +1197,11 @@ def cmd_cache(args: argparse.Namespace) -> None:
             "decides (use --clip-skip)"
         )
     _check_device(args.device)
+    threads = args.threads or cachejob.saved_threads(args.out)  # a resume encodes with the job's own count
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     options = cachejob.CacheOptions(
         model=args.model,
         dialect=args.dialect or "diffusers",
@@ -1272,6 +1277,11 @@ def _add_cache_command(sub) -> None:
     )
     p.add_argument("--address", help="ray: join this cluster (e.g. auto or HEAD:6379; default: a local Ray)")
     p.add_argument("--workers", type=int, default=1, help="ray: encoder actors, one model each (default 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads per encoder (default: torch's choice; resuming: the job's own, from its manifest)",
+    )
     p.add_argument(
         "--caption-column",
         "--caption-key",

@@ -127,7 +127,10 @@ class TextEncoder:
                     for name, t in (*tower.named_parameters(), *tower.named_buffers()):
                         flat = t.detach().reshape(-1)
                         sample = flat[:: max(1, flat.numel() // 64)].float().cpu()
-                        h.update(name.encode() + sample.numpy().tobytes() + flat.float().sum().cpu().numpy().tobytes())
+                        # an integer sum of the bit patterns: the whole tensor counts, and unlike a float sum the
+                        # result does not depend on how torch's threads split the reduction
+                        total = flat.float().view(torch.int32).sum(dtype=torch.int64)
+                        h.update(name.encode() + sample.numpy().tobytes() + total.cpu().numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
