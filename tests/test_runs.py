@@ -112,23 +112,11 @@ def test_token_file_names_stay_inside_out(tmp_path, run_args, token, capsys):
 
 def test_train_clip_metrics_rows_are_whole_json(tmp_path):
     """train-clip writes through the same run folder: every row one JSON object, the plot written."""
+    from test_train import TINY
+
     from sdclip.train import TrainConfig, train
 
-    config = TrainConfig(
-        steps=2,
-        eval_every=0,
-        batch_size=16,
-        warmup=1,
-        text_width=64,
-        text_layers=1,
-        vision_width=64,
-        vision_layers=1,
-        embed_dim=32,
-        image_size=32,
-        patch_size=8,
-        eval_images=16,
-        save_dtype="float32",
-    )
+    config = TrainConfig(steps=2, eval_every=0, **{**TINY, "warmup": 1})
     train(config, tmp_path / "run", log=io.StringIO())
     assert steps(tmp_path / "run") == [1, 2] and (tmp_path / "run" / "training.png").is_file()
     assert all(json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())

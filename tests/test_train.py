@@ -18,7 +18,7 @@ from sdclip.errors import BadInput
 from sdclip.shapes import Shapes
 from sdclip.train import TrainConfig, lr_at, train
 
-TINY = dict(
+TINY = dict(  # a CLIP that trains in a second: shared with tests/test_runs.py
     batch_size=16,
     warmup=2,
     text_width=64,
@@ -33,13 +33,7 @@ TINY = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train several times faster on one thread, most of all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _losses(folder) -> list[float]:
