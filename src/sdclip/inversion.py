@@ -268,62 +268,41 @@ def _steps(
     log: TextIO | None,
 ) -> None:
     """The steps ``start`` .. ``stop``, with metrics, progress and checkpoints."""
-    if run is not None:
-        run.start(start, resumed)
-        try:
-            _loop(config, vectors, optimizer, objective, start, stop, run, log)
-        finally:
-            run.close()
-        if stop == config.steps:
-            run.plot("loss.png")
-    else:
-        _loop(config, vectors, optimizer, objective, start, stop, None, log)
-
-
-def _loop(
-    config: InversionConfig,
-    vectors: dict[str, torch.nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    objective: Callable,
-    start: int,
-    stop: int,
-    run: Run | None,
-    log: TextIO | None,
-) -> None:
     progress = Progress(config.steps, log, "prompts") if log is not None else None
     images = getattr(objective, "images", None)
+    if run is not None:
+        run.start(start, resumed)
     began = time.monotonic()
-    for step in range(start, stop):
-        loss, extra = objective(vectors, config.draw(step), step)
-        if not math.isfinite(loss.item()):
-            raise SdclipError(f"the loss became {loss.item()} at step {step + 1}; try a lower lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        done = step + 1
-        norm = torch.cat([v.detach().norm(dim=-1) for v in vectors.values()]).mean().item()
+    try:
+        for step in range(start, stop):
+            loss, extra = objective(vectors, config.draw(step), step)
+            if not math.isfinite(loss.item()):
+                raise SdclipError(f"the loss became {loss.item()} at step {step + 1}; try a lower lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done = step + 1
+            norm = torch.cat([v.detach().norm(dim=-1) for v in vectors.values()]).mean().item()
+            elapsed = time.monotonic() - began
+            if run is not None:
+                run.record({"step": done, "loss": loss.item(), "norm": norm, **extra, "elapsed": elapsed})
+            if progress is not None:
+                progress.step(done, stop, loss.item(), config.batch_size, elapsed / (done - start), elapsed)
+            if run is not None and (done % config.checkpoint_every == 0 or done == stop):
+                run.save(
+                    done,
+                    config,
+                    optimizer=optimizer.state_dict(),
+                    vectors={k: v.detach().cpu() for k, v in vectors.items()},
+                    images=None if images is None else images.cpu(),
+                )
+    finally:
         if run is not None:
-            run.record({"step": done, "loss": loss.item(), "norm": norm, **extra, "elapsed": time.monotonic() - began})
-        if progress is not None:
-            per_step = (time.monotonic() - began) / (done - start)
-            progress.update(
-                done,
-                loss.item(),
-                config.batch_size / per_step,
-                time.monotonic() - began,
-                (stop - done) * per_step,
-                force=done == stop,
-            )
-        if run is not None and (done % config.checkpoint_every == 0 or done == stop):
-            run.save(
-                done,
-                config,
-                optimizer=optimizer.state_dict(),
-                vectors={k: v.detach().cpu() for k, v in vectors.items()},
-                images=None if images is None else images.cpu(),
-            )
+            run.close()
     if progress is not None:
         progress.close()
+    if run is not None and stop == config.steps:
+        run.plot("loss.png")
 
 
 def nearest_tokens(

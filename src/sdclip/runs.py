@@ -149,6 +149,10 @@ class Progress:
         self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
         self.stream.flush()
 
+    def step(self, done: int, stop: int, loss: float, items: int, per_step: float, elapsed: float) -> None:
+        """A training step's line: ``items`` per step at ``per_step`` seconds each, the ETA to step ``stop``."""
+        self.update(done, loss, items / per_step, elapsed, (stop - done) * per_step, force=done == stop)
+
     def close(self) -> None:
         if self.tty:
             self.stream.write("\n")

@@ -206,14 +206,7 @@ def train(
                     "elapsed": time.monotonic() - began,
                 }
             )
-            progress.update(
-                done,
-                loss.item(),
-                config.batch_size / per_step,
-                time.monotonic() - began,
-                (stop - done) * per_step,
-                force=done == stop,
-            )
+            progress.step(done, stop, loss.item(), config.batch_size, per_step, time.monotonic() - began)
             if zero_shot is not None and (done % config.eval_every == 0 or done == config.steps):
                 record({"step": done, **zero_shot(evaluated)})
             if done % config.checkpoint_every == 0 or done == stop:
