@@ -193,6 +193,25 @@ class EngineTower:
     def compute_prefix(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> Prefix:
         return self.tower.compute_prefix(ids, token_embeds)
 
+    @property
+    def rows_independent(self) -> bool:
+        """Whether a row's output is the same bits whatever rows share its batch, so that exact reuse need not pad
+        a lone prompt to a full micro-batch.  True for ONNX Runtime in float32: every op of the export is
+        row-wise (LayerNorm, softmax, GELU) or a matrix product whose rows are computed alone (MLAS packs the
+        weights once, in K blocks of a fixed size, and splits work across threads by rows or columns, never
+        along K; attention's products have K <= 128, one block).  tests/test_backends.py checks it bit for bit
+        across batch sizes and thread counts.  Not for int8 (the activations' scale is one per tensor, taken
+        over the whole batch) nor OpenVINO (oneDNN's blocking may depend on the batch)."""
+        import torch
+
+        weight = self.tower.token_embedding.weight
+        return (
+            self.backend == "onnxruntime"
+            and self.quantize is None
+            and weight.dtype == torch.float32
+            and weight.device.type == "cpu"
+        )
+
     def covers(self, ids: torch.Tensor, **options: Any) -> bool:
         """Whether the exported plain pass computes this call."""
         import torch
