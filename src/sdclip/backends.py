@@ -4,7 +4,7 @@
 forward pass: ids in; the requested layer, pooled and projected outputs out) to ONNX once per model
 fingerprint and output choice, into the cache folder (``SDCLIP_CACHE``, default ``~/.cache/sdclip``),
 and runs that graph on the chosen engine.  ONNX Runtime runs it after its transformer graph
-optimizer (fused attention, LayerNorm, GELU, bias adds where its patterns match), with one thread
+optimizer (fused LayerNorm, GELU, bias adds where its patterns match), with one thread
 per core, sequential execution and every graph optimization.  The same weights, the same
 arithmetic: within 1e-5 of transformers in float32 (tests/test_backends.py).
 
@@ -99,13 +99,16 @@ def export_onnx(tower: TextTransformer, path: Path, layer: int, final_norm: bool
 
 
 def optimize_for_ort(source: Path, target: Path, config: Any) -> None:
-    """ONNX Runtime's transformer optimizer over an export: fused attention, LayerNorm, GELU where its
-    patterns match (model type "bert": sdclip's graph is a plain pre-LN encoder)."""
+    """ONNX Runtime's transformer optimizer over an export: LayerNorm, GELU and bias fusions where its patterns
+    match (model type "bert": sdclip's graph is a plain pre-LN encoder)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("bert")
     options.enable_attention = False  # its patterns do not match SDPA's export, and it trips on layer outputs
+    # residual add + LayerNorm fused into SkipLayerNormalization ran ~4% slower in all than the two ops on the
+    # CPU (bench/bench_engines.py's machine, 1 thread, CPU time at batch 1 and 8)
+    options.enable_skip_layer_norm = False
     model = optimize_model(
         str(source),
         model_type="bert",
