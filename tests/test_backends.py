@@ -158,16 +158,16 @@ def test_torch_fallbacks_are_exact(model, cache):
 
 
 @pytest.mark.skipif("onnxruntime" not in INSTALLED, reason="onnxruntime is not installed")
-@pytest.mark.parametrize("threads", [1, 3, 8])
-def test_onnxruntime_rows_independent_of_their_batch(model, cache, threads):
+@pytest.mark.parametrize("threads,quantize", [(1, None), (3, None), (8, None), (1, "int8"), (8, "int8")])
+def test_onnxruntime_rows_independent_of_their_batch(model, cache, threads, quantize):
     """The claim that lets exact reuse run a lone prompt unpadded (``EngineTower.rows_independent``): each row's
     outputs are the same bits alone, in any batch and in any company, at 1 thread and when ONNX Runtime splits
-    the products across threads (8 threads on fewer cores still splits them)."""
+    the products across threads (8 threads on fewer cores still splits them); int8 too (one row per run)."""
     _, path, _ = model
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # the engine's session takes torch's thread count
     try:
-        te = sdclip.load(path, backend="onnxruntime")
+        te = sdclip.load(path, backend="onnxruntime", quantize=quantize)
         engine = te._engine(0)
         assert engine.rows_independent
         ids = te.tokenize(SOME)
@@ -196,6 +196,8 @@ def test_one_prompt_costs_one_row_on_onnxruntime(model, cache):
     torch_te = sdclip.load(path)
     torch_te.encode("a red fox")
     assert torch_te.reuse.stats.positions_computed == 8 * 77  # torch keeps the padded fixed shape
+    int8 = sdclip.load(path, backend="onnxruntime", quantize="int8")
+    int8.encode("a red fox")
+    assert int8.reuse.stats.positions_computed == 77
     if "openvino" in INSTALLED:
         assert not sdclip.load(path, backend="openvino")._engine(0).rows_independent
-    assert not sdclip.load(path, backend="onnxruntime", quantize="int8")._engine(0).rows_independent

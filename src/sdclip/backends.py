@@ -123,8 +123,9 @@ def optimize_for_ort(source: Path, target: Path, config: Any) -> None:
 
 def quantize_for_ort(source: Path, target: Path, float_blocks: int = 1) -> None:
     """ONNX Runtime's dynamic int8 quantization of an export (weights int8 per output channel, activations
-    quantized per call), the first ``float_blocks`` blocks left in float as ``sdclip.accel.quantize_int8``
-    leaves them (they read the raw embeddings, whose range one activation scale fits worst)."""
+    quantized per call: ``EngineTower`` runs one row per call), the first ``float_blocks`` blocks left in float
+    as ``sdclip.accel.quantize_int8`` leaves them (they read the raw embeddings, whose range one activation
+    scale fits worst)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -159,6 +160,13 @@ def openvino_model(path: Path, threads: int | None = None) -> Any:
         "PERFORMANCE_HINT": "LATENCY",
     }
     return ov.Core().compile_model(str(path), "CPU", config)
+
+
+def _stack(runs: list[list[Any]]) -> list[Any]:
+    """Per-row runs' outputs joined along the batch."""
+    import numpy as np
+
+    return [np.concatenate(parts) for parts in zip(*runs)]
 
 
 class EngineTower:
@@ -202,18 +210,14 @@ class EngineTower:
         a lone prompt to a full micro-batch.  True for ONNX Runtime in float32: every op of the export is
         row-wise (LayerNorm, softmax, GELU) or a matrix product whose rows are computed alone (MLAS packs the
         weights once, in K blocks of a fixed size, and splits work across threads by rows or columns, never
-        along K; attention's products have K <= 128, one block).  tests/test_backends.py checks it bit for bit
-        across batch sizes and thread counts.  Not for int8 (the activations' scale is one per tensor, taken
-        over the whole batch) nor OpenVINO (oneDNN's blocking may depend on the batch)."""
+        along K; attention's products have K <= 128, one block).  int8 runs each row alone: dynamic quantization
+        takes one activation scale per tensor, so in a batch a row's output would depend on the rows beside it
+        (alone, a row costs about what it does in a batch of 8).  tests/test_backends.py checks both bit for bit
+        across batch sizes and thread counts.  Not OpenVINO (oneDNN's blocking may depend on the batch)."""
         import torch
 
         weight = self.tower.token_embedding.weight
-        return (
-            self.backend == "onnxruntime"
-            and self.quantize is None
-            and weight.dtype == torch.float32
-            and weight.device.type == "cpu"
-        )
+        return self.backend == "onnxruntime" and weight.dtype == torch.float32 and weight.device.type == "cpu"
 
     def covers(self, ids: torch.Tensor, **options: Any) -> bool:
         """Whether the exported plain pass computes this call."""
@@ -281,6 +285,8 @@ class EngineTower:
                 else:
                     optimize_for_ort(plain, fused, self.config)
             session = ort_session(fused)
+            if self.quantize:  # one row per run: see rows_independent
+                return lambda ids: _stack([session.run(None, {"ids": ids[i : i + 1]}) for i in range(len(ids))])
             return lambda ids: session.run(None, {"ids": ids})
         compiled = openvino_model(plain)
         request = compiled.create_infer_request()
