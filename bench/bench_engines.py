@@ -14,9 +14,15 @@ prompts, every contender timed interleaved in one process (A B C ... A B C ...),
 * int8: ORT dynamic quantization (per channel, of the exported graph), OpenVINO with NNCF int8 weight
   compression, sdclip's own ``quantize_int8``;
 * sdclip eager, sdclip with ``backend="onnxruntime"`` and ``backend="openvino"`` (its own tower exported
-  to the cache folder; the export is in the setup, not in the timings).
+  to the cache folder; the export is in the setup, not in the timings), each timed as users call it:
+  ``TextEncoder.encode_ids`` through exact reuse, so what a batch of 1 costs includes the padding of its
+  fixed-shape micro-batch (8 rows on torch, int8 and OpenVINO; none on ONNX Runtime float32, whose rows
+  are provably independent of their batch: tests/test_backends.py).
 
 Fidelity: max |Δ| of last_hidden_state and the per-token cosine (mean, min) against transformers fp32.
+Speed: median wall time and median CPU time (the process's, all threads) per call; on a machine shared with
+other jobs the CPU-time ratios are the steadier ones (with ``--threads 1`` a call's wall time includes the
+time it waited for a core, its CPU time does not).
 
     python bench/bench_engines.py [--quick] [--batches 1 8 32] [--out bench/out]
 """
@@ -140,18 +146,21 @@ def contenders(folder: str, work: str) -> tuple[dict, dict, dict]:
     except ImportError:
         notes["OpenVINO int8 (NNCF weights)"] = "nncf not installed"
 
-    te = sdclip.load(folder)
-    tower = te.towers[0]
-    fns["sdclip"] = lambda ids: tower(ids).hidden
-    tower8 = sdclip.load(folder, quantize="int8").towers[0]
-    fns["sdclip int8"] = lambda ids: tower8(ids).hidden
-    for backend, quantize in (("onnxruntime", None), ("openvino", None), ("onnxruntime", "int8")):
-        name = f"sdclip backend={backend}" + (" int8" if quantize else "")
-        engine = sdclip.load(folder, backend=backend, quantize=quantize)._engine(0)
+    # sdclip as a user calls it: ``encode_ids`` through exact reuse (fixed-shape micro-batches of 8 rows: on torch
+    # and int8 a lone prompt is padded to 8 rows, on ONNX Runtime float32 it runs alone, EngineTower.rows_independent)
+    for name, options in (
+        ("sdclip", {}),
+        ("sdclip int8", {"quantize": "int8"}),
+        ("sdclip backend=onnxruntime", {"backend": "onnxruntime"}),
+        ("sdclip backend=openvino", {"backend": "openvino"}),
+        ("sdclip backend=onnxruntime int8", {"backend": "onnxruntime", "quantize": "int8"}),
+    ):
+        te = sdclip.load(folder, **options)
         t0 = time.perf_counter()
-        engine(torch.full((1, 77), 49407))
-        setup[f"{name}: export + build (once per model)"] = time.perf_counter() - t0
-        fns[name] = (lambda e: lambda ids: e(ids).hidden)(engine)
+        te.encode_ids(torch.full((1, 77), 49407), layer=-1, final_norm=True)
+        if options.get("backend"):
+            setup[f"{name}: export + build (once per model)"] = time.perf_counter() - t0
+        fns[name] = (lambda te: lambda ids: te.encode_ids(ids, layer=-1, final_norm=True).hidden)(te)
     return fns, setup, notes
 
 
@@ -177,8 +186,10 @@ def run(batches: list[int], quick: bool, out: str) -> tuple[list[dict], dict]:
                     fns["torch.compile (transformers)"](ids)
                     first["torch.compile (transformers)"] = time.perf_counter() - t0
                 repeats = {1: 9, 8: 5}.get(batch, 3) if not quick else 3
-                times = paired({name: (lambda fn: lambda: fn(ids))(fn) for name, fn in fns.items()}, repeats=repeats)
-            base = median(times["transformers sdpa"])
+                cpu: dict[str, list[float]] = {}
+                calls = {name: (lambda fn: lambda: fn(ids))(fn) for name, fn in fns.items()}
+                times = paired(calls, repeats=repeats, cpu=cpu)
+            base, cpu_base = median(times["transformers sdpa"]), median(cpu["transformers sdpa"])
             for name, ts in times.items():
                 t = median(ts)
                 mean, low, diff = fid[name]
@@ -189,6 +200,8 @@ def run(batches: list[int], quick: bool, out: str) -> tuple[list[dict], dict]:
                         "ms": f"{t * 1e3:.1f}",
                         "prompts/s": f"{batch / t:.2f}",
                         "vs transformers sdpa": f"{base / t:.2f}x",
+                        "CPU s": f"{median(cpu[name]):.3f}",
+                        "vs transformers, CPU time": f"{cpu_base / median(cpu[name]):.2f}x",
                         "max |Δ|": f"{diff:.1e}",
                         "cosine mean / min": f"{mean:.6f} / {low:.6f}",
                         "notes": notes.get(name, "") + (f"first call {first[name]:.0f} s" if name in first else ""),
@@ -198,7 +211,18 @@ def run(batches: list[int], quick: bool, out: str) -> tuple[list[dict], dict]:
     return rows, {"setup_seconds": setup}
 
 
-HEADER = ["batch", "contender", "ms", "prompts/s", "vs transformers sdpa", "max |Δ|", "cosine mean / min", "notes"]
+HEADER = [
+    "batch",
+    "contender",
+    "ms",
+    "prompts/s",
+    "vs transformers sdpa",
+    "CPU s",
+    "vs transformers, CPU time",
+    "max |Δ|",
+    "cosine mean / min",
+    "notes",
+]
 
 
 def main() -> None:

@@ -29,18 +29,27 @@ def machine() -> str:
     )
 
 
-def paired(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def paired(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    cpu: dict[str, list[float]] | None = None,
+) -> dict[str, list[float]]:
     """Time each function ``repeats`` times, interleaved (A B C A B C ...), so that drift in a
-    noisy machine hits every contender alike.  Returns seconds per call."""
+    noisy machine hits every contender alike.  Returns seconds per call; ``cpu``, when given, collects
+    the process's CPU seconds per call too (all threads: on a loaded machine the time a call waited
+    for a core is not in it)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.process_time() - c0)
     return times
 
 

@@ -82,3 +82,25 @@ def test_cuda_graph_replays_exactly():
         eager = tower(ids)
     replay = graph(ids)
     assert torch.equal(replay.hidden, eager.hidden) and torch.equal(replay.pooled, eager.pooled)
+
+
+def test_int8_row_is_independent_of_its_batch():
+    """Dynamic quantization's activation scale is one per call: the int8 tower runs one row per pass, so a row's
+    output is the same bits alone or in any company, and exact reuse runs a lone prompt as one row."""
+    tower = quantize_int8(condfakes.tower(width=256, layers=4))
+    assert tower.rows_independent
+    ids = sdclip.Tokenizer()(PROMPTS * 2)
+    mask = torch.ones_like(ids)
+    mask[:, 3] = 0
+    with torch.inference_mode():
+        whole = tower(ids, output_hidden_states=True, attention_mask=mask)
+        for rows in ([0], [5], [2, 7, 1], [3, 3, 0]):
+            part = tower(ids[rows], output_hidden_states=True, attention_mask=mask[rows])
+            assert torch.equal(part.hidden, whole.hidden[rows]) and torch.equal(part.pooled, whole.pooled[rows])
+            assert all(torch.equal(a, b[rows]) for a, b in zip(part.hidden_states, whole.hidden_states))
+    from sdclip.reuse import ReusingRunner
+
+    reuse = ReusingRunner()
+    with torch.inference_mode():
+        reuse(tower, ids[:1])
+    assert reuse.stats.positions_computed == 77

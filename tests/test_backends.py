@@ -155,3 +155,49 @@ def test_torch_fallbacks_are_exact(model, cache):
     a = te.encode_ids(ids, attention_mask=mask)
     b = plain.encode_ids(ids, attention_mask=mask)
     assert torch.equal(a.hidden, b.hidden)
+
+
+@pytest.mark.skipif("onnxruntime" not in INSTALLED, reason="onnxruntime is not installed")
+@pytest.mark.parametrize("threads,quantize", [(1, None), (3, None), (8, None), (1, "int8"), (8, "int8")])
+def test_onnxruntime_rows_independent_of_their_batch(model, cache, threads, quantize):
+    """The claim that lets exact reuse run a lone prompt unpadded (``EngineTower.rows_independent``): each row's
+    outputs are the same bits alone, in any batch and in any company, at 1 thread and when ONNX Runtime splits
+    the products across threads (8 threads on fewer cores still splits them); int8 too (one row per run)."""
+    _, path, _ = model
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the engine's session takes torch's thread count
+    try:
+        te = sdclip.load(path, backend="onnxruntime", quantize=quantize)
+        engine = te._engine(0)
+        assert engine.rows_independent
+        ids = te.tokenize(SOME)
+        for length in (77, 16):  # full rows, and pooled-only rows cut short
+            part = ids[:, :length]
+            whole = engine(part)
+            groups = [[i] for i in range(len(part))] + [[3, 0, 7], [11, 5, 2, 9, 1], [6, 6, 6, 4, 10, 8, 0, 1, 2]]
+            for rows in groups:
+                out = engine(part[rows])
+                assert torch.equal(out.hidden, whole.hidden[rows]), (length, rows)
+                assert torch.equal(out.pooled, whole.pooled[rows]), (length, rows)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif("onnxruntime" not in INSTALLED, reason="onnxruntime is not installed")
+def test_one_prompt_costs_one_row_on_onnxruntime(model, cache):
+    """Exact reuse pads a lone prompt to a full micro-batch on torch; on ONNX Runtime (float32) it runs the one
+    row, and the answer is the same bits as that prompt's row in a full batch."""
+    _, path, _ = model
+    te = sdclip.load(path, backend="onnxruntime")
+    alone = te.encode("a red fox")
+    assert te.reuse.stats.positions_computed == 77
+    batch = te.encode(["a cat", "a dog", "a red fox", "a castle", "a tree", "a boat", "a house", "a car"])
+    assert torch.equal(alone.hidden[0], batch.hidden[2]) and torch.equal(alone.pooled[0], batch.pooled[2])
+    torch_te = sdclip.load(path)
+    torch_te.encode("a red fox")
+    assert torch_te.reuse.stats.positions_computed == 8 * 77  # torch keeps the padded fixed shape
+    int8 = sdclip.load(path, backend="onnxruntime", quantize="int8")
+    int8.encode("a red fox")
+    assert int8.reuse.stats.positions_computed == 77
+    if "openvino" in INSTALLED:
+        assert not sdclip.load(path, backend="openvino")._engine(0).rows_independent

@@ -4,7 +4,7 @@
 forward pass: ids in; the requested layer, pooled and projected outputs out) to ONNX once per model
 fingerprint and output choice, into the cache folder (``SDCLIP_CACHE``, default ``~/.cache/sdclip``),
 and runs that graph on the chosen engine.  ONNX Runtime runs it after its transformer graph
-optimizer (fused attention, LayerNorm, GELU, bias adds where its patterns match), with one thread
+optimizer (fused LayerNorm, GELU, bias adds where its patterns match), with one thread
 per core, sequential execution and every graph optimization.  The same weights, the same
 arithmetic: within 1e-5 of transformers in float32 (tests/test_backends.py).
 
@@ -99,13 +99,16 @@ def export_onnx(tower: TextTransformer, path: Path, layer: int, final_norm: bool
 
 
 def optimize_for_ort(source: Path, target: Path, config: Any) -> None:
-    """ONNX Runtime's transformer optimizer over an export: fused attention, LayerNorm, GELU where its
-    patterns match (model type "bert": sdclip's graph is a plain pre-LN encoder)."""
+    """ONNX Runtime's transformer optimizer over an export: LayerNorm, GELU and bias fusions where its patterns
+    match (model type "bert": sdclip's graph is a plain pre-LN encoder)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("bert")
     options.enable_attention = False  # its patterns do not match SDPA's export, and it trips on layer outputs
+    # residual add + LayerNorm fused into SkipLayerNormalization ran ~4% slower in all than the two ops on the
+    # CPU (bench/bench_engines.py's machine, 1 thread, CPU time at batch 1 and 8)
+    options.enable_skip_layer_norm = False
     model = optimize_model(
         str(source),
         model_type="bert",
@@ -120,8 +123,9 @@ def optimize_for_ort(source: Path, target: Path, config: Any) -> None:
 
 def quantize_for_ort(source: Path, target: Path, float_blocks: int = 1) -> None:
     """ONNX Runtime's dynamic int8 quantization of an export (weights int8 per output channel, activations
-    quantized per call), the first ``float_blocks`` blocks left in float as ``sdclip.accel.quantize_int8``
-    leaves them (they read the raw embeddings, whose range one activation scale fits worst)."""
+    quantized per call: ``EngineTower`` runs one row per call), the first ``float_blocks`` blocks left in float
+    as ``sdclip.accel.quantize_int8`` leaves them (they read the raw embeddings, whose range one activation
+    scale fits worst)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -158,6 +162,13 @@ def openvino_model(path: Path, threads: int | None = None) -> Any:
     return ov.Core().compile_model(str(path), "CPU", config)
 
 
+def _stack(runs: list[list[Any]]) -> list[Any]:
+    """Per-row runs' outputs joined along the batch."""
+    import numpy as np
+
+    return [np.concatenate(parts) for parts in zip(*runs)]
+
+
 class EngineTower:
     """A tower whose plain forward pass runs on ONNX Runtime or OpenVINO; the rest on torch.
 
@@ -192,6 +203,21 @@ class EngineTower:
 
     def compute_prefix(self, ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> Prefix:
         return self.tower.compute_prefix(ids, token_embeds)
+
+    @property
+    def rows_independent(self) -> bool:
+        """Whether a row's output is the same bits whatever rows share its batch, so that exact reuse need not pad
+        a lone prompt to a full micro-batch.  True for ONNX Runtime in float32: every op of the export is
+        row-wise (LayerNorm, softmax, GELU) or a matrix product whose rows are computed alone (MLAS packs the
+        weights once, in K blocks of a fixed size, and splits work across threads by rows or columns, never
+        along K; attention's products have K <= 128, one block).  int8 runs each row alone: dynamic quantization
+        takes one activation scale per tensor, so in a batch a row's output would depend on the rows beside it
+        (alone, a row costs about what it does in a batch of 8).  tests/test_backends.py checks both bit for bit
+        across batch sizes and thread counts.  Not OpenVINO (oneDNN's blocking may depend on the batch)."""
+        import torch
+
+        weight = self.tower.token_embedding.weight
+        return self.backend == "onnxruntime" and weight.dtype == torch.float32 and weight.device.type == "cpu"
 
     def covers(self, ids: torch.Tensor, **options: Any) -> bool:
         """Whether the exported plain pass computes this call."""
@@ -259,6 +285,8 @@ class EngineTower:
                 else:
                     optimize_for_ort(plain, fused, self.config)
             session = ort_session(fused)
+            if self.quantize:  # one row per run: see rows_independent
+                return lambda ids: _stack([session.run(None, {"ids": ids[i : i + 1]}) for i in range(len(ids))])
             return lambda ids: session.run(None, {"ids": ids})
         compiled = openvino_model(plain)
         request = compiled.create_infer_request()

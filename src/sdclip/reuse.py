@@ -6,7 +6,9 @@ product's rounding depends on its shapes (and the thread count): the same row al
 or computed after a cached prefix differs in the last bits, and A1111's mean restoration magnifies
 that ~300 times.  So every forward pass here has one fixed shape: ``micro_batch`` rows (the last
 micro-batch padded with copies of its last row) of the full length.  A row's output is then a
-function of the row alone, bit for bit.  The savings that keep that property:
+function of the row alone, bit for bit.  (A tower whose ``rows_independent`` is true, ONNX Runtime in float32,
+gives a row the same bits in any batch: its last micro-batch runs unpadded, so one prompt costs one row.)  The
+savings that keep that property:
 
 * identical rows (the same negative prompt for every image, several images per prompt) are
   encoded once;
@@ -175,14 +177,19 @@ class ReusingRunner:
     def _run(self, tower: TextTransformer, ids: torch.Tensor, prefix: Prefix | None, **kw: object) -> list[TextOutput]:
         """Forward passes of ``micro_batch`` rows each (as many more as shorter rows allow: about the positions of
         ``micro_batch`` full rows, a number that depends on the length alone): the last one padded with copies of
-        its last row, whose outputs are dropped (not with prefixes, whose rounding moves anyway)."""
+        its last row, whose outputs are dropped (not with prefixes, whose rounding moves anyway; nor on a tower
+        whose ``rows_independent`` is true: its output for a row is the same bits in any batch, so padding would
+        only cost time: a single prompt would pay ``micro_batch`` rows)."""
         mb = self.micro_batch * max(1, tower.config.context_length // ids.shape[1])
+        pad = not self.prefixes and not getattr(tower, "rows_independent", False)
         outs = []
+        computed = 0
         for s in range(0, len(ids), mb):
             part = ids[s : s + mb]
             n = len(part)
-            if n < mb and not self.prefixes:
+            if n < mb and pad:
                 part = torch.cat([part, part[-1:].expand(mb - n, -1)])
+            computed += len(part)
             out = tower(part, prefix=prefix, **kw)  # type: ignore[arg-type]
             projected = None
             if out.pooled_projected is not None:  # one row at a time: what diffusers computes for one prompt
@@ -194,8 +201,7 @@ class ReusingRunner:
                     projected,
                 )
             )
-        rows = len(ids) if self.prefixes else len(outs) * mb
-        self._count(positions_computed=rows * (ids.shape[1] - (0 if prefix is None else prefix.length)))
+        self._count(positions_computed=computed * (ids.shape[1] - (0 if prefix is None else prefix.length)))
         return outs
 
     def _with_prefixes(self, tower: TextTransformer, rows: torch.Tensor, **kw: object) -> TextOutput:
