@@ -9,7 +9,8 @@ their options together:
   one engine call (identical rows and shared prefixes computed once), which fills the conditioner's cache;
   each request is then answered by its own ``Conditioner.encode`` call, which finds every prompt in the cache
   and only pads, stacks and projects.  The answer is the request's own ``encode_prompts`` result.
-* raw hidden states and pooled embeddings: one ``TextEncoder.encode`` per distinct request (see ``_raw``).
+* raw hidden states and pooled embeddings: one ``TextEncoder.encode`` for every distinct prompt of the batch,
+  each request answered with its own rows.
 
 A job whose client has gone away is dropped before it is encoded; a job that fails (bad input) fails alone.
 """
@@ -23,6 +24,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
+
+import torch
 
 import sdclip
 from sdclip.cache import ConditioningCache
@@ -249,20 +252,19 @@ class ModelWorker:
                 job.finish(error=e)
 
     def _raw(self, jobs: list[Job]) -> None:
-        """One ``TextEncoder.encode`` per distinct prompt list: its pooled-only path and projection round with the
-        batch they run in, so rows of other requests would change the last bits (until the engine's results are
-        independent of batch companions, issue 16)."""
+        """One ``TextEncoder.encode`` for every distinct prompt of the batch; each request gets its own rows.  A
+        row's output depends on the row alone (fixed-shape micro-batches, ``sdclip.reuse``), so these are the
+        bits of the request's own call."""
         assert self.te is not None
-        options = jobs[0].payload["options"]
-        done: dict[tuple[str, ...], sdclip.TextOutput] = {}
+        rows: dict[str, int] = {}
         for job in jobs:
-            key = tuple(job.prompts)
-            try:
-                if key not in done:
-                    done[key] = self.te.encode(job.prompts, **options)
-                job.finish(done[key])
-            except Exception as e:
-                job.finish(error=e)
+            for text in job.prompts:
+                rows.setdefault(text, len(rows))
+        out = self.te.encode(list(rows), **jobs[0].payload["options"])
+        for job in jobs:
+            index = torch.tensor([rows[text] for text in job.prompts])
+            pick = lambda t: None if t is None else t[index]
+            job.finish(sdclip.TextOutput(pick(out.hidden), pick(out.pooled), pick(out.pooled_projected)))
 
     def _call(self, job: Job) -> None:
         """Work that is not batched (the inspector's layer comparison): ``payload["fn"](te)``."""
