@@ -370,9 +370,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def queue_depth(base: str) -> float:
+def metric(base: str, name: str) -> float:
+    """The sum of a metric's samples over its labels, from /metrics."""
     text = httpx.get(base + "/metrics").text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("sdclip_queue_depth{"))
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def queue_depth(base: str) -> float:
+    return metric(base, "sdclip_queue_depth")
 
 
 def settle(base: str, timeout: float = 60) -> float:
@@ -451,7 +456,10 @@ def main() -> None:
             time.sleep(0.2)
         baseline_rss = rss_kb(server.pid)
         server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
+        batches = metric(base, "sdclip_batch_prompts_count"), metric(base, "sdclip_batch_prompts_sum")
         load = asyncio.run(load_phase(base, requests, wants, args.clients))
+        load["batches"] = metric(base, "sdclip_batch_prompts_count") - batches[0]
+        load["mean_batch_prompts"] = (metric(base, "sdclip_batch_prompts_sum") - batches[1]) / max(1, load["batches"])
         load["server_cpu_s"] = cpu_seconds(server.pid) - server_cpu
         load["client_cpu_s"] = time.process_time() - client_cpu  # the driver and its exactness checks
         prompts = sum(prompts_in(b) for _, b in requests)

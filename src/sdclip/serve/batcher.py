@@ -43,12 +43,15 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    """One request's work.  ``group`` jobs with equal keys are encoded together; ``run_batch`` does it."""
+    """One request's work.  Jobs of one kind with equal keys are encoded together.  ``prepare``, when given, runs on
+    the worker thread before the job is batched and returns what it adds to ``payload`` (the request checks that
+    parse prompts: they would block the event loop); an error it raises is the request's answer."""
 
     kind: str  # "conditioning", "hidden", "embeddings" or "call"
     key: Hashable
     prompts: list[str]
     payload: dict[str, Any] = field(default_factory=dict)
+    prepare: Callable[[], dict[str, Any]] | None = None
     future: asyncio.Future | None = None
     loop: asyncio.AbstractEventLoop | None = None
 
@@ -177,7 +180,7 @@ class ModelWorker:
         sdclip.encode_prompts(self.te, ["a (warm:1.1) up"], dialect="a1111", cache=None)
 
     def _run(self, batch: list[Job]) -> None:
-        live = [j for j in batch if not j.abandoned]
+        live = [j for j in batch if not j.abandoned and self._prepared(j)]
         if self.on_batch is not None and live:
             self.on_batch(self.name, sum(len(j.prompts) for j in live))
         groups: OrderedDict[tuple, list[Job]] = OrderedDict()
@@ -198,6 +201,17 @@ class ModelWorker:
                 else:
                     for job in jobs:
                         self._run_alone(job)
+
+    @staticmethod
+    def _prepared(job: Job) -> bool:
+        """Run the job's ``prepare``; False (and the job answered with the error) when it fails."""
+        if job.prepare is not None:
+            try:
+                job.payload.update(job.prepare())
+            except Exception as e:
+                job.finish(error=e)
+                return False
+        return True
 
     def _run_alone(self, job: Job) -> None:
         try:
