@@ -9,17 +9,12 @@ sdclip[serve]``: FastAPI and uvicorn).
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
 from .app import Limits, ServeConfig, create_app
-
-# the event loop waits for the GIL after every socket call while a model thread runs Python; at the default 5 ms
-# per hand-over a busy model thread stretches each request's few dozen hand-overs into a queue of its own
-SWITCH_INTERVAL = 0.0005
 
 
 def serve(
@@ -36,7 +31,6 @@ def serve(
     import uvicorn
 
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
-    sys.setswitchinterval(SWITCH_INTERVAL)
 
     class Server(uvicorn.Server):
         @contextmanager
