@@ -14,7 +14,10 @@
    before and after.
 
 The server runs in its own process on 127.0.0.1 with the bundled sdclip-mini; this machine's cores are shared by
-the clients and the server.
+the clients and the server.  The load clients are a minimal keep-alive HTTP/1.1 client (``Connection``) with their
+request bodies and expected answers prepared before the clock starts, and compare each answer's bytes with the
+reference's (the tensors' difference is computed only when they differ), so that the driver costs the server
+little CPU; the server's and the driver's CPU seconds are reported with the load figures.
 """
 
 from __future__ import annotations
@@ -108,20 +111,58 @@ def reference(te: sdclip.TextEncoder, path: str, body: dict) -> object:
     return tok.encode(body["prompt"]), [list(r) for r in tree.ids], [list(r) for r in tree.weights]
 
 
-def difference(path: str, response: httpx.Response, want: object) -> float:
-    """0.0 when the answer is the in-process one bit for bit, else the largest |difference| (inf: other shape)."""
-    if path == "/v1/encode":
-        got = load_safetensors(response.content)
-        if set(got) != set(want) or any(got[k].shape != want[k].shape for k in want):
+class Expected:
+    """A reference answer in the form a response is compared with cheaply: the raw bytes, shape and dtype of each
+    tensor (a safetensors body), the embeddings as Python floats, or the tokenizer's lists."""
+
+    def __init__(self, path: str, want: object):
+        self.path, self.want = path, want
+        if path == "/v1/encode":
+            self.tensors = {
+                k: (str(v.dtype).removeprefix("torch."), list(v.shape), v.contiguous().numpy().tobytes())
+                for k, v in want.items()  # type: ignore[union-attr]
+            }
+        elif path == "/v1/embeddings":
+            self.vectors = want.tolist()  # type: ignore[union-attr]  # float32 -> float: exact
+
+    def difference(self, body: bytes) -> float:
+        """0.0 when the answer is the in-process one bit for bit, else the largest |difference| (inf: other shape)."""
+        if self.path == "/v1/encode":
+            return 0.0 if self._same_tensors(body) else self._tensor_difference(body)
+        data = json.loads(body)
+        if self.path == "/v1/embeddings":
+            got = [d["embedding"] for d in data["data"]]
+            if got == self.vectors:
+                return 0.0
+            got = torch.tensor(got, dtype=torch.float32)
+            return float("inf") if got.shape != self.want.shape else float((got - self.want).abs().max())
+        leaf = data["chunks"]
+        same = (data["ids"], [c["ids"] for c in leaf["chunks"]], [c["weights"] for c in leaf["chunks"]]) == self.want
+        return 0.0 if same else float("inf")
+
+    def _same_tensors(self, body: bytes) -> bool:
+        """The safetensors body holds exactly the expected tensors, byte for byte."""
+        n = int.from_bytes(body[:8], "little")
+        header = json.loads(body[8 : 8 + n])
+        header.pop("__metadata__", None)
+        if set(header) != set(self.tensors):
+            return False
+        data = memoryview(body)[8 + n :]
+        for k, (dtype, shape, raw) in self.tensors.items():
+            entry = header[k]
+            start, end = entry["data_offsets"]
+            if entry["dtype"] != _SAFETENSORS_DTYPES[dtype] or entry["shape"] != shape or data[start:end] != raw:
+                return False
+        return True
+
+    def _tensor_difference(self, body: bytes) -> float:
+        got, want = load_safetensors(body), self.want
+        if set(got) != set(want) or any(got[k].shape != want[k].shape for k in want):  # type: ignore[union-attr]
             return float("inf")
-        return max(float((got[k] - want[k]).abs().max()) for k in want)
-    data = response.json()
-    if path == "/v1/embeddings":
-        got = torch.tensor([d["embedding"] for d in data["data"]], dtype=torch.float32)
-        return float("inf") if got.shape != want.shape else float((got - want).abs().max())
-    leaf = data["chunks"]
-    same = (data["ids"], [c["ids"] for c in leaf["chunks"]], [c["weights"] for c in leaf["chunks"]]) == want
-    return 0.0 if same else float("inf")
+        return max(float((got[k] - want[k]).abs().max()) for k in want)  # type: ignore[index, union-attr]
+
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def engine_seconds(te: sdclip.TextEncoder, requests: list[tuple[str, dict]], batch: int = 64) -> float:
@@ -156,38 +197,97 @@ def prompts_in(body: dict) -> int:
     return 1 if isinstance(value, str) else len(value)
 
 
-async def send(client: httpx.AsyncClient, path: str, body: dict) -> httpx.Response:
-    headers = {"Accept": "application/octet-stream"} if path == "/v1/encode" else {}
-    return await client.post(path, json=body, headers=headers)
+class Connection:
+    """One keep-alive HTTP/1.1 connection to the server, one request at a time: a few lines of asyncio instead of a
+    general client, so that the load test measures the server rather than its driver."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    def request_bytes(self, path: str, body: bytes, accept: str) -> bytes:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+            f"Accept: {accept}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        return head.encode() + body
+
+    async def send(self, request: bytes) -> tuple[int, bytes]:
+        """The status and body of the answer to ``request`` (raises OSError or asyncio.IncompleteReadError)."""
+        if self.reader is None or self.reader.at_eof():  # first use, or the server closed an idle connection
+            self.close()
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.writer is not None
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
+        headers = {k.strip().lower(): v.strip() for k, v in headers.items()}
+        if "content-length" in headers:
+            body = await self.reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            parts = []
+            while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                parts.append(await self.reader.readexactly(size))
+                await self.reader.readexactly(2)
+            await self.reader.readuntil(b"\r\n")
+            body = b"".join(parts)
+        else:
+            raise OSError(f"an answer without a length (status {status})")
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, body
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
 
 
 async def load_phase(base: str, requests: list, wants: dict, clients: int) -> dict:
-    todo = list(enumerate(requests))
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    connections = [Connection(host, int(port)) for _ in range(clients)]
+    # the bodies and expected answers are ready before the clock starts: clients send what they have
+    accept = {"/v1/encode": "application/octet-stream"}
+    todo = [
+        (
+            path,
+            connections[0].request_bytes(path, json.dumps(body).encode(), accept.get(path, "application/json")),
+            wants[key(path, body)],
+        )
+        for path, body in requests
+    ]
+    todo.reverse()  # popped from the end: the workload's order
     latencies, statuses, wrong, lost, worst = [], {}, {}, 0, 0.0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as client:
 
-        async def worker() -> None:
-            nonlocal lost, worst
-            while todo:
-                _, (path, body) = todo.pop()
-                t0 = time.perf_counter()
-                try:
-                    r = await send(client, path, body)
-                except httpx.HTTPError:
-                    lost += 1
-                    continue
-                latencies.append(time.perf_counter() - t0)
-                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-                if r.status_code == 200:
-                    delta = difference(path, r, wants[key(path, body)])
-                    if delta:
-                        wrong[path] = wrong.get(path, 0) + 1
-                        worst = max(worst, delta)
+    async def worker(connection: Connection) -> None:
+        nonlocal lost, worst
+        while todo:
+            path, request, want = todo.pop()
+            t0 = time.perf_counter()
+            try:
+                status, body = await connection.send(request)
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                connection.close()
+                lost += 1
+                continue
+            latencies.append(time.perf_counter() - t0)
+            statuses[status] = statuses.get(status, 0) + 1
+            if status == 200:
+                delta = want.difference(body)
+                if delta:
+                    wrong[path] = wrong.get(path, 0) + 1
+                    worst = max(worst, delta)
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker(c) for c in connections))
+    finally:
+        for c in connections:
+            c.close()
+    wall = time.perf_counter() - t0
     latencies.sort()
     pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
     return {
@@ -264,9 +364,20 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-def queue_depth(base: str) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (on a shared machine, a steadier measure than wall time)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def metric(base: str, name: str) -> float:
+    """The sum of a metric's samples over its labels, from /metrics."""
     text = httpx.get(base + "/metrics").text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("sdclip_queue_depth{"))
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def queue_depth(base: str) -> float:
+    return metric(base, "sdclip_queue_depth")
 
 
 def settle(base: str, timeout: float = 60) -> float:
@@ -304,7 +415,7 @@ def main() -> None:
     for path, body in requests:
         k = key(path, body)
         if k not in wants:
-            wants[k] = reference(te, path, body)
+            wants[k] = Expected(path, reference(te, path, body))
     print(f"references for {len(wants)} distinct requests: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     with socket.socket() as s:
@@ -344,11 +455,19 @@ def main() -> None:
                 raise SystemExit("the server did not start")
             time.sleep(0.2)
         baseline_rss = rss_kb(server.pid)
+        server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
+        batches = metric(base, "sdclip_batch_prompts_count"), metric(base, "sdclip_batch_prompts_sum")
         load = asyncio.run(load_phase(base, requests, wants, args.clients))
+        load["batches"] = metric(base, "sdclip_batch_prompts_count") - batches[0]
+        load["mean_batch_prompts"] = (metric(base, "sdclip_batch_prompts_sum") - batches[1]) / max(1, load["batches"])
+        load["server_cpu_s"] = cpu_seconds(server.pid) - server_cpu
+        load["client_cpu_s"] = time.process_time() - client_cpu  # the driver and its exactness checks
         prompts = sum(prompts_in(b) for _, b in requests)
         load["requests_per_s"] = args.requests / load["wall_s"]
         load["prompts_per_s"] = prompts / load["wall_s"]
+        engine_cpu = time.process_time()
         engine = min(engine_seconds(te, requests) for _ in range(2))
+        load["engine_cpu_s"] = (time.process_time() - engine_cpu) / 2
         load["engine_prompts_per_s"] = prompts / engine
         load["ratio_to_engine"] = load["prompts_per_s"] / load["engine_prompts_per_s"]
         print(json.dumps(load), file=sys.stderr)

@@ -147,6 +147,38 @@ def test_concurrent_requests_are_batched_and_exact(client, te):
     assert count < len(cases) and prompts == 2 * len(cases)  # fewer batches than requests
 
 
+def test_concurrent_raw_and_embeddings_requests_are_batched_and_exact(client, te):
+    """Raw hidden states and embeddings of requests arriving together share one engine call; each answer is bit for
+    bit the request's own TextEncoder.encode, run one at a time."""
+    before = _batches(client)
+    inputs = [[f"a {c} {s}", "a big house, " * (1 + len(c + s) % 9)] for c in ("red", "blue", "green") for s in SHAPES]
+    inputs[0] = inputs[0][:1]
+    inputs[1] = inputs[1] + ["a, " * 40]  # longer than one chunk: truncated
+
+    def send(i: int) -> dict:
+        if i % 2:
+            return client.post("/v1/embeddings", json={"input": inputs[i], "encoding_format": "base64"}).json()
+        body = {"prompts": inputs[i], "dialect": None, "layer": -2 if i % 4 else None}
+        return client.post("/v1/encode", json=body).json()
+
+    with ThreadPoolExecutor(len(inputs)) as pool:
+        answers = list(pool.map(send, range(len(inputs))))
+    for i, got in enumerate(answers):
+        if i % 2:
+            ref = te.encode(inputs[i], hidden=False).pooled_projected
+            vectors = [base64.b64decode(d["embedding"]) for d in got["data"]]
+            assert torch.equal(torch.frombuffer(bytearray(b"".join(vectors)), dtype=torch.float32).view(ref.shape), ref)
+        else:
+            ref = te.encode(inputs[i], layer=-2 if i % 4 else None)
+            for name in ("hidden", "pooled", "pooled_projected"):
+                assert torch.equal(_tensor(got["tensors"][name]), getattr(ref, name)), (i, name)
+    count, prompts = (a - b for a, b in zip(_batches(client), before))
+    assert count < len(inputs) and prompts == sum(map(len, inputs))  # fewer batches than requests
+
+
+SHAPES = ("star", "cross", "ring")
+
+
 def _batches(client) -> tuple[float, float]:
     text = client.get("/metrics").text
     count = sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("sdclip_batch_prompts_count"))

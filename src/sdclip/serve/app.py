@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import json
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -178,6 +179,47 @@ class _BodyLimit:
         await self.app(scope, replayed, send)
 
 
+class _Observe:
+    """Bearer-token check, requests in flight and the request metrics, as plain ASGI (no task per request)."""
+
+    def __init__(self, app: ASGIApp, server: Server):
+        self.app, self.server = app, server
+        token = server.config.token
+        self.expected = None if token is None else f"Bearer {token}".encode()
+
+    def _open(self, scope: Scope) -> bool:
+        path = scope["path"]
+        return path in OPEN_PATHS or path in STATIC_PATHS or path.startswith("/static/") or scope["method"] == "OPTIONS"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500
+
+        async def observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        if self.expected is not None and not self._open(scope):
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = error_response(
+                    401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
+                )
+                await response(scope, receive, observed)
+                self.server.count(scope, status, start)
+                return
+        self.server.in_flight += 1
+        try:
+            await self.app(scope, receive, observed)
+        finally:
+            self.server.in_flight -= 1
+            self.server.count(scope, status, start)
+
+
 class Server:
     """The served models, their workers and the metrics; ``app`` is the FastAPI application."""
 
@@ -341,10 +383,16 @@ class Server:
                     f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one each",
                 )
             self._known_embeddings(body.embeddings)
-            chunks = [self.chunks(te, p, body, f"prompts[{i}]")[1] for i, p in enumerate(prompts)]
-            negative_chunks = [
-                1 if n is None else self.chunks(te, n, body, f"negatives[{i}]")[1] for i, n in enumerate(negatives)
-            ]
+
+            def measure() -> dict[str, list[int]]:  # on the model's thread: parsing prompts would block the loop
+                return {
+                    "chunks": [self.chunks(te, p, body, f"prompts[{i}]")[1] for i, p in enumerate(prompts)],
+                    "negative_chunks": [
+                        1 if n is None else self.chunks(te, n, body, f"negatives[{i}]")[1]
+                        for i, n in enumerate(negatives)
+                    ],
+                }
+
             options = dict(
                 dialect=body.dialect,
                 clip_skip=body.clip_skip,
@@ -355,15 +403,8 @@ class Server:
                 embedding_names=None if body.embeddings is None else sorted(body.embeddings),
             )
             key = (tuple((k, v if not isinstance(v, list) else tuple(v)) for k, v in options.items()), body.step)
-            payload = dict(
-                options=options,
-                step=body.step,
-                negatives=negatives,
-                one_negative=one_negative,
-                chunks=chunks,
-                negative_chunks=negative_chunks,
-            )
-            cond = await self.run(worker, Job("conditioning", key, prompts, payload))
+            payload = dict(options=options, step=body.step, negatives=negatives, one_negative=one_negative)
+            cond = await self.run(worker, Job("conditioning", key, prompts, payload, prepare=measure))
             tensors = {
                 "hidden": cond.hidden,
                 "pooled": cond.pooled,
@@ -388,14 +429,7 @@ class Server:
             return Response(
                 save({k: v.cpu() for k, v in tensors.items()}, metadata), media_type="application/octet-stream"
             )
-        return JSONResponse(
-            {
-                "model": name,
-                "family": te.family,
-                "dialect": body.dialect,
-                "tensors": {k: _tensor_json(v) for k, v in tensors.items()},
-            }
-        )
+        return _tensors_json({"model": name, "family": te.family, "dialect": body.dialect}, tensors)
 
     def _known_embeddings(self, names: list[str] | None) -> None:
         if names is None:
@@ -410,7 +444,7 @@ class Server:
                 f"no embedding named {', '.join(map(repr, unknown))} in --embeddings ({len(worker_embeddings)} loaded)",
             )
 
-    async def embeddings(self, body: EmbeddingsRequest) -> dict:
+    async def embeddings(self, body: EmbeddingsRequest) -> Response:
         worker = self.worker(body.model)
         te = worker.te
         inputs = [body.input] if isinstance(body.input, str) else list(body.input)
@@ -438,28 +472,32 @@ class Server:
             )
             data.append({"object": "embedding", "index": i, "embedding": value})
         used = sum(min(n + 2, 77) for n in counts)  # the ids the encoder read: BOS, prompt, EOS
-        return {
-            "object": "list",
-            "data": data,
-            "model": body.model or self.default,
-            "usage": {"prompt_tokens": used, "total_tokens": used},
-        }
+        return _json(
+            {
+                "object": "list",
+                "data": data,
+                "model": body.model or self.default,
+                "usage": {"prompt_tokens": used, "total_tokens": used},
+            }
+        )
 
-    async def tokenize(self, body: TokenizeRequest) -> dict:
+    async def tokenize(self, body: TokenizeRequest) -> Response:
         worker = self.worker(body.model)
         te = worker.te
         self.check_prompts([body.prompt], "prompt")
         tokenizer = te.tokenizers[0]
         tree, _ = self.chunks(te, body.prompt, body, "prompt", strict=True)
-        return {
-            "model": body.model or self.default,
-            "dialect": body.dialect,
-            "ids": tokenizer.encode(body.prompt),
-            "tokens": [
-                {"id": t.id, "text": t.text, "start": t.start, "end": t.end} for t in tokenizer.tokens(body.prompt)
-            ],
-            "chunks": describe_chunks(tree, tokenizer),
-        }
+        return _json(
+            {
+                "model": body.model or self.default,
+                "dialect": body.dialect,
+                "ids": tokenizer.encode(body.prompt),
+                "tokens": [
+                    {"id": t.id, "text": t.text, "start": t.start, "end": t.end} for t in tokenizer.tokens(body.prompt)
+                ],
+                "chunks": describe_chunks(tree, tokenizer),
+            }
+        )
 
     async def compare(self, body: CompareRequest) -> dict:
         worker = self.worker(body.model)
@@ -531,33 +569,7 @@ class Server:
         async def internal(request: Request, e: Exception):
             return error_response(500, "internal", f"{type(e).__name__}: {e}")
 
-        @app.middleware("http")
-        async def observe(request: Request, call_next):
-            start = time.perf_counter()
-            path = request.url.path
-            if (
-                self.config.token is not None
-                and path not in OPEN_PATHS
-                and path not in STATIC_PATHS
-                and not path.startswith("/static/")
-                and request.method != "OPTIONS"
-            ):
-                given = request.headers.get("authorization", "")
-                expected = f"Bearer {self.config.token}"
-                if not hmac.compare_digest(given.encode(), expected.encode()):
-                    response: Response = error_response(
-                        401, "unauthorized", "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
-                    )
-                    self._count(request, response.status_code, start)
-                    return response
-            self.in_flight += 1
-            try:
-                response = await call_next(request)
-            finally:
-                self.in_flight -= 1
-            self._count(request, response.status_code, start)
-            return response
-
+        app.add_middleware(_Observe, server=self)
         if self.config.cors:
             from fastapi.middleware.cors import CORSMiddleware
 
@@ -608,9 +620,9 @@ class Server:
             ],
         }
 
-    def _count(self, request: Request, status: int, start: float) -> None:
-        route = request.scope.get("route")
-        path = getattr(route, "path", None) or ("/static" if request.url.path.startswith("/static/") else "other")
+    def count(self, scope: Scope, status: int, start: float) -> None:
+        route = scope.get("route")
+        path = getattr(route, "path", None) or ("/static" if scope["path"].startswith("/static/") else "other")
         self.metrics.request(path, status, time.perf_counter() - start)
 
 
@@ -634,13 +646,22 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _tensor_json(t: torch.Tensor) -> dict:
-    raw = t.cpu().contiguous().view(torch.uint8).numpy().tobytes()
-    return {
-        "shape": list(t.shape),
-        "dtype": str(t.dtype).removeprefix("torch."),
-        "data": base64.b64encode(raw).decode(),
-    }
+def _json(content: Any) -> Response:
+    """A JSON answer of plain lists, dicts, strings and numbers, without FastAPI's walk over every value."""
+    text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return Response(text.encode(), media_type="application/json")
+
+
+def _tensors_json(head: dict, tensors: dict[str, torch.Tensor]) -> Response:
+    """``head`` plus ``"tensors": {name: {"shape", "dtype", "data": base64}}``, the base64 bytes put in as they are
+    (a JSON encoder would scan megabytes of them for characters to escape)."""
+    parts = []
+    for name, t in tensors.items():
+        meta = json.dumps({"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")})[:-1]
+        raw = t.cpu().contiguous().view(torch.uint8).numpy()
+        parts.append(json.dumps(name).encode() + b":" + meta.encode() + b',"data":"' + base64.b64encode(raw) + b'"}')
+    body = json.dumps(head, ensure_ascii=False)[:-1].encode() + b',"tensors":{' + b",".join(parts) + b"}}"
+    return Response(body, media_type="application/json")
 
 
 def create_app(config: ServeConfig | None = None) -> FastAPI:

@@ -9,7 +9,8 @@ their options together:
   one engine call (identical rows and shared prefixes computed once), which fills the conditioner's cache;
   each request is then answered by its own ``Conditioner.encode`` call, which finds every prompt in the cache
   and only pads, stacks and projects.  The answer is the request's own ``encode_prompts`` result.
-* raw hidden states and pooled embeddings: one ``TextEncoder.encode`` per distinct request (see ``_raw``).
+* raw hidden states and pooled embeddings: one ``TextEncoder.encode`` for every distinct prompt of the batch,
+  each request answered with its own rows.
 
 A job whose client has gone away is dropped before it is encoded; a job that fails (bad input) fails alone.
 """
@@ -23,6 +24,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
+
+import torch
 
 import sdclip
 from sdclip.cache import ConditioningCache
@@ -40,12 +43,15 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    """One request's work.  ``group`` jobs with equal keys are encoded together; ``run_batch`` does it."""
+    """One request's work.  Jobs of one kind with equal keys are encoded together.  ``prepare``, when given, runs on
+    the worker thread before the job is batched and returns what it adds to ``payload`` (the request checks that
+    parse prompts: they would block the event loop); an error it raises is the request's answer."""
 
     kind: str  # "conditioning", "hidden", "embeddings" or "call"
     key: Hashable
     prompts: list[str]
     payload: dict[str, Any] = field(default_factory=dict)
+    prepare: Callable[[], dict[str, Any]] | None = None
     future: asyncio.Future | None = None
     loop: asyncio.AbstractEventLoop | None = None
 
@@ -174,7 +180,7 @@ class ModelWorker:
         sdclip.encode_prompts(self.te, ["a (warm:1.1) up"], dialect="a1111", cache=None)
 
     def _run(self, batch: list[Job]) -> None:
-        live = [j for j in batch if not j.abandoned]
+        live = [j for j in batch if not j.abandoned and self._prepared(j)]
         if self.on_batch is not None and live:
             self.on_batch(self.name, sum(len(j.prompts) for j in live))
         groups: OrderedDict[tuple, list[Job]] = OrderedDict()
@@ -195,6 +201,17 @@ class ModelWorker:
                 else:
                     for job in jobs:
                         self._run_alone(job)
+
+    @staticmethod
+    def _prepared(job: Job) -> bool:
+        """Run the job's ``prepare``; False (and the job answered with the error) when it fails."""
+        if job.prepare is not None:
+            try:
+                job.payload.update(job.prepare())
+            except Exception as e:
+                job.finish(error=e)
+                return False
+        return True
 
     def _run_alone(self, job: Job) -> None:
         try:
@@ -249,20 +266,19 @@ class ModelWorker:
                 job.finish(error=e)
 
     def _raw(self, jobs: list[Job]) -> None:
-        """One ``TextEncoder.encode`` per distinct prompt list: its pooled-only path and projection round with the
-        batch they run in, so rows of other requests would change the last bits (until the engine's results are
-        independent of batch companions, issue 16)."""
+        """One ``TextEncoder.encode`` for every distinct prompt of the batch; each request gets its own rows.  A
+        row's output depends on the row alone (fixed-shape micro-batches, ``sdclip.reuse``), so these are the
+        bits of the request's own call."""
         assert self.te is not None
-        options = jobs[0].payload["options"]
-        done: dict[tuple[str, ...], sdclip.TextOutput] = {}
+        rows: dict[str, int] = {}
         for job in jobs:
-            key = tuple(job.prompts)
-            try:
-                if key not in done:
-                    done[key] = self.te.encode(job.prompts, **options)
-                job.finish(done[key])
-            except Exception as e:
-                job.finish(error=e)
+            for text in job.prompts:
+                rows.setdefault(text, len(rows))
+        out = self.te.encode(list(rows), **jobs[0].payload["options"])
+        for job in jobs:
+            index = torch.tensor([rows[text] for text in job.prompts])
+            pick = lambda t: None if t is None else t[index]
+            job.finish(sdclip.TextOutput(pick(out.hidden), pick(out.pooled), pick(out.pooled_projected)))
 
     def _call(self, job: Job) -> None:
         """Work that is not batched (the inspector's layer comparison): ``payload["fn"](te)``."""
