@@ -344,6 +344,56 @@ def test_queue_full_is_503_with_retry_after(te, monkeypatch):
         assert c.post("/v1/encode", json={"prompts": "recovered"}).status_code == 200
 
 
+def test_a_disconnected_clients_job_is_dropped_before_it_runs(te, monkeypatch):
+    """A request whose client hangs up while it waits in the queue is cancelled: never encoded, counted as 499."""
+    import socket
+
+    import uvicorn
+
+    gate = threading.Event()
+    monkeypatch.setattr(app_module, "compare_layers", lambda *a: gate.wait(30) and {"held": True})
+    app = create_app(ServeConfig(models={"mini": te}, max_batch=1, max_wait_ms=0))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, 60)
+        metrics = lambda: urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+        rows = te.reuse.stats.rows
+        assert _post(base + "/v1/encode", {"prompts": ["control"], "dialect": "a1111"})[0] == 200
+        per_request = te.reuse.stats.rows - rows  # what one such request costs the encoder
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(_post, base + "/v1/compare", {"a": "a", "b": "b"})  # the worker is busy with it
+            deadline = time.monotonic() + 20
+            while 'sdclip_queue_depth{model="mini"} 0' not in metrics() or held.done():
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            body = json.dumps({"prompts": ["never encoded"], "dialect": "a1111"}).encode()
+            with socket.create_connection(("127.0.0.1", port)) as client:
+                client.sendall(
+                    b"POST /v1/encode HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                while 'sdclip_queue_depth{model="mini"} 1' not in metrics():
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+            while 'route="/v1/encode",status="499"} 1' not in metrics():  # the hang-up is noticed at once
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            rows = te.reuse.stats.rows
+            gate.set()
+            assert held.result()[0] == 200
+            assert _post(base + "/v1/encode", {"prompts": ["after"], "dialect": "a1111"})[0] == 200
+        assert te.reuse.stats.rows == rows + per_request  # "after" alone reached the encoder
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(30)
+
+
 # --- auth, CORS, docs, metrics, models ---------------------------------------------------------------------
 
 

@@ -65,6 +65,12 @@ class ServeConfig:
     cors: list[str] = field(default_factory=list)
 
 
+async def _disconnect(request: Request) -> None:
+    """Returns once the client has gone away (the body is read by then, so the next message is the end)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 class ApiError(Exception):
     def __init__(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None, **extra: Any):
         super().__init__(message)
@@ -297,7 +303,9 @@ class Server:
             raise ApiError(503, "model_failed", f"model {name!r} failed to load: {worker.failed}")
         return worker
 
-    async def run(self, worker: ModelWorker, job: Job) -> Any:
+    async def run(self, worker: ModelWorker, job: Job, request: Request) -> Any:
+        """Queue ``job`` and wait for it; a client that disconnects meanwhile cancels it (the worker skips a
+        cancelled job it has not started: no encoding for nobody), answered 499 in the metrics."""
         try:
             future = worker.submit(job)
         except QueueFull as e:
@@ -309,7 +317,15 @@ class Server:
                 limit="queue_size",
                 value=e.limit,
             ) from None
-        return await future
+        gone = asyncio.ensure_future(_disconnect(request))
+        try:
+            await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not future.done():
+            future.cancel()
+            raise ApiError(499, "client_closed_request", "the client disconnected before the answer")
+        return future.result()
 
     def check_prompts(self, prompts: list[str], what: str = "prompts") -> None:
         limits = self.config.limits
@@ -366,7 +382,7 @@ class Server:
                 te.usages[body.encoder - 1].layer if body.layer is None else body.layer
             )
             options = dict(encoder=body.encoder, layer=body.layer, final_norm=body.final_norm)
-            out = await self.run(worker, Job("hidden", tuple(options.items()), prompts, {"options": options}))
+            out = await self.run(worker, Job("hidden", tuple(options.items()), prompts, {"options": options}), request)
             tensors = {"hidden": out.hidden, "pooled": out.pooled, "pooled_projected": out.pooled_projected}
         else:
             if body.layer is not None or body.final_norm is not None or body.encoder != 1:
@@ -404,7 +420,7 @@ class Server:
             )
             key = (tuple((k, v if not isinstance(v, list) else tuple(v)) for k, v in options.items()), body.step)
             payload = dict(options=options, step=body.step, negatives=negatives, one_negative=one_negative)
-            cond = await self.run(worker, Job("conditioning", key, prompts, payload, prepare=measure))
+            cond = await self.run(worker, Job("conditioning", key, prompts, payload, prepare=measure), request)
             tensors = {
                 "hidden": cond.hidden,
                 "pooled": cond.pooled,
@@ -444,7 +460,7 @@ class Server:
                 f"no embedding named {', '.join(map(repr, unknown))} in --embeddings ({len(worker_embeddings)} loaded)",
             )
 
-    async def embeddings(self, body: EmbeddingsRequest) -> Response:
+    async def embeddings(self, body: EmbeddingsRequest, request: Request) -> Response:
         worker = self.worker(body.model)
         te = worker.te
         inputs = [body.input] if isinstance(body.input, str) else list(body.input)
@@ -458,7 +474,7 @@ class Server:
             counts.append(len(tokenizer.tokenize(p)))
             self.check_tokens(counts[-1], f"input[{i}]")
         options = dict(encoder=body.encoder, hidden=False)
-        out = await self.run(worker, Job("embeddings", tuple(options.items()), inputs, {"options": options}))
+        out = await self.run(worker, Job("embeddings", tuple(options.items()), inputs, {"options": options}), request)
         vectors = out.pooled_projected if out.pooled_projected is not None else out.pooled
         vectors = vectors.float()
         if body.normalize:
@@ -499,7 +515,7 @@ class Server:
             }
         )
 
-    async def compare(self, body: CompareRequest) -> dict:
+    async def compare(self, body: CompareRequest, request: Request) -> dict:
         worker = self.worker(body.model)
         self.check_prompts([body.a, body.b], "prompts")
         for which, text in (("a", body.a), ("b", body.b)):
@@ -508,6 +524,7 @@ class Server:
         return await self.run(
             worker,
             Job("call", None, [body.a, body.b], {"fn": lambda te: compare_layers(te, body.a, body.b, body.encoder)}),
+            request,
         )
 
     def readyz(self) -> JSONResponse:
