@@ -1,0 +1,233 @@
+"""``encode`` without torch: a checkpoint file whose ONNX Runtime graph is already cached, in well under 2 s.
+
+Importing torch alone takes longer than a one-prompt ``sdclip encode`` should.  Once the normal path
+(``sdclip.load(file, backend="onnxruntime")``) has exported and run a graph for a checkpoint file, it
+writes a small index beside the exports (``<cache>/fast/<hash of the file's real path>.json``): the
+file's identity (real path, size, mtime_ns, SHA-256 of its safetensors header: no tensor data read),
+and per encoder and option set the graph, the thread count and what tokenizing needs.  ``encode``
+then runs tokenizer -> numpy ids -> ONNX Runtime, with numpy and onnxruntime only, in the same
+fixed-shape passes ``sdclip.reuse`` runs (unique rows, ``micro_batch`` rows a pass, the last padded
+with copies of its last row) and with the same session settings: its output is bit-identical to
+the normal path's.
+
+Anything it does not cover returns ``None`` and the caller takes the normal path: no index, a
+changed file (size, mtime or header), options never run through the normal path, a tower with a
+projection (the normal path projects pooled outputs with torch), other thread settings, a missing
+or unreadable graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .atomic import write_text
+from .errors import SdclipError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .encoder import TextEncoder
+
+INDEX_VERSION = 1
+_MAX_HEADER = 100_000_000  # what the safetensors library accepts (sdclip.limits.MAX_SAFETENSORS_HEADER)
+
+
+@dataclass
+class FastEncoding:
+    """What ``sdclip encode`` writes: hidden [B, 77, C] and pooled [B, C] float32, and the layer choice made."""
+
+    hidden: np.ndarray
+    pooled: np.ndarray
+    family: str
+    layer: int
+    final_norm: bool
+
+
+def file_identity(path: str | os.PathLike) -> dict | None:
+    """Real path, size, mtime_ns and header digest of a safetensors file; None for anything else."""
+    try:
+        real = os.path.realpath(path)
+        with open(real, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size < 10:
+                return None
+            n = int.from_bytes(f.read(8), "little")
+            if not 1 < n <= min(_MAX_HEADER, st.st_size - 8):
+                return None
+            header = f.read(n)
+    except OSError:
+        return None
+    if header[:1] != b"{":
+        return None
+    digest = hashlib.sha256(header).hexdigest()
+    return {"path": real, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "header_sha256": digest}
+
+
+def thread_env() -> dict:
+    """What torch's default thread count (the sessions' thread count) is a function of."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS"),
+        "cpus": os.cpu_count(),
+        "affinity": affinity,
+    }
+
+
+def run_key(encoder: int, mode: str, quantize: str | None, micro_batch: int, layer: int, final_norm: bool) -> str:
+    """The options one cached graph and pass shape answer (``layer`` resolved: 0..layers)."""
+    return f"encoder={encoder} mode={mode} quantize={quantize} micro_batch={micro_batch} L{layer}{'n' * final_norm}"
+
+
+def index_path(real_path: str, root: Path) -> Path:
+    return root / "fast" / f"{hashlib.sha256(real_path.encode()).hexdigest()[:32]}.json"
+
+
+def _read_index(path: Path) -> dict | None:
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return index if isinstance(index, dict) and index.get("version") == INDEX_VERSION else None
+
+
+def remember(te: TextEncoder, encoder: int, graph: Path, layer: int, final_norm: bool, pooling: str) -> None:
+    """Record that ``graph`` answers ``te``'s file for these options (called by the normal path once it has
+    built an ONNX Runtime session for it).  Only what ``encode`` reproduces bit for bit is recorded."""
+    import torch
+
+    identity = getattr(te, "fast_source", None)
+    i = encoder - 1
+    config, usage = te.towers[i].config, te.usages[i]
+    if (
+        identity is None
+        or te.backend != "onnxruntime"
+        or te.dtype != torch.float32
+        or te.device.type != "cpu"
+        or te.reuse.prefixes
+        or pooling != config.pooling
+    ):
+        return
+    path = index_path(identity["path"], graph.parent.parent)
+    index = _read_index(path)
+    if index is None or index.get("identity") != identity:
+        index = {"version": INDEX_VERSION, "identity": identity, "family": te.family, "encoders": {}, "runs": {}}
+    index["encoders"][str(encoder)] = {
+        "layers": config.layers,
+        "layer": usage.layer,
+        "final_norm": usage.final_norm,
+        "context_length": config.context_length,
+        "pad_id": config.pad_id,
+        "projection": bool(config.projection_dim),
+    }
+    key = run_key(encoder, te.tokenizers[i].mode, te.quantize, te.reuse.micro_batch, layer, final_norm)
+    index["runs"][key] = {"graph": str(graph), "threads": torch.get_num_threads(), "thread_env": thread_env()}
+    try:
+        write_text(path, json.dumps(index, indent=1, sort_keys=True))
+    except SdclipError:
+        pass  # an unwritable cache costs the fast path, nothing else
+
+
+def encode(
+    source: str | os.PathLike,
+    prompts: Sequence[str],
+    *,
+    encoder: int = 1,
+    layer: int | None = None,
+    final_norm: bool | None = None,
+    tokenizer_mode: str = "hf",
+    quantize: str | None = None,
+    micro_batch: int = 8,
+    cache: Path | None = None,
+) -> FastEncoding | None:
+    """``sdclip.load(source, backend="onnxruntime", tokenizer_mode=..., quantize=..., micro_batch=...)
+    .encode(prompts, encoder=..., layer=..., final_norm=...)`` as numpy arrays, bit for bit, without torch;
+    None when the cache cannot answer it (then take that normal path)."""
+    from .backends import cache_dir
+
+    identity = file_identity(source) if prompts else None
+    if identity is None:
+        return None
+    index = _read_index(index_path(identity["path"], cache or cache_dir()))
+    if index is None or index.get("identity") != identity:
+        return None
+    try:
+        return _run(index, list(prompts), encoder, layer, final_norm, tokenizer_mode, quantize, micro_batch)
+    except (KeyError, TypeError, ValueError):  # an index from another version, edited by hand: not an answer
+        return None
+
+
+def _run(
+    index: dict,
+    prompts: list[str],
+    encoder: int,
+    layer: int | None,
+    final_norm: bool | None,
+    mode: str,
+    quantize: str | None,
+    micro_batch: int,
+) -> FastEncoding | None:
+    enc = index["encoders"].get(str(encoder))
+    if enc is None or enc["projection"]:
+        return None
+    given_layer = enc["layer"] if layer is None else layer
+    n = enc["layers"] + 1
+    if not -n <= given_layer < n:
+        return None  # the normal path says what is wrong
+    given_norm = enc["final_norm"] if final_norm is None else bool(final_norm)
+    run = index["runs"].get(run_key(encoder, mode, quantize, micro_batch, given_layer % n, given_norm))
+    if run is None or run["thread_env"] != thread_env():
+        return None
+    if "torch" in sys.modules and sys.modules["torch"].get_num_threads() != run["threads"]:
+        return None  # a library caller who set torch's threads: the normal path would use that count
+    session = _session(Path(run["graph"]), run["threads"])
+    if session is None:
+        return None
+    import numpy as np
+
+    from .tokenizer import CONTEXT_LENGTH, Tokenizer
+
+    length = min(enc["context_length"], CONTEXT_LENGTH)
+    rows = Tokenizer(mode=mode).rows(prompts, length=length, pad_id=enc["pad_id"])
+    ids = np.array(rows, dtype=np.int64).reshape(len(rows), length)
+    hidden, pooled = run_passes(session, ids, micro_batch * max(1, enc["context_length"] // length))
+    return FastEncoding(hidden, pooled, index["family"], given_layer, given_norm)
+
+
+def run_passes(session: Any, ids: np.ndarray, rows_per_pass: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hidden and pooled outputs of ``ids`` as ``sdclip.reuse`` computes them: each unique row once, in passes
+    of ``rows_per_pass`` rows (the last padded with copies of its last row), rows in sorted order."""
+    import numpy as np
+
+    unique, inverse = np.unique(ids, axis=0, return_inverse=True)
+    names = [o.name for o in session.get_outputs()]
+    hidden, pooled = [], []
+    for start in range(0, len(unique), rows_per_pass):
+        part = unique[start : start + rows_per_pass]
+        n = len(part)
+        if n < rows_per_pass:
+            part = np.concatenate([part, np.repeat(part[-1:], rows_per_pass - n, axis=0)])
+        out = dict(zip(names, session.run(None, {"ids": part})))
+        hidden.append(out["hidden"][:n])
+        pooled.append(out["pooled"][:n])
+    inverse = inverse.reshape(-1)
+    return np.concatenate(hidden)[inverse], np.concatenate(pooled)[inverse]
+
+
+def _session(graph: Path, threads: int) -> Any:
+    """The session the normal path builds for ``graph`` (``sdclip.backends.ort_session``), or None."""
+    if not graph.is_file():
+        return None
+    from .backends import ort_session
+
+    try:
+        return ort_session(graph, threads)
+    except Exception:  # onnxruntime's own errors (a truncated or foreign graph): the normal path rebuilds or says
+        return None
