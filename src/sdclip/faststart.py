@@ -103,7 +103,7 @@ def remember(te: TextEncoder, encoder: int, graph: Path, layer: int, final_norm:
     built an ONNX Runtime session for it).  Only what ``encode`` reproduces bit for bit is recorded."""
     import torch
 
-    identity = getattr(te, "fast_source", None)
+    identity = te.fast_source
     i = encoder - 1
     config, usage = te.towers[i].config, te.usages[i]
     if (
@@ -135,9 +135,64 @@ def remember(te: TextEncoder, encoder: int, graph: Path, layer: int, final_norm:
         pass  # an unwritable cache costs the fast path, nothing else
 
 
-def encode(
+@dataclass
+class Plan:
+    """What the cache says about one request (file and options): enough to answer it without torch."""
+
+    graph: Path
+    threads: int
+    family: str
+    layer: int  # as given (default: the family's), as the output file records it
+    final_norm: bool
+    mode: str
+    pad_id: int
+    context_length: int
+    rows_per_pass: int
+
+    def session(self) -> Any:
+        """The session the normal path builds for this graph (``sdclip.backends.ort_session``), or None."""
+        if not self.graph.is_file():
+            return None
+        from .backends import ort_session
+
+        try:
+            return ort_session(self.graph, self.threads)
+        except Exception:  # onnxruntime's own errors (a truncated or foreign graph): the normal path rebuilds or says
+            return None
+
+    def ids(self, prompts: Sequence[str]) -> np.ndarray:
+        """[B, 77] int64 ids as ``TextEncoder.tokenize`` builds them."""
+        import numpy as np
+
+        from .tokenizer import CONTEXT_LENGTH, Tokenizer
+
+        length = min(self.context_length, CONTEXT_LENGTH)
+        rows = Tokenizer(mode=self.mode).rows(prompts, length=length, pad_id=self.pad_id)
+        return np.array(rows, dtype=np.int64).reshape(len(rows), length)
+
+    def run(self, session: Any, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Hidden and pooled outputs of ``ids`` as ``sdclip.reuse`` computes them: each unique row once, in
+        passes of a fixed number of rows (the last padded with copies of its last row), rows in sorted order."""
+        import numpy as np
+
+        rows_per_pass = self.rows_per_pass * max(1, self.context_length // ids.shape[1])
+        unique, inverse = np.unique(ids, axis=0, return_inverse=True)
+        names = [o.name for o in session.get_outputs()]
+        hidden, pooled = [], []
+        for start in range(0, len(unique), rows_per_pass):
+            part = unique[start : start + rows_per_pass]
+            n = len(part)
+            if n < rows_per_pass:
+                part = np.concatenate([part, np.repeat(part[-1:], rows_per_pass - n, axis=0)])
+            out = dict(zip(names, session.run(None, {"ids": part})))
+            hidden.append(out["hidden"][:n])
+            pooled.append(out["pooled"][:n])
+        inverse = inverse.reshape(-1)
+        return np.concatenate(hidden)[inverse], np.concatenate(pooled)[inverse]
+
+
+def plan(
     source: str | os.PathLike,
-    prompts: Sequence[str],
     *,
     encoder: int = 1,
     layer: int | None = None,
@@ -146,88 +201,53 @@ def encode(
     quantize: str | None = None,
     micro_batch: int = 8,
     cache: Path | None = None,
-) -> FastEncoding | None:
-    """``sdclip.load(source, backend="onnxruntime", tokenizer_mode=..., quantize=..., micro_batch=...)
-    .encode(prompts, encoder=..., layer=..., final_norm=...)`` as numpy arrays, bit for bit, without torch;
-    None when the cache cannot answer it (then take that normal path)."""
+) -> Plan | None:
+    """The cached answer to ``sdclip.load(source, backend="onnxruntime", tokenizer_mode=..., quantize=...,
+    micro_batch=...).encode(..., encoder=..., layer=..., final_norm=...)``, or None."""
     from .backends import cache_dir
 
-    identity = file_identity(source) if prompts else None
+    identity = file_identity(source)
     if identity is None:
         return None
     index = _read_index(index_path(identity["path"], cache or cache_dir()))
     if index is None or index.get("identity") != identity:
         return None
     try:
-        return _run(index, list(prompts), encoder, layer, final_norm, tokenizer_mode, quantize, micro_batch)
-    except (KeyError, TypeError, ValueError):  # an index from another version, edited by hand: not an answer
+        enc = index["encoders"].get(str(encoder))
+        if enc is None or enc["projection"]:
+            return None
+        given_layer = enc["layer"] if layer is None else layer
+        n = enc["layers"] + 1
+        if not -n <= given_layer < n:
+            return None  # the normal path says what is wrong
+        given_norm = enc["final_norm"] if final_norm is None else bool(final_norm)
+        run = index["runs"].get(run_key(encoder, tokenizer_mode, quantize, micro_batch, given_layer % n, given_norm))
+        if run is None or run["thread_env"] != thread_env():
+            return None
+        if "torch" in sys.modules and sys.modules["torch"].get_num_threads() != run["threads"]:
+            return None  # a library caller who set torch's threads: the normal path would use that count
+        return Plan(
+            Path(run["graph"]),
+            int(run["threads"]),
+            str(index["family"]),
+            given_layer,
+            given_norm,
+            tokenizer_mode,
+            int(enc["pad_id"]),
+            int(enc["context_length"]),
+            micro_batch,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):  # an index from another version or edited by hand
         return None
 
 
-def _run(
-    index: dict,
-    prompts: list[str],
-    encoder: int,
-    layer: int | None,
-    final_norm: bool | None,
-    mode: str,
-    quantize: str | None,
-    micro_batch: int,
-) -> FastEncoding | None:
-    enc = index["encoders"].get(str(encoder))
-    if enc is None or enc["projection"]:
+def encode(source: str | os.PathLike, prompts: Sequence[str], **options: Any) -> FastEncoding | None:
+    """``sdclip.load(source, backend="onnxruntime", ...).encode(prompts, ...)`` as numpy arrays, bit for bit,
+    without torch (``options``: those of ``plan``); None when the cache cannot answer it (then take that
+    normal path)."""
+    found = plan(source, **options) if prompts else None
+    session = None if found is None else found.session()
+    if found is None or session is None:
         return None
-    given_layer = enc["layer"] if layer is None else layer
-    n = enc["layers"] + 1
-    if not -n <= given_layer < n:
-        return None  # the normal path says what is wrong
-    given_norm = enc["final_norm"] if final_norm is None else bool(final_norm)
-    run = index["runs"].get(run_key(encoder, mode, quantize, micro_batch, given_layer % n, given_norm))
-    if run is None or run["thread_env"] != thread_env():
-        return None
-    if "torch" in sys.modules and sys.modules["torch"].get_num_threads() != run["threads"]:
-        return None  # a library caller who set torch's threads: the normal path would use that count
-    session = _session(Path(run["graph"]), run["threads"])
-    if session is None:
-        return None
-    import numpy as np
-
-    from .tokenizer import CONTEXT_LENGTH, Tokenizer
-
-    length = min(enc["context_length"], CONTEXT_LENGTH)
-    rows = Tokenizer(mode=mode).rows(prompts, length=length, pad_id=enc["pad_id"])
-    ids = np.array(rows, dtype=np.int64).reshape(len(rows), length)
-    hidden, pooled = run_passes(session, ids, micro_batch * max(1, enc["context_length"] // length))
-    return FastEncoding(hidden, pooled, index["family"], given_layer, given_norm)
-
-
-def run_passes(session: Any, ids: np.ndarray, rows_per_pass: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hidden and pooled outputs of ``ids`` as ``sdclip.reuse`` computes them: each unique row once, in passes
-    of ``rows_per_pass`` rows (the last padded with copies of its last row), rows in sorted order."""
-    import numpy as np
-
-    unique, inverse = np.unique(ids, axis=0, return_inverse=True)
-    names = [o.name for o in session.get_outputs()]
-    hidden, pooled = [], []
-    for start in range(0, len(unique), rows_per_pass):
-        part = unique[start : start + rows_per_pass]
-        n = len(part)
-        if n < rows_per_pass:
-            part = np.concatenate([part, np.repeat(part[-1:], rows_per_pass - n, axis=0)])
-        out = dict(zip(names, session.run(None, {"ids": part})))
-        hidden.append(out["hidden"][:n])
-        pooled.append(out["pooled"][:n])
-    inverse = inverse.reshape(-1)
-    return np.concatenate(hidden)[inverse], np.concatenate(pooled)[inverse]
-
-
-def _session(graph: Path, threads: int) -> Any:
-    """The session the normal path builds for ``graph`` (``sdclip.backends.ort_session``), or None."""
-    if not graph.is_file():
-        return None
-    from .backends import ort_session
-
-    try:
-        return ort_session(graph, threads)
-    except Exception:  # onnxruntime's own errors (a truncated or foreign graph): the normal path rebuilds or says
-        return None
+    hidden, pooled = found.run(session, found.ids(list(prompts)))
+    return FastEncoding(hidden, pooled, found.family, found.layer, found.final_norm)
