@@ -18,6 +18,7 @@ from references import TOLERANCE, Arch, build
 
 import sdclip
 from sdclip import faststart
+from sdclip.cli import main
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None,
@@ -43,27 +44,29 @@ def model(tmp_path, monkeypatch):
     return path
 
 
-def cli(*argv: str) -> dict:
-    """``sdclip argv`` in a fresh process: its exit status and whether it imported torch."""
+def fresh(path: Path, out: Path, *options: str) -> bool:
+    """``sdclip encode PROMPTS`` in a fresh process; whether it imported torch."""
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    argv = ["encode", *PROMPTS, "--model", str(path), "--out", str(out), *options]
     done = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["code"] == 0, done.stderr
-    return result
+    return result["torch"]
 
 
-def encode(path: Path, out: Path, *options: str) -> dict:
-    return cli("encode", *PROMPTS, "--model", str(path), "--out", str(out), *options)
+def encode(path: Path, out: Path, *options: str) -> None:
+    """``sdclip encode PROMPTS`` in this process."""
+    assert main(["encode", *PROMPTS, "--model", str(path), "--out", str(out), *options]) == 0
 
 
 def test_cached_encode_is_torch_free_and_bit_identical(model, tmp_path):
     from safetensors.numpy import load_file
 
-    normal = encode(model, tmp_path / "normal.safetensors", "--backend", "onnxruntime")
-    assert normal["torch"]  # no index yet: the normal path exported, ran and indexed the graph
-    fast = encode(model, tmp_path / "fast.safetensors", "--backend", "onnxruntime")
-    assert not fast["torch"], "the cached encode imported torch"
+    assert faststart.encode(model, PROMPTS) is None  # nothing cached yet
+    encode(model, tmp_path / "normal.safetensors", "--backend", "onnxruntime")  # exports, runs, indexes the graph
+    torch_imported = fresh(model, tmp_path / "fast.safetensors", "--backend", "onnxruntime")
+    assert not torch_imported, "the cached encode imported torch"
     assert (tmp_path / "fast.safetensors").read_bytes() == (tmp_path / "normal.safetensors").read_bytes()
     encode(model, tmp_path / "torch.safetensors")
     a, b = load_file(tmp_path / "fast.safetensors"), load_file(tmp_path / "torch.safetensors")
@@ -74,7 +77,6 @@ def test_cached_encode_is_torch_free_and_bit_identical(model, tmp_path):
 
 def test_library_call_equals_the_normal_path(model):
     te = sdclip.load(model, backend="onnxruntime")
-    assert faststart.encode(model, PROMPTS) is None  # nothing cached yet
     out = te.encode(PROMPTS, layer=-2, final_norm=False)
     assert faststart.encode(model, PROMPTS) is None  # another layer choice was cached
     fast = faststart.encode(model, PROMPTS, layer=-2, final_norm=False)
@@ -93,12 +95,12 @@ def test_a_changed_file_takes_the_normal_path(model, tmp_path):
     assert faststart.encode(model, PROMPTS) is None
     layouts.write_sd1(build(SMALL, seed=6), model)  # other weights under the same name
     assert faststart.encode(model, PROMPTS) is None
-    assert encode(model, tmp_path / "new.safetensors", "--backend", "onnxruntime")["torch"]
+    assert fresh(model, tmp_path / "new.safetensors", "--backend", "onnxruntime")  # the normal path
     encode(model, tmp_path / "torch.safetensors")
     new, old = load_file(tmp_path / "new.safetensors"), load_file(tmp_path / "old.safetensors")
     assert np.abs(new["hidden"] - load_file(tmp_path / "torch.safetensors")["hidden"]).max() <= TOLERANCE
     assert np.abs(new["hidden"] - old["hidden"]).max() > 1e-2
-    assert not encode(model, tmp_path / "again.safetensors", "--backend", "onnxruntime")["torch"]  # re-indexed
+    assert not fresh(model, tmp_path / "again.safetensors", "--backend", "onnxruntime")  # re-indexed
 
 
 def test_what_the_cache_cannot_answer_is_not_answered(model, tmp_path, monkeypatch):

@@ -192,6 +192,19 @@ def openvino_model(path: Path, threads: int | None = None) -> Any:
     return ov.Core().compile_model(str(path), "CPU", config)
 
 
+def run_distinct(runner: Callable[[Any], list[Any]], ids: Any, distinct: bool) -> list[Any]:
+    """``runner``'s outputs for ids [B, L]; with ``distinct``, computed for each distinct row once, in sorted order
+    (the torch-free ``sdclip.faststart`` runs the same shapes: same bits)."""
+    if not distinct:
+        return runner(ids)
+    import numpy as np
+
+    unique, inverse = np.unique(ids, axis=0, return_inverse=True)
+    if len(unique) == len(ids):
+        return runner(ids)
+    return [o[inverse.reshape(-1)] for o in runner(unique)]
+
+
 class EngineTower:
     """A tower whose plain forward pass runs on ONNX Runtime or OpenVINO; the rest on torch.
 
@@ -224,6 +237,13 @@ class EngineTower:
     @property
     def config(self):
         return self.tower.config
+
+    @property
+    def distinct_rows(self) -> bool:
+        """Whether a pass runs only its distinct rows: ONNX Runtime's float CPU kernels compute a row the same
+        whatever else is in its batch (tests/test_determinism.py checks it), so ``sdclip.reuse``'s padding rows
+        need not be computed; int8's activation scale is taken over the whole batch, OpenVINO is not checked."""
+        return self.backend == "onnxruntime" and self.quantize is None
 
     def resolve_layer(self, layer: int) -> int:
         return self.tower.resolve_layer(layer)
@@ -266,7 +286,7 @@ class EngineTower:
         from .model import TextOutput
 
         key = (self.resolve_layer(layer), bool(final_norm), bool(pooled), pooling or self.config.pooling)
-        outputs = [torch.from_numpy(o) for o in self._runner(key)(ids.numpy())]
+        outputs = [torch.from_numpy(o) for o in run_distinct(self._runner(key), ids.numpy(), self.distinct_rows)]
         out = TextOutput(outputs[0])
         if pooled:
             out.pooled = outputs[1]

@@ -261,7 +261,8 @@ class TextEncoder:
         if self.fast_source is not None:
             from .faststart import remember
 
-            remember(self, encoder, graph, layer, final_norm, pooling)
+            distinct = self._engines[encoder - 1].distinct_rows  # type: ignore[index]
+            remember(self, encoder, graph, layer, final_norm, pooling, distinct)
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -98,9 +98,12 @@ def _read_index(path: Path) -> dict | None:
     return index if isinstance(index, dict) and index.get("version") == INDEX_VERSION else None
 
 
-def remember(te: TextEncoder, encoder: int, graph: Path, layer: int, final_norm: bool, pooling: str) -> None:
+def remember(
+    te: TextEncoder, encoder: int, graph: Path, layer: int, final_norm: bool, pooling: str, distinct_rows: bool
+) -> None:
     """Record that ``graph`` answers ``te``'s file for these options (called by the normal path once it has
-    built an ONNX Runtime session for it).  Only what ``encode`` reproduces bit for bit is recorded."""
+    built an ONNX Runtime session for it; ``distinct_rows``: its passes run their distinct rows only, see
+    ``EngineTower.distinct_rows``).  Only what ``encode`` reproduces bit for bit is recorded."""
     import torch
 
     identity = te.fast_source
@@ -128,7 +131,12 @@ def remember(te: TextEncoder, encoder: int, graph: Path, layer: int, final_norm:
         "projection": bool(config.projection_dim),
     }
     key = run_key(encoder, te.tokenizers[i].mode, te.quantize, te.reuse.micro_batch, layer, final_norm)
-    index["runs"][key] = {"graph": str(graph), "threads": torch.get_num_threads(), "thread_env": thread_env()}
+    index["runs"][key] = {
+        "graph": str(graph),
+        "threads": torch.get_num_threads(),
+        "thread_env": thread_env(),
+        "distinct_rows": distinct_rows,
+    }
     try:
         write_text(path, json.dumps(index, indent=1, sort_keys=True))
     except SdclipError:
@@ -148,6 +156,7 @@ class Plan:
     pad_id: int
     context_length: int
     rows_per_pass: int
+    distinct_rows: bool  # the normal path's passes compute their distinct rows only (no padding rows)
 
     def session(self) -> Any:
         """The session the normal path builds for this graph (``sdclip.backends.ort_session``), or None."""
@@ -171,8 +180,9 @@ class Plan:
         return np.array(rows, dtype=np.int64).reshape(len(rows), length)
 
     def run(self, session: Any, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Hidden and pooled outputs of ``ids`` as ``sdclip.reuse`` computes them: each unique row once, in
-        passes of a fixed number of rows (the last padded with copies of its last row), rows in sorted order."""
+        """Hidden and pooled outputs of ``ids`` in the passes the normal path runs: each unique row once, in sorted
+        order, ``rows_per_pass`` rows a pass (``sdclip.reuse``); the last one padded with copies of its last row
+        unless the engine runs distinct rows only (``sdclip.backends.run_distinct``)."""
         import numpy as np
 
         rows_per_pass = self.rows_per_pass * max(1, self.context_length // ids.shape[1])
@@ -182,7 +192,7 @@ class Plan:
         for start in range(0, len(unique), rows_per_pass):
             part = unique[start : start + rows_per_pass]
             n = len(part)
-            if n < rows_per_pass:
+            if n < rows_per_pass and not self.distinct_rows:
                 part = np.concatenate([part, np.repeat(part[-1:], rows_per_pass - n, axis=0)])
             out = dict(zip(names, session.run(None, {"ids": part})))
             hidden.append(out["hidden"][:n])
@@ -236,6 +246,7 @@ def plan(
             int(enc["pad_id"]),
             int(enc["context_length"]),
             micro_batch,
+            bool(run["distinct_rows"]),
         )
     except (KeyError, TypeError, ValueError, AttributeError):  # an index from another version or edited by hand
         return None
