@@ -212,6 +212,7 @@ def main() -> None:
         )
     if importlib.util.find_spec("onnxruntime") is not None:
         rows += fast_path(path, out, args.repeats, size)
+        rows += session_formats(path, Path(args.out), max(3, args.repeats), size)
     print(
         write_results(
             "load",
@@ -228,6 +229,51 @@ def main() -> None:
             args.out,
         )
     )
+
+
+# one ONNX Runtime session in a fresh process, as sdclip opens one: CPU seconds, and a digest of the outputs
+SESSION = r"""
+import hashlib, json, sys, time
+import numpy as np
+from pathlib import Path
+from sdclip.backends import ort_session
+t = time.process_time(); session = ort_session(Path(sys.argv[1]), 2); cpu = time.process_time() - t
+ids = np.full((1, 77), 49407, dtype=np.int64); ids[0, :5] = [49406, 320, 1125, 539, 320]
+digest = hashlib.sha256(b"".join(o.tobytes() for o in session.run(None, {"ids": ids}))).hexdigest()
+print(json.dumps({"cpu": cpu, "digest": digest}))
+"""
+
+
+def session_formats(path: Path, out_dir: Path, repeats: int, size: int) -> list[dict]:
+    """Session start from the cached graph (weights in a mapped side file) against the same graph with its
+    weights embedded, as exports were written before: fresh processes, interleaved; the outputs must agree."""
+    import onnx
+
+    import sdclip.faststart as fs
+
+    plan = fs.plan(path)
+    if plan is None:
+        return []
+    embedded = out_dir / "embedded-weights.onnx"
+    if not embedded.exists():
+        onnx.save_model(onnx.load(str(plan.graph)), str(embedded))
+    results: dict[str, list[dict]] = {"mapped side file (now)": [], "embedded (before)": []}
+    for _ in range(repeats):
+        for name, graph in zip(results, (plan.graph, embedded)):
+            done = subprocess.run(
+                [sys.executable, "-c", SESSION, str(graph)], check=True, capture_output=True, text=True
+            )
+            results[name].append(json.loads(done.stdout.splitlines()[-1]))
+    digests = {r["digest"] for runs in results.values() for r in runs}
+    return [
+        {
+            "measure": f"ONNX Runtime session start, graph weights {name}"
+            + ("" if len(digests) == 1 else " (OUTPUTS DIFFER)"),
+            "file": f"{size / 2**30:.2f} GiB",
+            "CPU seconds": f"{median([r['cpu'] for r in runs]):.2f}",
+        }
+        for name, runs in results.items()
+    ]
 
 
 def fast_path(path: Path, out: Path, repeats: int, size: int) -> list[dict]:

@@ -119,7 +119,7 @@ def optimize_for_ort(source: Path, target: Path, config: Any) -> None:
 
 def save_mappable(model: Any, path: Path, min_bytes: int = 1024, align: int = 1 << 16) -> None:
     """Write an ONNX graph with its weights in a side file that ONNX Runtime maps instead of parsing and copying
-    (a session over a CLIP-L graph starts ~3x faster: bench/bench_load.py), tensors of 1 MiB and more at offsets
+    (a session over a CLIP-L graph starts ~3x faster: bench/bench_load.py), tensors of 1 MiB and up at offsets
     aligned for mmap.  The side file is named after its content and written first, the graph last, both
     atomically: a graph in the cache always finds its weights, even with processes exporting at once."""
     import hashlib
