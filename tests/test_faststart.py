@@ -119,3 +119,13 @@ def test_what_the_cache_cannot_answer_is_not_answered(model, tmp_path, monkeypat
     assert faststart.encode(model, ["a cat"]) is None
     index.write_text("{")
     assert faststart.encode(model, ["a cat"]) is None
+
+
+def test_identity_of_what_is_not_a_safetensors_file(tmp_path):
+    """A FIFO is not opened (that would block), nor is a device read: no identity, the normal path says why."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "model.ckpt").write_bytes(b"PK\x03\x04 a torch zip")
+    for path in (tmp_path / "fifo", tmp_path, Path("/dev/zero"), tmp_path / "model.ckpt", tmp_path / "missing"):
+        assert faststart.file_identity(path) is None, path
+    with pytest.raises(sdclip.BadInput, match="not a regular file"):
+        sdclip.load(tmp_path / "fifo", backend="onnxruntime")

@@ -5,10 +5,9 @@ Importing torch alone takes longer than a one-prompt ``sdclip encode`` should.  
 writes a small index beside the exports (``<cache>/fast/<hash of the file's real path>.json``): the
 file's identity (real path, size, mtime_ns, SHA-256 of its safetensors header: no tensor data read),
 and per encoder and option set the graph, the thread count and what tokenizing needs.  ``encode``
-then runs tokenizer -> numpy ids -> ONNX Runtime, with numpy and onnxruntime only, in the same
-fixed-shape passes ``sdclip.reuse`` runs (unique rows, ``micro_batch`` rows a pass, the last padded
-with copies of its last row) and with the same session settings: its output is bit-identical to
-the normal path's.
+then runs tokenizer -> numpy ids -> ONNX Runtime, with numpy and onnxruntime only, in the passes the
+normal path runs (``sdclip.reuse``: unique rows, ``micro_batch`` rows a pass; ``EngineTower.distinct_rows``)
+and with the same session settings: its output is bit-identical to the normal path's.
 
 Anything it does not cover returns ``None`` and the caller takes the normal path: no index, a
 changed file (size, mtime or header), options never run through the normal path, a tower with a
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from .atomic import write_text
 from .errors import SdclipError
+from .limits import MAX_SAFETENSORS_HEADER
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from .encoder import TextEncoder
 
 INDEX_VERSION = 1
-_MAX_HEADER = 100_000_000  # what the safetensors library accepts (sdclip.limits.MAX_SAFETENSORS_HEADER)
 
 
 @dataclass
@@ -54,12 +53,15 @@ def file_identity(path: str | os.PathLike) -> dict | None:
     """Real path, size, mtime_ns and header digest of a safetensors file; None for anything else."""
     try:
         real = os.path.realpath(path)
-        with open(real, "rb") as f:
+        if not stat.S_ISREG(os.stat(real).st_mode):
+            return None  # a FIFO would block the open
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode) or st.st_size < 10:
                 return None
             n = int.from_bytes(f.read(8), "little")
-            if not 1 < n <= min(_MAX_HEADER, st.st_size - 8):
+            if not 1 < n <= min(MAX_SAFETENSORS_HEADER, st.st_size - 8):
                 return None
             header = f.read(n)
     except OSError:
