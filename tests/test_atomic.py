@@ -65,3 +65,24 @@ def test_read_only_folder_names_the_file(tmp_path):
             write_bytes(tmp_path / "a.bin", b"x")
     finally:
         os.chmod(tmp_path, 0o700)
+
+
+def test_safetensors_bytes_do_not_depend_on_the_writer_s_hash_order(tmp_path):
+    """The safetensors writer orders metadata by its hash map; sdclip's files sort it: same input, same bytes."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from sdclip.atomic import write_safetensors
+
+    metadata = {f"key {n}": f"välue\n{n}\x01 \u2028" for n in range(12)}
+    tensors = {"b": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.ones(3, dtype=np.float16)}
+    files = []
+    for n in range(4):
+        write_safetensors(tmp_path / f"{n}.safetensors", tensors, metadata)
+        files.append((tmp_path / f"{n}.safetensors").read_bytes())
+    write_safetensors(tmp_path / "torch.safetensors", {k: torch.from_numpy(v) for k, v in tensors.items()}, metadata)
+    assert all(f == files[0] for f in files) and (tmp_path / "torch.safetensors").read_bytes() == files[0]
+    header = json.loads(files[0][8 : 8 + int.from_bytes(files[0][:8], "little")])
+    assert list(header["__metadata__"].items()) == sorted(metadata.items())

@@ -48,6 +48,19 @@ def vit_l() -> sdclip.TextEncoder:
     return sdclip.TextEncoder([tower], [Usage(-1, True)], [sdclip.Tokenizer()], "sd1")
 
 
+@pytest.fixture(scope="module")
+def vit_l_onnx(vit_l, tmp_path_factory) -> sdclip.TextEncoder:
+    """The same tower on ONNX Runtime, whose passes are not padded (``rows_independent``): that a row's bits do
+    not depend on its batch there is what these tests check."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SDCLIP_CACHE", str(tmp_path_factory.mktemp("engine-cache")))
+        te = sdclip.TextEncoder(vit_l.towers, vit_l.usages, vit_l.tokenizers, "sd1", backend="onnxruntime")
+        te.encode("a cat")  # exports while the cache folder is set
+        yield te
+
+
 def histories(te: sdclip.TextEncoder, dialect: str):
     """(what ran, the prompt's hidden states [77 k, C] and pooled output) for each history."""
     length = None
@@ -93,14 +106,21 @@ def test_vit_l_shaped_tower_is_history_free(vit_l, dialect):
     assert_history_free(vit_l, dialect)
 
 
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_onnxruntime_engine_is_history_free(vit_l_onnx, dialect):
+    assert_history_free(vit_l_onnx, dialect)
+
+
 @pytest.mark.parametrize("dialect", ["a1111", "compel"])
 def test_sdxl_pooled_is_history_free(dialect):
     """The projected pooled output too (it used to be projected over the whole batch at once)."""
     assert_history_free(fake_encoder("sdxl", widths=(64, 96), layers=2), dialect)
 
 
-def test_encode_is_history_free(vit_l):
+@pytest.mark.parametrize("model", ["vit_l", "vit_l_onnx"])
+def test_encode_is_history_free(model, request):
     """``TextEncoder.encode`` itself: alone, among companions, after other calls, pooled-only."""
+    vit_l = request.getfixturevalue(model)
     with torch.inference_mode():
         alone = vit_l.encode([PROMPT])
         among = vit_l.encode(COMPANIONS[:2] + [PROMPT] + FILLERS)

@@ -114,9 +114,14 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (its writer reports I/O errors as its own exception type)."""
+    """Write a safetensors file atomically (its writer reports I/O errors as its own exception type); ``tensors``
+    are torch tensors or, all of them, numpy arrays (the torch-free encode path)."""
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
+
+    if tensors and all(type(t).__module__ == "numpy" for t in tensors.values()):
+        from safetensors.numpy import save_file
+    else:
+        from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
         try:
@@ -125,3 +130,26 @@ def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str
             if "I/O error" not in str(e):
                 raise
             raise OSError(str(e).rsplit("I/O error: ", 1)[-1].split(" (os error")[0]) from None
+        _sort_metadata(tmp)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Put the header's ``__metadata__`` keys in sorted order, in place: the safetensors writer emits them in
+    its hash map's order, which changes from process to process, so that the same tensors and metadata
+    would give different bytes.  The keys are re-encoded as that writer encodes them (same escapes, no
+    spaces): same length; should a length ever differ, the file is left as written (valid either way)."""
+    import json
+
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        if not isinstance(header.get("__metadata__"), dict):
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(
+            {"__metadata__": header.pop("__metadata__"), **header}, separators=(",", ":"), ensure_ascii=False
+        ).encode()
+        if len(text) == len(raw.rstrip(b" ")):
+            f.seek(8)
+            f.write(text.ljust(n, b" "))

@@ -166,8 +166,8 @@ def _check_device(name: str) -> None:
 
 
 def _write_tensors(path: str, tensors: dict, metadata: dict[str, str]) -> None:
-    """Write ``encode``'s output file and say what it holds on stderr."""
-    tensors = {k: v.contiguous().cpu() for k, v in tensors.items() if v is not None}
+    """Write ``encode``'s output file (torch tensors or numpy arrays) and say what it holds on stderr."""
+    tensors = {k: v.contiguous().cpu() if hasattr(v, "cpu") else v for k, v in tensors.items() if v is not None}
     write_safetensors(path, tensors, {**metadata, "sdclip": sdclip.__version__})
     print(f"wrote {path}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items()), file=sys.stderr)
 
@@ -187,21 +187,65 @@ def cmd_encode(args: argparse.Namespace) -> None:
     prompts = read_prompts(args.prompts, args.file, args.max_prompt_chars)
     if Path(args.out).is_dir():
         raise BadInput(f"{args.out}: --out is a folder; give a file name such as out.safetensors")
+    if _encode_from_cache(args, prompts):
+        return
     _check_device(args.device)
     if args.dialect is not None or _conditioning_options(args):
         return _encode_conditioning(args, prompts)
     te = _load_for_encode(args)
     out = te.encode(prompts, encoder=args.encoder, layer=args.layer, final_norm=args.final_norm)
     usage = te.usages[args.encoder - 1]
+    _write_encoded(
+        args,
+        prompts,
+        {"hidden": out.hidden, "pooled": out.pooled, "pooled_projected": out.pooled_projected},
+        te.family,
+        usage.layer if args.layer is None else args.layer,
+        usage.final_norm if args.final_norm is None else args.final_norm,
+    )
+
+
+def _encode_from_cache(args: argparse.Namespace, prompts: list[str]) -> bool:
+    """``--backend onnxruntime`` on a checkpoint file whose graph an earlier run cached: the torch-free path
+    (``sdclip.faststart``, bit-identical output).  False: not covered, take the normal path."""
+    if (
+        args.backend != "onnxruntime"
+        or args.model is None
+        or args.device != "cpu"
+        or args.dtype != "float32"
+        or args.dialect is not None
+        or _conditioning_options(args)
+    ):
+        return False
+    from .faststart import encode
+
+    out = encode(
+        args.model,
+        prompts,
+        encoder=args.encoder,
+        layer=args.layer,
+        final_norm=args.final_norm,
+        tokenizer_mode=args.mode,
+        quantize=args.quantize,
+    )
+    if out is None:
+        return False
+    _write_encoded(args, prompts, {"hidden": out.hidden, "pooled": out.pooled}, out.family, out.layer, out.final_norm)
+    return True
+
+
+def _write_encoded(
+    args: argparse.Namespace, prompts: list[str], tensors: dict, family: str, layer: int, final_norm: bool
+) -> None:
     _write_tensors(
         args.out,
-        {"hidden": out.hidden, "pooled": out.pooled, "pooled_projected": out.pooled_projected},
+        tensors,
         {
             "model": str(args.model or bundled.DEFAULT),
-            "family": te.family,
+            "family": family,
             "encoder": str(args.encoder),
-            "layer": str(usage.layer if args.layer is None else args.layer),
-            "final_norm": str(usage.final_norm if args.final_norm is None else args.final_norm),
+            "layer": str(layer),
+            "final_norm": str(final_norm),
             "quantize": str(args.quantize),
             "prompts": json.dumps(prompts),
         },

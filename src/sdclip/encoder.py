@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -92,6 +93,7 @@ class TextEncoder:
         self._fingerprint: str | None = None
         self.backend, self.quantize = backend, quantize
         self._engines: list | None = None  # per tower: what runs its plain passes (sdclip.backends)
+        self.fast_source: dict | None = None  # the file's identity when sdclip.faststart may index its graphs
 
     def __repr__(self) -> str:
         names = ", ".join(t.config.architecture for t in self.towers)
@@ -148,6 +150,7 @@ class TextEncoder:
         self.reuse.cache.clear()  # cached prefixes hold the old device / dtype
         self._fingerprint = None
         self._engines = None  # exports are keyed by the fingerprint
+        self.fast_source = None  # the weights may no longer be the file's (a float16 round trip)
         return self
 
     def _index(self, encoder: int) -> int:
@@ -245,10 +248,24 @@ class TextEncoder:
             from .backends import EngineTower
 
             self._engines = [
-                EngineTower(t, self.backend, f"{self.weights_fingerprint}-{n}", quantize=self.quantize)
+                EngineTower(
+                    t,
+                    self.backend,
+                    f"{self.weights_fingerprint}-{n}",
+                    quantize=self.quantize,
+                    on_session=partial(self._index_graph, n + 1),
+                )
                 for n, t in enumerate(self.towers)
             ]
         return self._engines[i]  # type: ignore[return-value]  # called as a tower is
+
+    def _index_graph(self, encoder: int, graph: Path, layer: int, final_norm: bool, pooling: str) -> None:
+        """Let the torch-free ``sdclip.faststart`` answer this file with ``graph`` next time."""
+        if self.fast_source is not None:
+            from .faststart import remember
+
+            independent = self._engines[encoder - 1].rows_independent  # type: ignore[index]
+            remember(self, encoder, graph, layer, final_norm, pooling, independent)
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -378,6 +395,11 @@ def load(
             raise BadInput(f"backend {backend!r} does not combine with quantize; int8 runs on torch or onnxruntime")
     source = bundled.resolve(source)
     torch_dtype = _dtype(dtype)
+    fast_source = None
+    if backend == "onnxruntime" and not overrides:  # read before the weights: a later change shows as stale
+        from .faststart import file_identity
+
+        fast_source = file_identity(source)
     parts, pipeline, name = _open(source)
     files = [f for f, _, _ in parts]
     try:
@@ -423,7 +445,7 @@ def load(
     finally:
         for f in files:
             f.close()
-    return TextEncoder(
+    te = TextEncoder(
         modules,
         [usage_for(family, t) for t in towers],
         tokenizers,
@@ -433,3 +455,5 @@ def load(
         backend,
         quantize if backend != "torch" else None,
     )
+    te.fast_source = fast_source
+    return te

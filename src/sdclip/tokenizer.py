@@ -453,6 +453,18 @@ class Tokenizer:
         (EOS by default, as CLIP-L; OpenCLIP H / bigG pad with 0)."""
         import torch  # here, not at the top: tokenizing alone never imports torch
 
+        rows = self.rows(texts, length=length, pad_id=pad_id, truncate=truncate)
+        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), length)
+
+    def rows(
+        self,
+        texts: str | Iterable[str],
+        *,
+        length: int = CONTEXT_LENGTH,
+        pad_id: int | None = None,
+        truncate: bool = True,
+    ) -> list[list[int]]:
+        """What ``__call__`` returns, as lists (no torch: the torch-free encode path feeds them to numpy)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if length < 2:
             raise BadInput(f"length {length} leaves no room for BOS and EOS")
@@ -465,7 +477,7 @@ class Tokenizer:
                     raise BadInput(f"prompt {row} has {len(ids)} tokens; at most {room} fit")
                 ids = ids[:room]
             rows.append([self.bos_id, *ids, self.eos_id, *[pad] * (room - len(ids))])
-        return torch.tensor(rows, dtype=torch.long).reshape(len(texts), length)
+        return rows
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ids (specials dropped), word ends as spaces, as transformers' ``decode``."""
