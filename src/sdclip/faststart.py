@@ -6,8 +6,9 @@ writes a small index beside the exports (``<cache>/fast/<hash of the file's real
 file's identity (real path, size, mtime_ns, SHA-256 of its safetensors header: no tensor data read),
 and per encoder and option set the graph, the thread count and what tokenizing needs.  ``encode``
 then runs tokenizer -> numpy ids -> ONNX Runtime, with numpy and onnxruntime only, in the passes the
-normal path runs (``sdclip.reuse``: unique rows, ``micro_batch`` rows a pass, unpadded: ``EngineTower.rows_independent``)
-and with the same session settings: its output is bit-identical to the normal path's.
+normal path runs (``sdclip.reuse``: unique rows, ``micro_batch`` rows a pass, unpadded where
+``EngineTower.rows_independent``) and with the same session settings: its output is bit-identical to
+the normal path's.
 
 Anything it does not cover returns ``None`` and the caller takes the normal path: no index, a
 changed file (size, mtime or header), options never run through the normal path, a tower with a
