@@ -213,6 +213,7 @@ def _encode_from_cache(args: argparse.Namespace, prompts: list[str]) -> bool:
         or args.model is None
         or args.device != "cpu"
         or args.dtype != "float32"
+        or args.quantize is not None
         or args.dialect is not None
         or _conditioning_options(args)
     ):
@@ -226,7 +227,6 @@ def _encode_from_cache(args: argparse.Namespace, prompts: list[str]) -> bool:
         layer=args.layer,
         final_norm=args.final_norm,
         tokenizer_mode=args.mode,
-        quantize=args.quantize,
     )
     if out is None:
         return False

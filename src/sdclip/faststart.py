@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from .encoder import TextEncoder
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3
 
 
 @dataclass
@@ -84,9 +84,9 @@ def thread_env() -> dict:
     }
 
 
-def run_key(encoder: int, mode: str, quantize: str | None, micro_batch: int, layer: int, final_norm: bool) -> str:
-    """The options one cached graph and pass shape answer (``layer`` resolved: 0..layers)."""
-    return f"encoder={encoder} mode={mode} quantize={quantize} micro_batch={micro_batch} L{layer}{'n' * final_norm}"
+def run_key(encoder: int, mode: str, micro_batch: int, layer: int, final_norm: bool) -> str:
+    """The options one cached float32 graph and pass shape answer (``layer`` resolved: 0..layers)."""
+    return f"encoder={encoder} mode={mode} micro_batch={micro_batch} L{layer}{'n' * final_norm}"
 
 
 def index_path(real_path: str, root: Path) -> Path:
@@ -135,7 +135,7 @@ def remember(
         "pad_id": config.pad_id,
         "projection": bool(config.projection_dim),
     }
-    key = run_key(encoder, te.tokenizers[i].mode, te.quantize, te.reuse.micro_batch, layer, final_norm)
+    key = run_key(encoder, te.tokenizers[i].mode, te.reuse.micro_batch, layer, final_norm)
     index["runs"][key] = {
         "graph": str(graph),
         "threads": torch.get_num_threads(),
@@ -213,12 +213,11 @@ def plan(
     layer: int | None = None,
     final_norm: bool | None = None,
     tokenizer_mode: str = "hf",
-    quantize: str | None = None,
     micro_batch: int = 8,
     cache: Path | None = None,
 ) -> Plan | None:
-    """The cached answer to ``sdclip.load(source, backend="onnxruntime", tokenizer_mode=..., quantize=...,
-    micro_batch=...).encode(..., encoder=..., layer=..., final_norm=...)``, or None."""
+    """The cached answer to ``sdclip.load(source, backend="onnxruntime", tokenizer_mode=...,
+    micro_batch=...).encode(..., encoder=..., layer=..., final_norm=...)``, or None (int8 is never cached)."""
     from .backends import cache_dir
 
     identity = file_identity(source)
@@ -236,7 +235,7 @@ def plan(
         if not -n <= given_layer < n:
             return None  # the normal path says what is wrong
         given_norm = enc["final_norm"] if final_norm is None else bool(final_norm)
-        run = index["runs"].get(run_key(encoder, tokenizer_mode, quantize, micro_batch, given_layer % n, given_norm))
+        run = index["runs"].get(run_key(encoder, tokenizer_mode, micro_batch, given_layer % n, given_norm))
         if run is None or run["thread_env"] != thread_env():
             return None
         if "torch" in sys.modules and sys.modules["torch"].get_num_threads() != run["threads"]:
