@@ -204,6 +204,50 @@ def test_identical_rows_are_encoded_once(sd1):
     assert sd1.reuse.stats.rows - before == 2  # "a cat" and the empty prompt
 
 
+def test_encode_many_shares_passes_and_gives_each_request_its_own_bits(sd1):
+    """Requests of any dialects, clip skips, negatives and textual-inversion tables run as one call: each result is
+    bit for bit its own ``encode`` (uncached), a bad request fails alone, and the shared call runs fewer rows than
+    the requests one by one."""
+    slim = sdclip.Embedding("slim", "<slim>", {"*": torch.randn(2, 64, generator=torch.Generator().manual_seed(3))})
+    conditioners = [
+        Conditioner(sd1, "a1111", cache=None),
+        Conditioner(sd1, "comfy", cache=None),
+        Conditioner(sd1, "comfy", clip_skip=2, cache=None),
+        Conditioner(sd1, "compel", cache=None),
+        Conditioner(sd1, "diffusers", cache=None),
+        Conditioner(sd1, "a1111", embeddings=[slim], cache=None),
+    ]
+    requests = [
+        (conditioners[0], ["a (red:1.2) star", "a cat"], "blurry", 0),
+        (conditioners[1], ["a (red:1.2) star", LONG], None, 0),
+        (conditioners[2], "a (red:1.2) star", "blurry", 0),
+        (conditioners[3], ["a red++ star", "a cat"], ["ugly", "blurry"], 0),
+        (conditioners[4], "a cat", None, 0),
+        (conditioners[5], ["a slim cat", "a (red:1.2) star"], "blurry", 0),
+        (conditioners[1], "a (red:1e39) star", None, 0),  # NaN conditioning: a BadInput of its own
+        (conditioners[0], "[a cat:a dog:5]", None, 7),  # prompt editing at a step
+    ]
+    before = sd1.reuse.stats.rows
+    results = sdclip.encode_many(requests)
+    together = sd1.reuse.stats.rows - before
+    alone = 0
+    for (conditioner, prompts_, negative, step), got in zip(requests, results):
+        start = sd1.reuse.stats.rows
+        try:
+            want = conditioner.encode(prompts_, negative, step=step)
+        except BadInput as e:
+            assert isinstance(got, BadInput) and str(got) == str(e)
+            continue
+        alone += sd1.reuse.stats.rows - start
+        for name in ("hidden", "pooled", "negative_hidden", "negative_pooled"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert (a is None and b is None) or torch.equal(a, b), name
+    assert sum(isinstance(r, BadInput) for r in results) == 1
+    assert together < alone  # the empty prompt, "a (red:1.2) star" and "blurry" once for all dialects
+    with pytest.raises(ValueError, match="same TextEncoder"):
+        sdclip.encode_many([(conditioners[0], "a", None, 0), (Conditioner(condfakes.encoder("sd1")), "a", None, 0)])
+
+
 # --- layers -------------------------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name is i
     from .cachefile import open_cache
     from .checkpoint import CheckpointInfo, Usage
     from .clip import CLIPModel
-    from .conditioning import Conditioner, Conditioning, Encoded, encode_prompts, layer_for
+    from .conditioning import Conditioner, Conditioning, Encoded, encode_many, encode_prompts, layer_for
     from .embeddings import Embedding, load_embeddings, read_embedding, save_embedding
     from .encoder import TextEncoder, load
     from .errors import BadInput, SdclipError
@@ -37,6 +37,7 @@ _HOMES = {
     "Conditioning": "conditioning",
     "Encoded": "conditioning",
     "encode_prompts": "conditioning",
+    "encode_many": "conditioning",
     "layer_for": "conditioning",
     "Embedding": "embeddings",
     "load_embeddings": "embeddings",
@@ -69,6 +70,7 @@ __all__ = [
     "BadInput",
     "__version__",
     "encode_prompts",
+    "encode_many",
     "Conditioner",
     "Conditioning",
     "Encoded",

@@ -262,14 +262,17 @@ class _Rows:
 
 
 class _Call:
-    """Everything one ``encode`` call needs encoded, gathered first so that each encoder runs once per layer."""
+    """Everything one ``encode`` call (or ``encode_many``) needs encoded, gathered first so that each encoder runs
+    once per layer."""
 
     def __init__(self, te: TextEncoder):
         self.te = te
         self.rows: dict[tuple[int, int, bool], _Rows] = {}
 
     def rows_for(self, use: _EncoderUse, usage: Usage) -> _Rows:
-        key = (use.number, usage.layer, usage.final_norm)
+        """The rows of one encoder at one layer; conditioners sharing the call (``encode_many``) share them, unless
+        a textual-inversion table (looked up by name in ``_Rows.run``) sets one conditioner's rows apart."""
+        key = (use.number, usage.layer, usage.final_norm, id(use) if use.table else None)
         if key not in self.rows:
             self.rows[key] = _Rows(self.te, use, usage)
         return self.rows[key]
@@ -429,13 +432,23 @@ class Conditioner:
         negatives with empty-prompt chunks (its "pad prompt/negative prompt" setting; without it A1111 runs them
         in separate U-Net calls); compel pads with empty-prompt chunks; ComfyUI tiles each to the least common
         multiple of the lengths, as its sampler does."""
+        call = _Call(self.te)
+        finish = self._prepare(call, prompts, negative, step)
+        with torch.no_grad():
+            call.run()
+            return finish()
+
+    def _prepare(
+        self, call: _Call, prompts: str | Sequence[str], negative: str | Sequence[str] | None, step: int
+    ) -> Deferred[Conditioning]:
+        """Plan ``encode``'s rows into ``call`` (the prompts found in the cache need none); the result once it has
+        run."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise BadInput("no prompts to encode")
         negatives = [negative] * len(prompts) if negative is None or isinstance(negative, str) else list(negative)
         if len(negatives) != len(prompts):
             raise BadInput(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one each")
-        call = _Call(self.te)
         wanted = [("+", p) for p in dict.fromkeys(prompts)] + [("-", n) for n in dict.fromkeys(negatives)]
         if self.front_end.uses_empty_prompt:
             wanted.append(("empty", ""))
@@ -449,8 +462,8 @@ class Conditioner:
                 plans[role, text] = self._plan(
                     call, text, self.usages if role == "+" else self.negative_usages, negative=role == "-"
                 )
-        with torch.no_grad():
-            call.run()
+
+        def finish() -> Conditioning:
             for w, plan in plans.items():
                 done[w] = self._at(plan(), step)
                 if self.cache is not None:
@@ -464,6 +477,8 @@ class Conditioner:
             both = _fill(hidden + [e.hidden for e in neg], self.front_end.negative_fill, padding)
             pooled, negative_pooled = self._project(pos), self._project(neg)
             return Conditioning(torch.stack(both[: len(pos)]), pooled, torch.stack(both[len(pos) :]), negative_pooled)
+
+        return finish
 
     def encode_tree(self, prompt: str) -> Node[Encoded]:
         """One prompt's conditioning with its structure: for A1111 ``AND`` and prompt editing a ``Schedule`` of
@@ -774,6 +789,37 @@ def _concatenate(parts: list[torch.Tensor], node: Conjunction, empty: torch.Tens
             part = lerp_from_empty(part, e, torch.full(part.shape[:1], w, device=part.device))
         out.append(part)
     return torch.cat(out)
+
+
+def encode_many(
+    requests: Sequence[tuple[Conditioner, str | Sequence[str], str | Sequence[str] | None, int]],
+) -> list[Conditioning | BadInput]:
+    """Several ``Conditioner.encode`` calls, (conditioner, prompts, negative, step) each, whose rows run as one:
+    conditioners of one ``TextEncoder`` (any dialects and options) share each encoder's forward passes, so a
+    server's mixed batch pays the fixed-shape micro-batches' padding once, not once per request.  Each result is
+    the bits of that request's own ``encode`` (a row's output is a function of the row alone: ``sdclip.reuse``);
+    a request with bad input gets its ``BadInput`` in its place and fails alone."""
+    tes = {id(conditioner.te) for conditioner, *_ in requests}
+    if len(tes) > 1:
+        raise ValueError("encode_many: every conditioner must use the same TextEncoder")
+    if not requests:
+        return []
+    call = _Call(requests[0][0].te)
+    finishes: list[Deferred[Conditioning] | BadInput] = []
+    for conditioner, prompts, negative, step in requests:
+        try:
+            finishes.append(conditioner._prepare(call, prompts, negative, step))
+        except BadInput as e:  # rows it planned before the error are computed and dropped
+            finishes.append(e)
+    results: list[Conditioning | BadInput] = []
+    with torch.no_grad():
+        call.run()
+        for finish in finishes:
+            try:
+                results.append(finish if isinstance(finish, BadInput) else finish())
+            except BadInput as e:
+                results.append(e)
+    return results
 
 
 def encode_prompts(

@@ -175,12 +175,14 @@ class ReusingRunner:
         return TextOutput(pick(out.hidden), pick(out.pooled), pick(out.pooled_projected))
 
     def _run(self, tower: TextTransformer, ids: torch.Tensor, prefix: Prefix | None, **kw: object) -> list[TextOutput]:
-        """Forward passes of ``micro_batch`` rows each (as many more as shorter rows allow: about the positions of
-        ``micro_batch`` full rows, a number that depends on the length alone): the last one padded with copies of
-        its last row, whose outputs are dropped (not with prefixes, whose rounding moves anyway; nor on a tower
+        """Forward passes of ``micro_batch`` rows each, the last one padded with copies of its last row, whose
+        outputs are dropped (not with prefixes, whose rounding moves anyway; nor on a tower
         whose ``rows_independent`` is true: its output for a row is the same bits in any batch, so padding would
-        only cost time: a single prompt would pay ``micro_batch`` rows)."""
-        mb = self.micro_batch * max(1, tower.config.context_length // ids.shape[1])
+        only cost time: a single prompt would pay ``micro_batch`` rows).  Short (pooled-only) rows too run
+        ``micro_batch`` at a time: a small call, such as a server's few inputs of each length, pads to 8 rows
+        rather than to the positions of 8 full rows (measured on ViT-L: 2x faster on 16 labels, ~4 % slower on
+        256)."""
+        mb = self.micro_batch
         pad = not self.prefixes and not getattr(tower, "rows_independent", False)
         outs = []
         computed = 0
@@ -237,7 +239,7 @@ class ReusingRunner:
 
     def _pooled_only(self, tower: TextTransformer, rows: torch.Tensor, pooling: str) -> TextOutput:
         """Each row cut after its pooling position, rounded up to 8 positions (a length that depends on the row
-        alone); rows of one length run together, more of them per pass the shorter they are."""
+        alone); rows of one length run together."""
         where = rows.argmax(-1) if pooling == "argmax" else (rows == tower.config.eos_id).int().argmax(-1)
         lengths = torch.clamp((where // 8 + 1) * 8, max=rows.shape[1]).tolist()
         parts: list[tuple[list[int], list[TextOutput]]] = []

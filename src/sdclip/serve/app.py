@@ -400,14 +400,12 @@ class Server:
                 )
             self._known_embeddings(body.embeddings)
 
-            def measure() -> dict[str, list[int]]:  # on the model's thread: parsing prompts would block the loop
-                return {
-                    "chunks": [self.chunks(te, p, body, f"prompts[{i}]")[1] for i, p in enumerate(prompts)],
-                    "negative_chunks": [
-                        1 if n is None else self.chunks(te, n, body, f"negatives[{i}]")[1]
-                        for i, n in enumerate(negatives)
-                    ],
-                }
+            def check_lengths() -> dict:  # on the model's thread: parsing prompts would block the event loop
+                for what, texts in (("prompts", prompts), ("negatives", negatives)):
+                    for i, text in enumerate(texts):
+                        if text is not None:
+                            self.chunks(te, text, body, f"{what}[{i}]")
+                return {}
 
             options = dict(
                 dialect=body.dialect,
@@ -420,7 +418,7 @@ class Server:
             )
             key = (tuple((k, v if not isinstance(v, list) else tuple(v)) for k, v in options.items()), body.step)
             payload = dict(options=options, step=body.step, negatives=negatives, one_negative=one_negative)
-            cond = await self.run(worker, Job("conditioning", key, prompts, payload, prepare=measure), request)
+            cond = await self.run(worker, Job("conditioning", key, prompts, payload, prepare=check_lengths), request)
             tensors = {
                 "hidden": cond.hidden,
                 "pooled": cond.pooled,

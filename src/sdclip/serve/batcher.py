@@ -5,10 +5,10 @@ cache, tokenizer cache) are only ever touched by one thread.  The worker takes t
 keeps collecting until ``max_batch`` prompts or ``max_wait_ms`` have passed, and encodes jobs that share
 their options together:
 
-* conditioning (a dialect's ``Conditioner``): every distinct prompt and negative of the batch is encoded in
-  one engine call (identical rows and shared prefixes computed once), which fills the conditioner's cache;
-  each request is then answered by its own ``Conditioner.encode`` call, which finds every prompt in the cache
-  and only pads, stacks and projects.  The answer is the request's own ``encode_prompts`` result.
+* conditioning (each request's dialect and options have their ``Conditioner``): every conditioning request of
+  the batch, whatever its dialect, in one ``sdclip.encode_many``: the rows of all of them share each encoder's
+  fixed-shape passes (identical rows computed once), and each request is assembled on its own.  The answer is
+  the request's own ``encode_prompts`` result.
 * raw hidden states and pooled embeddings: one ``TextEncoder.encode`` for every distinct prompt of the batch,
   each request answered with its own rows.
 
@@ -184,8 +184,8 @@ class ModelWorker:
         if self.on_batch is not None and live:
             self.on_batch(self.name, sum(len(j.prompts) for j in live))
         groups: OrderedDict[tuple, list[Job]] = OrderedDict()
-        for job in live:
-            groups.setdefault((job.kind, job.key), []).append(job)
+        for job in live:  # conditioning jobs all run together; raw ones share a call when their options agree
+            groups.setdefault((job.kind, None if job.kind == "conditioning" else job.key), []).append(job)
         for (kind, _), jobs in groups.items():
             try:
                 if kind == "conditioning":
@@ -241,29 +241,18 @@ class ModelWorker:
         return found
 
     def _conditioning(self, jobs: list[Job]) -> None:
-        conditioner = self.conditioner(jobs[0].payload["options"])
-        step = jobs[0].payload["step"]
-        if len(jobs) > 1:  # one engine call for every distinct row of the batch: fills the cache
-            # one call per chunk count: ComfyUI pads a batch to the least common multiple of its lengths
-            by_length: dict[int, tuple[dict, dict]] = {}
-            for job in jobs:
-                for text, n in zip(job.prompts, job.payload["chunks"]):
-                    by_length.setdefault(n, ({}, {}))[0][text] = None
-                for text, n in zip(job.payload["negatives"], job.payload["negative_chunks"]):
-                    by_length.setdefault(n, ({}, {}))[1][text] = None
-            for positives, negatives in by_length.values():
-                pos, neg = list(positives) or [""], list(negatives) or [None]
-                width = max(len(pos), len(neg))
-                pos += [pos[-1]] * (width - len(pos))
-                neg += [neg[-1]] * (width - len(neg))
-                conditioner.encode(pos, neg, step=step)
+        """Every conditioning job of the batch, whatever its dialect and options, in one ``encode_many``: the rows of
+        all of them share the encoders' fixed-shape passes; each request gets its own ``encode`` result."""
+        requests = []
         for job in jobs:
             negatives = job.payload["negatives"]
             negative = negatives[0] if job.payload["one_negative"] else negatives
-            try:
-                job.finish(conditioner.encode(job.prompts, negative, step=step))
-            except Exception as e:
-                job.finish(error=e)
+            requests.append((self.conditioner(job.payload["options"]), job.prompts, negative, job.payload["step"]))
+        for job, result in zip(jobs, sdclip.encode_many(requests)):
+            if isinstance(result, Exception):
+                job.finish(error=result)
+            else:
+                job.finish(result)
 
     def _raw(self, jobs: list[Job]) -> None:
         """One ``TextEncoder.encode`` for every distinct prompt of the batch; each request gets its own rows.  A
