@@ -293,6 +293,10 @@ def test_bad_requests_are_4xx(client):
     for huge in ("(a:1e308)", "(a:1e38)"):  # a conditioning with inf or NaN would be refused (non_finite)
         r = post({"prompts": huge, "dialect": "a1111", "dtype": "float16"})
         assert r.status_code == 422 or torch.isfinite(_tensor(r.json()["tensors"]["hidden"])).all()
+    # finite in float32 (|x| ~5e5), beyond float16's 65504: the float16 answer would hold inf
+    assert post({"prompts": "a (x:1e6) cat", "dialect": "comfy"}).status_code == 200
+    r = _error(post({"prompts": "a (x:1e6) cat", "dialect": "comfy", "dtype": "float16"}), 422, "non_finite")
+    assert "float16" in r["message"]
     assert post({"prompts": "still alive", "dialect": "a1111"}).status_code == 200
 
 
