@@ -200,7 +200,7 @@ def run(batches: list[int], quick: bool, out: str) -> tuple[list[dict], dict]:
                 times = paired(calls, repeats=repeats, cpu=cpu)
             profiles[batch] = {  # where the ONNX Runtime contenders' time goes, for bench_roofline.py
                 name: ort_op_seconds(
-                    os.path.join(work, path), {"input_ids": ids.numpy()}, 2 if quick else 3, torch.get_num_threads()
+                    os.path.join(work, path), {"input_ids": ids.numpy()}, 3 if quick else 5, torch.get_num_threads()
                 )
                 for name, path in PROFILED.items()
             }

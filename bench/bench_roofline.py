@@ -182,8 +182,8 @@ def gemm_rates(shapes: list[tuple[int, int, int]], repeats: int, threads: int = 
 
 
 def ort_op_seconds(path: str, feeds: dict, runs: int, threads: int = 1) -> dict[str, float]:
-    """Seconds per run an ONNX Runtime graph spends in each op type (its profiler, ``runs`` runs after a warm-up
-    one), and in the whole run ("run")."""
+    """Seconds an ONNX Runtime graph spends in each op type, and in the whole run ("run"), in its median run of
+    ``runs`` after a warm-up one (its profiler; the median run, as on a shared machine some runs wait)."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as folder:
@@ -195,16 +195,14 @@ def ort_op_seconds(path: str, feeds: dict, runs: int, threads: int = 1) -> dict[
         for _ in range(runs + 1):
             session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
-    starts = sorted(e["ts"] for e in events if e["name"] == "model_run")
-    seconds: dict[str, float] = {"run": 0.0}
+    timed = sorted((e for e in events if e["name"] == "model_run"), key=lambda e: e["ts"])[1:]
+    chosen = sorted(timed, key=lambda e: e["dur"])[len(timed) // 2]
+    seconds = {"run": chosen["dur"] / 1e6}
     for e in events:
-        if e["ts"] < starts[1]:  # the warm-up run
-            continue
-        if e["name"] == "model_run":
-            seconds["run"] += e["dur"] / 1e6 / runs
-        elif e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+        kernel = e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+        if kernel and chosen["ts"] <= e["ts"] <= chosen["ts"] + chosen["dur"]:
             op = e["args"]["op_name"]
-            seconds[op] = seconds.get(op, 0.0) + e["dur"] / 1e6 / runs
+            seconds[op] = seconds.get(op, 0.0) + e["dur"] / 1e6
     return seconds
 
 
