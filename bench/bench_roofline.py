@@ -334,7 +334,7 @@ def table(rows: list[dict]) -> str:
 def run(batches: list[int], quick: bool, out: str) -> str:
     times, profiles, threads = engines_results(out)
     shapes = [s for b in batches for s in gemm_shapes(b)] + [(SQUARE, SQUARE, SQUARE)]
-    rates = gemm_rates(shapes, repeats=3 if quick else 7, threads=threads)
+    rates = gemm_rates(shapes, repeats=3 if quick else 9, threads=threads)
     fp32, int8 = _best(rates, "fp32"), _best(rates, "int8")
     rows = [row for b in batches if b in times for row in ceilings(b, times[b], rates)]
     savings = savings_rows()
@@ -363,7 +363,7 @@ def run(batches: list[int], quick: bool, out: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="3 timed calls per product instead of 7")
+    ap.add_argument("--quick", action="store_true", help="3 timed calls per product instead of 9")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--out", default=str(Path(__file__).parent / "out"))
     print(run(**vars(ap.parse_args())))
