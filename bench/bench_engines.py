@@ -19,6 +19,10 @@ prompts, every contender timed interleaved in one process (A B C ... A B C ...),
   fixed-shape micro-batch (8 rows on torch, int8 and OpenVINO; none on ONNX Runtime float32, whose rows
   are provably independent of their batch: tests/test_backends.py).
 
+Each contender's GFLOP/s is the tower's matmul FLOPs (``bench_roofline.tower_flops``) over its median time; the
+ONNX Runtime contenders are also run once more under ONNX Runtime's profiler (time per op type, into
+``engines.json`` for ``bench_roofline.py``, which sets all of it against this machine's GEMM ceiling).
+
 Fidelity: max |Δ| of last_hidden_state and the per-token cosine (mean, min) against transformers fp32.
 Speed: median wall time and median CPU time (the process's, all threads) per call; on a machine shared with
 other jobs the CPU-time ratios are the steadier ones (with ``--threads 1`` a call's wall time includes the
@@ -41,11 +45,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import unique_prompts
+from bench_roofline import ort_op_seconds, tower_flops
 from common import median, paired, random_vit_l, write_results
 
 import sdclip
 
 warnings.filterwarnings("ignore")
+
+PLAIN, INT8 = "clip-text.onnx", "clip-text-int8.onnx"  # the exported tower and its ORT dynamic quantization
+PROFILED = {"ONNX Runtime": PLAIN, "ONNX Runtime int8 (dynamic)": INT8}
 
 
 def export_transformers(model, path: str) -> None:
@@ -81,7 +89,7 @@ def contenders(folder: str, work: str) -> tuple[dict, dict, dict]:
     fns["transformers sdpa"] = lambda ids: hf["sdpa"](ids).last_hidden_state
 
     t0 = time.perf_counter()
-    plain = os.path.join(work, "clip-text.onnx")
+    plain = os.path.join(work, PLAIN)
     export_transformers(hf["eager"], plain)
     setup["export (transformers -> ONNX)"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -126,7 +134,7 @@ def contenders(folder: str, work: str) -> tuple[dict, dict, dict]:
     fns["torch.compile (transformers)"] = lambda ids: compiled_hf(ids).last_hidden_state
 
     t0 = time.perf_counter()
-    q8 = os.path.join(work, "clip-text-int8.onnx")  # optimum's ORTQuantizer path: the exported model, dynamic
+    q8 = os.path.join(work, INT8)  # optimum's ORTQuantizer path: the exported model, dynamic
     quantize_dynamic(plain, q8, per_channel=True, weight_type=QuantType.QInt8)
     setup["ORT dynamic quantization"] = time.perf_counter() - t0
     s8 = session(q8)
@@ -171,6 +179,7 @@ def fidelity(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float, float]
 
 def run(batches: list[int], quick: bool, out: str) -> tuple[list[dict], dict]:
     rows: list[dict] = []
+    profiles: dict[int, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as work:
         os.environ["SDCLIP_CACHE"] = work
         fns, setup, notes = contenders(folder, work)
@@ -189,6 +198,12 @@ def run(batches: list[int], quick: bool, out: str) -> tuple[list[dict], dict]:
                 cpu: dict[str, list[float]] = {}
                 calls = {name: (lambda fn: lambda: fn(ids))(fn) for name, fn in fns.items()}
                 times = paired(calls, repeats=repeats, cpu=cpu)
+            profiles[batch] = {  # where the ONNX Runtime contenders' time goes, for bench_roofline.py
+                name: ort_op_seconds(
+                    os.path.join(work, path), {"input_ids": ids.numpy()}, 3 if quick else 5, torch.get_num_threads()
+                )
+                for name, path in PROFILED.items()
+            }
             base, cpu_base = median(times["transformers sdpa"]), median(cpu["transformers sdpa"])
             for name, ts in times.items():
                 t = median(ts)
@@ -200,6 +215,7 @@ def run(batches: list[int], quick: bool, out: str) -> tuple[list[dict], dict]:
                         "ms": f"{t * 1e3:.1f}",
                         "prompts/s": f"{batch / t:.2f}",
                         "vs transformers sdpa": f"{base / t:.2f}x",
+                        "GFLOP/s": f"{tower_flops(batch)['total'] / t / 1e9:.1f}",
                         "CPU s": f"{median(cpu[name]):.3f}",
                         "vs transformers, CPU time": f"{cpu_base / median(cpu[name]):.2f}x",
                         "max |Δ|": f"{diff:.1e}",
@@ -207,8 +223,9 @@ def run(batches: list[int], quick: bool, out: str) -> tuple[list[dict], dict]:
                         "notes": notes.get(name, "") + (f"first call {first[name]:.0f} s" if name in first else ""),
                     }
                 )
-            write_results("engines", rows, HEADER, out, {"setup_seconds": setup})  # each batch size as it ends
-    return rows, {"setup_seconds": setup}
+            extra = {"setup_seconds": setup, "ort_op_seconds": profiles}
+            write_results("engines", rows, HEADER, out, extra)  # each batch size as it ends
+    return rows, extra
 
 
 HEADER = [
@@ -217,6 +234,7 @@ HEADER = [
     "ms",
     "prompts/s",
     "vs transformers sdpa",
+    "GFLOP/s",
     "CPU s",
     "vs transformers, CPU time",
     "max |Δ|",

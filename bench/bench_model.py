@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_roofline import tower_flops
 from common import median, paired, random_vit_l, write_results
 
 import sdclip
@@ -40,12 +41,6 @@ def unique_prompts(n: int, seed: int = 0) -> list[str]:
     """Prompts long enough to fill all 77 positions, each different from the first word on."""
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(90)) for _ in range(n)]
-
-
-def flops_per_prompt(width: int = 768, layers: int = 12, mlp: int = 3072, n: int = 77) -> float:
-    """Multiply-adds x 2 of one 77-token forward pass (projections, attention, MLP)."""
-    per_layer = 2 * n * width * (3 * width + width + 2 * mlp) + 2 * 2 * n * n * width
-    return layers * per_layer
 
 
 def matmul_peak(seconds: float = 3.0) -> float:
@@ -81,7 +76,7 @@ def run(quick: bool = False, compile: bool = False) -> tuple[list[dict], dict]:
         hf, te, te8 = build(folder)
         compiled = sdclip.load(folder, compile=True).towers[0] if compile else None
     tower, tower8 = te.towers[0], te8.towers[0]
-    flops = flops_per_prompt()
+    flops = tower_flops(1)["total"]
 
     for batch in (1, 8, 32):
         ids = te.tokenize(unique_prompts(batch, seed=batch))

@@ -73,14 +73,12 @@ def write_results(
     return md
 
 
-def random_vit_l(folder: str, **load: object) -> dict[str, torch.nn.Module]:
-    """A CLIP ViT-L/14 text tower with random weights (seed 0), saved to ``folder`` as a transformers folder
-    and loaded back as transformers' ``CLIPTextModel`` with sdpa and eager attention (``load``: more
-    ``from_pretrained`` arguments, e.g. ``torch_dtype``): the weights every model benchmark compares on."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def vit_l_config():
+    """The CLIP ViT-L/14 text tower's ``CLIPTextConfig`` (SD1's text encoder): the shape every model benchmark
+    runs and the FLOP counts of ``bench_roofline`` come from."""
+    from transformers import CLIPTextConfig
 
-    torch.manual_seed(0)
-    config = CLIPTextConfig(
+    return CLIPTextConfig(
         hidden_size=768,
         intermediate_size=3072,
         num_hidden_layers=12,
@@ -88,7 +86,16 @@ def random_vit_l(folder: str, **load: object) -> dict[str, torch.nn.Module]:
         hidden_act="quick_gelu",
         eos_token_id=49407,
     )
-    CLIPTextModel(config).save_pretrained(folder)
+
+
+def random_vit_l(folder: str, **load: object) -> dict[str, torch.nn.Module]:
+    """A CLIP ViT-L/14 text tower with random weights (seed 0), saved to ``folder`` as a transformers folder
+    and loaded back as transformers' ``CLIPTextModel`` with sdpa and eager attention (``load``: more
+    ``from_pretrained`` arguments, e.g. ``torch_dtype``): the weights every model benchmark compares on."""
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    CLIPTextModel(vit_l_config()).save_pretrained(folder)
     return {
         impl: CLIPTextModel.from_pretrained(folder, attn_implementation=impl, **load).eval()
         for impl in ("sdpa", "eager")

@@ -1,7 +1,7 @@
 """Every benchmark in one command: one markdown report and one JSON file.
 
-    python bench/run.py [--quick] [--only model engines workload determinism load start tokenizer clip serve cache]
-        [--out bench/out]
+    python bench/run.py [--quick] [--out bench/out]
+        [--only model engines roofline workload determinism load start tokenizer clip serve cache]
 
 Each benchmark runs in its own process (no state shared between them) and writes `<name>.md` /
 `<name>.json` under --out; this script gathers them into `report.md` and `report.json`.  Ratios
@@ -25,6 +25,7 @@ from common import machine  # noqa: E402
 BENCHES = {
     "model": ["bench_model.py", "--compile"],  # (a) batch 1, (b) batch 8/32 + int8 + compile, (d) pooled-only, peak
     "engines": ["bench_engines.py", "--threads", "1"],  # vs ONNX Runtime, OpenVINO, torch.compile, int8 paths
+    "roofline": ["bench_roofline.py"],  # after engines: its contenders against this CPU's GEMM ceiling
     "workload": ["bench_workload.py"],  # (c) a realistic generation workload
     "determinism": ["bench_determinism.py"],  # what the same-answer guarantee costs on (a)-(d)
     "load": ["bench_load.py"],  # (e) cold start from a 2 GB SD1 file, peak memory
