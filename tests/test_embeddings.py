@@ -241,6 +241,34 @@ def test_width_mismatch(models):
         encode_prompts(te, "a cat", dialect=dialect, embeddings=[narrow])
 
 
+def test_comfy_calls_files_by_their_path(tmp_path, files):
+    """ComfyUI (comfy/sd1_clip.py ``load_embed``) finds ``embedding:name`` as a file in the embeddings folder or a
+    sub-folder, the name as written, else + .safetensors, .pt, .bin in that order; it reads no A1111 image."""
+    te = condfakes.encoder("sd1", (WIDTH,))
+    (tmp_path / "sub").mkdir()
+    torch.save(a1111_data(vectors(2, WIDTH, 7)), tmp_path / "same.pt")
+    save_file({"emb_params": vectors(3, WIDTH, 8)}, tmp_path / "same.safetensors")
+    save_file({"emb_params": vectors(1, WIDTH, 9)}, tmp_path / "sub" / "deep.safetensors")
+    (tmp_path / "sub" / "image.png").write_bytes(files["image.png"].read_bytes())
+
+    def encode(prompt: str, embeddings: object) -> torch.Tensor:
+        return encode_prompts(te, prompt, dialect="comfy", embeddings=embeddings).hidden
+
+    def alone(seed: int, n: int) -> torch.Tensor:  # the same vectors given in memory
+        return encode("a embedding:x cat", [sdclip.Embedding("x", "x", {"*": vectors(n, WIDTH, seed)})])
+
+    assert torch.equal(encode("a embedding:same cat", tmp_path), alone(8, 3))  # .safetensors before .pt
+    assert torch.equal(encode("a embedding:same.pt cat", tmp_path), alone(7, 2))
+    assert torch.equal(encode("a embedding:sub/deep cat", tmp_path), alone(9, 1))
+    assert torch.equal(encode("a embedding:deep cat", tmp_path), alone(9, 1))
+    assert torch.equal(encode("a embedding:deep cat", tmp_path / "sub" / "deep.safetensors"), alone(9, 1))
+    for prompt in ("a embedding:from-png cat", "a embedding:sub/image.png cat", "a embedding:same.bin cat"):
+        with pytest.warns(UserWarning, match="does not exist"):
+            assert torch.equal(encode(prompt, tmp_path), encode("a cat", None)), prompt
+    with pytest.warns(UserWarning, match="does not exist"):  # a file read alone: as if alone in its folder
+        encode("a embedding:same.pt cat", tmp_path / "same.safetensors")
+
+
 def test_sdxl_pairs_go_to_their_encoders(files):
     l_tower = sdclip.TextTransformer(sdclip.TextConfig(width=768, layers=1, heads=12, mlp_width=8))
     g_tower = sdclip.TextTransformer(sdclip.TextConfig(width=1280, layers=1, heads=20, mlp_width=8, pad_id=0))

@@ -7,10 +7,11 @@
 * diffusers ``learned_embeds.bin`` / ``.safetensors``: ``{placeholder_token: [n, C]}``;
 * A1111 embedding images (PNG, WebP): the ``sd-ti-embedding`` text chunk, base64 JSON.
 
-A1111 and ComfyUI call an embedding by its file name without extension (A1111's images: the name stored
-inside); diffusers and compel by its token (the learned_embeds key, or the ``name`` an A1111 file
-stores).  Vectors are kept per text encoder: ``"clip_l"`` / ``"clip_g"`` for SDXL pairs, ``"*"`` for a
-file with one tensor, which fits any encoder of its width.
+A1111 calls an embedding by its file name without extension (its images: the name stored inside), ComfyUI
+by its path in the embeddings folder, extension optional (``location``; see ``prompts.comfy``); diffusers
+and compel by its token (the learned_embeds key, or the ``name`` an A1111 file stores).  Vectors are kept
+per text encoder: ``"clip_l"`` / ``"clip_g"`` for SDXL pairs, ``"*"`` for a file with one tensor, which fits
+any encoder of its width.
 
 ``save_embedding`` writes the first three formats (what ``sdclip ti train`` and ``ti convert`` produce);
 ``inject`` builds a text tower's input with an embedding's vectors in place, differentiably (textual
@@ -24,9 +25,9 @@ import binascii
 import io
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 
@@ -57,6 +58,7 @@ class Embedding:
     token: str  # how diffusers and compel prompts call it
     vectors: Mapping[str, torch.Tensor]  # role ("clip_l", "clip_g", or "*") -> [n, C]
     path: Path | None = None
+    location: str | None = None  # its path in the folder it was loaded from, "/"-separated (how ComfyUI calls it)
 
     @property
     def count(self) -> int:
@@ -188,7 +190,7 @@ def _scan(folder: Path, strict: bool = False) -> list[Embedding]:
         try:
             if path.suffix.lower() in IMAGE_SUFFIXES and _image_tensors(path) is None:
                 continue
-            out.append(read_embedding(path))
+            out.append(replace(read_embedding(path), location=path.relative_to(folder).as_posix()))
         except BadInput as e:
             if strict:
                 raise
@@ -210,7 +212,7 @@ def load_embeddings(source: EmbeddingSource, strict: bool = False) -> list[Embed
         path = Path(source)
         if path.is_dir():
             return _scan(path, strict)
-        return [read_embedding(path)]
+        return [replace(read_embedding(path), location=path.name)]
     if isinstance(source, Mapping):
         out = []
         for name, e in source.items():
@@ -221,11 +223,16 @@ def load_embeddings(source: EmbeddingSource, strict: bool = False) -> list[Embed
     return [e for item in source for e in load_embeddings(item, strict)]
 
 
-def by_name(embeddings: Iterable[Embedding], token: bool = False) -> dict[str, Embedding]:
-    """Name (or, with ``token``, diffusers token) -> embedding; a name met twice keeps the first, with a warning."""
+def by_name(
+    embeddings: Iterable[Embedding], key_of: Callable[[Embedding], str | None] = lambda e: e.name
+) -> dict[str, Embedding]:
+    """Name (or what ``key_of`` gives: the diffusers token, a path; None leaves it out) -> embedding; a name met
+    twice keeps the first, with a warning."""
     out: dict[str, Embedding] = {}
     for e in embeddings:
-        key = e.token if token else e.name
+        key = key_of(e)
+        if key is None:
+            continue
         if key in out:
             warnings.warn(
                 f"embedding {key!r}: {e.path} has the same name as {out[key].path}; using the first", stacklevel=2
@@ -242,7 +249,7 @@ def token_table(source: EmbeddingSource, width: int) -> dict[str, torch.Tensor]:
     """Token -> vectors [n, C] for a text encoder of ``width``, called by token as diffusers and compel call
     them; an embedding without vectors of that width is refused, as diffusers refuses it."""
     table = {}
-    for token, e in by_name(load_embeddings(source), token=True).items():
+    for token, e in by_name(load_embeddings(source), lambda e: e.token).items():
         v = e.for_encoder(width)
         if v is None:
             raise BadInput(
