@@ -117,6 +117,24 @@ def test_folder_scan(tmp_path, files):
     assert (renamed[0].name, renamed[0].token) == ("mine", "mine")
 
 
+def test_folder_scan_follows_linked_folders(tmp_path, files):
+    """A1111 (``load_from_dir``) and ComfyUI (comfy/sd1_clip.py ``expand_directory_list``) walk the embeddings
+    folder with ``os.walk(followlinks=True)``: a linked sub-folder is searched; a link back up is walked once."""
+    shared, folder = tmp_path / "shared", tmp_path / "embeddings"
+    shared.mkdir()
+    folder.mkdir()
+    (shared / "kohya.safetensors").write_bytes(files["kohya.safetensors"].read_bytes())
+    (folder / "linked").symlink_to(shared, target_is_directory=True)
+    (shared / "up").symlink_to(folder, target_is_directory=True)  # a loop: embeddings/linked/up/linked/...
+    found = load_embeddings(folder)
+    assert [(e.name, e.location) for e in found] == [("kohya", "linked/kohya.safetensors")]
+    te = condfakes.encoder("sd1", (WIDTH,))
+    by_path = encode_prompts(te, "a embedding:linked/kohya cat", dialect="comfy", embeddings=folder).hidden
+    by_name = encode_prompts(te, "a embedding:kohya cat", dialect="comfy", embeddings=files["kohya.safetensors"])
+    assert torch.equal(by_path, by_name.hidden)
+    assert torch.equal(encode_prompts(te, "a kohya cat", dialect="a1111", embeddings=folder).hidden, by_path)
+
+
 class Boom:
     def __reduce__(self):
         import os

@@ -24,6 +24,7 @@ import base64
 import binascii
 import io
 import json
+import os
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -179,12 +180,33 @@ def read_embedding(path: str | Path) -> Embedding:
         return _from_tensors(tensors, f.metadata, path, stem)
 
 
+def _files_under(folder: Path) -> list[Path]:
+    """Every file under a folder, sorted, linked sub-folders followed as A1111 and ComfyUI follow them
+    (``os.walk(followlinks=True)``), each folder once: a link back up would loop."""
+    seen: set[tuple[int, int]] = set()
+    out = []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        try:
+            st = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        out += [Path(root, name) for name in names]
+    return sorted(out)
+
+
 def _scan(folder: Path, strict: bool = False) -> list[Embedding]:
     """Every embedding under a folder (sub-folders too), as A1111 and ComfyUI scan theirs: empty files and
     pictures without an embedding are passed over; a broken file is skipped with a warning (``strict``: an
     error)."""
     out = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES):
+    for path in _files_under(folder):
+        if not path.is_file() or path.suffix.lower() not in SUFFIXES:
+            continue
         if path.stat().st_size == 0 or path.name.lower().endswith(tuple(f".preview{s}" for s in IMAGE_SUFFIXES)):
             continue
         try:
