@@ -241,9 +241,9 @@ def chunk(
 
 class Comfy(Dialect):
     """ComfyUI (CLIPTextEncode): weights lerp from the empty prompt; ``CLIPSetLastLayer -N`` counts from the last
-    layer; ``embedding:name`` by file name, the vectors an encoder has no width for left out; encoders that chunk
-    a prompt to different lengths are cut to the shorter; prompts and negatives tiled to a common length by the
-    sampler."""
+    layer; ``embedding:name`` by its path in the embeddings folder, the vectors an encoder has no width for left
+    out; encoders that chunk a prompt to different lengths are cut to the shorter; prompts and negatives tiled to
+    a common length by the sampler."""
 
     name = "comfy"
     title = "ComfyUI"
