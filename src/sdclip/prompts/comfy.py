@@ -148,14 +148,14 @@ def _inside(folder: str, name: str) -> str | None:
     return path if path == folder or path.startswith(folder + "/") else None
 
 
-def _lookup(embeddings: Embeddings, name: str) -> str | None:
-    """The embedding ``embedding:name`` loads, as ComfyUI's ``load_embed`` finds its file: in the folder, then in
-    each sub-folder, the path joined and normalised (never leaving that folder), the file of exactly that name,
+def _lookup(embeddings: Embeddings, folders: list[str], name: str) -> str | None:
+    """The embedding ``embedding:name`` loads, as ComfyUI's ``load_embed`` finds its file: in each of ``folders``
+    (``_folders``), the path joined and normalised (never leaving that folder), the file of exactly that name,
     else that name + .safetensors, .pt, .bin; case-sensitive.  A key with one of these extensions is a file
     path in the folder ('/'-separated); a key without (an embedding given in memory) stands for a file with one
     of them, so ``embedding:x.pt`` finds it too.  ComfyUI's order between sub-folders is arbitrary (a set); here
     the top folder comes first, then sub-folders by depth and name."""
-    for folder in _folders(embeddings):
+    for folder in folders:
         path = _inside(folder, name)
         if path is None:
             continue
@@ -173,7 +173,7 @@ def _is_file(key: str) -> bool:
     return key.endswith(_EXTENSIONS)
 
 
-def _find_embedding(embeddings: Embeddings, text: str) -> tuple[str | None, str, str]:
+def _find_embedding(embeddings: Embeddings, folders: list[str], text: str) -> tuple[str | None, str, str]:
     """ComfyUI's reading of the text after ``embedding:``: (found name or None, name as written, text left).  The
     name is the first whitespace-separated word, whatever it holds (``embedding:x<lora:y:1>`` names
     ``x<lora:y:1>``); one ending in commas is retried without them."""
@@ -181,11 +181,11 @@ def _find_embedding(embeddings: Embeddings, text: str) -> tuple[str | None, str,
     if not words:
         raise BadInput("'embedding:' without a name (ComfyUI fails on this)")
     name, rest = words[0], " ".join(words[1:])
-    found = _lookup(embeddings, name)
+    found = _lookup(embeddings, folders, name)
     if found is None:
         stripped = name.strip(",")
         if len(stripped) < len(name):
-            return _lookup(embeddings, stripped), name, f"{name[len(stripped) :]} {rest}"
+            return _lookup(embeddings, folders, stripped), name, f"{name[len(stripped) :]} {rest}"
     return found, name, rest
 
 
@@ -203,13 +203,15 @@ def chunk(
     ``embeddings`` the text stays text.
     """
     segments = parse(text)
+    folders: list[str] | None = None  # where _lookup looks, found at the first embedding: word
     groups: list[list[Entry]] = []
     warnings: list[str] = []
     for si, seg in enumerate(segments):
         pieces = _EMBEDDING_SPLIT.split(seg.text)
         for word in [w for w in [pieces[0], *(EMBEDDING + p for p in pieces[1:])] if w]:
             if word.startswith(EMBEDDING) and embeddings is not None:
-                found, name, rest = _find_embedding(embeddings, word[len(EMBEDDING) :].strip("\n"))
+                folders = _folders(embeddings) if folders is None else folders
+                found, name, rest = _find_embedding(embeddings, folders, word[len(EMBEDDING) :].strip("\n"))
                 if found is None:
                     warnings.append(f"embedding:{name} does not exist, ignoring")
                 else:
