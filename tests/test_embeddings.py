@@ -100,6 +100,18 @@ def test_every_format(files):
     assert xl.for_encoder(1024) is None
 
 
+def test_sdxl_pair_beside_other_tensors(tmp_path):
+    """An SDXL file is read by its clip_l and clip_g tensors whatever else it holds: ComfyUI (comfy/sd1_clip.py
+    ``load_embed``: ``embed[embed_key]``) and A1111 (``'clip_g' in data and 'clip_l' in data``) take those two."""
+    save_file(
+        {"clip_l": vectors(2, 768, 1), "clip_g": vectors(2, 1280, 2), "emb_params": vectors(2, 768, 3)},
+        tmp_path / "extra.safetensors",
+    )
+    e = read_embedding(tmp_path / "extra.safetensors")
+    assert set(e.vectors) == {"clip_l", "clip_g"} and e.name == "extra"
+    assert torch.equal(e.for_encoder(768), vectors(2, 768, 1)) and torch.equal(e.for_encoder(1280), vectors(2, 1280, 2))
+
+
 def test_folder_scan(tmp_path, files):
     (tmp_path / "sub").mkdir()
     for name in ("a1111.pt", "kohya.safetensors"):

@@ -101,7 +101,7 @@ def _from_tensors(tensors: dict[str, torch.Tensor], texts: Mapping[str, str], pa
             raise BadInput(f"{path}: the embedding file has {len(params)} terms in it; A1111 reads files with one")
         vectors = {ANY: _checked(next(iter(params.values())), f"{path}")}
         token = texts.get("name") or stem
-    elif set(tensors) == {"clip_l", "clip_g"}:  # SDXL
+    elif set(SDXL_ROLES) <= set(tensors):  # SDXL; A1111 and ComfyUI read these two whatever else is there
         vectors = {k: _checked(tensors[k], f"{path} [{k}]") for k in SDXL_ROLES}
         if vectors["clip_l"].shape[0] != vectors["clip_g"].shape[0]:
             raise BadInput(
