@@ -100,6 +100,18 @@ def test_every_format(files):
     assert xl.for_encoder(1024) is None
 
 
+def test_sdxl_pair_beside_other_tensors(tmp_path):
+    """An SDXL file is read by its clip_l and clip_g tensors whatever else it holds: ComfyUI (comfy/sd1_clip.py
+    ``load_embed``: ``embed[embed_key]``) and A1111 (``'clip_g' in data and 'clip_l' in data``) take those two."""
+    save_file(
+        {"clip_l": vectors(2, 768, 1), "clip_g": vectors(2, 1280, 2), "emb_params": vectors(2, 768, 3)},
+        tmp_path / "extra.safetensors",
+    )
+    e = read_embedding(tmp_path / "extra.safetensors")
+    assert set(e.vectors) == {"clip_l", "clip_g"} and e.name == "extra"
+    assert torch.equal(e.for_encoder(768), vectors(2, 768, 1)) and torch.equal(e.for_encoder(1280), vectors(2, 1280, 2))
+
+
 def test_folder_scan(tmp_path, files):
     (tmp_path / "sub").mkdir()
     for name in ("a1111.pt", "kohya.safetensors"):
@@ -115,6 +127,24 @@ def test_folder_scan(tmp_path, files):
     assert sorted(e.name for e in found) == ["a1111", "from-png", "kohya"]
     renamed = load_embeddings({"mine": found[0]})
     assert (renamed[0].name, renamed[0].token) == ("mine", "mine")
+
+
+def test_folder_scan_follows_linked_folders(tmp_path, files):
+    """A1111 (``load_from_dir``) and ComfyUI (comfy/sd1_clip.py ``expand_directory_list``) walk the embeddings
+    folder with ``os.walk(followlinks=True)``: a linked sub-folder is searched; a link back up is walked once."""
+    shared, folder = tmp_path / "shared", tmp_path / "embeddings"
+    shared.mkdir()
+    folder.mkdir()
+    (shared / "kohya.safetensors").write_bytes(files["kohya.safetensors"].read_bytes())
+    (folder / "linked").symlink_to(shared, target_is_directory=True)
+    (shared / "up").symlink_to(folder, target_is_directory=True)  # a loop: embeddings/linked/up/linked/...
+    found = load_embeddings(folder)
+    assert [(e.name, e.location) for e in found] == [("kohya", "linked/kohya.safetensors")]
+    te = condfakes.encoder("sd1", (WIDTH,))
+    by_path = encode_prompts(te, "a embedding:linked/kohya cat", dialect="comfy", embeddings=folder).hidden
+    by_name = encode_prompts(te, "a embedding:kohya cat", dialect="comfy", embeddings=files["kohya.safetensors"])
+    assert torch.equal(by_path, by_name.hidden)
+    assert torch.equal(encode_prompts(te, "a kohya cat", dialect="a1111", embeddings=folder).hidden, by_path)
 
 
 class Boom:
@@ -239,6 +269,34 @@ def test_width_mismatch(models):
         with pytest.raises(BadInput, match="width 32"):
             encode_prompts(te, "a <slim> cat", dialect=dialect, embeddings=[narrow])
         encode_prompts(te, "a cat", dialect=dialect, embeddings=[narrow])
+
+
+def test_comfy_calls_files_by_their_path(tmp_path, files):
+    """ComfyUI (comfy/sd1_clip.py ``load_embed``) finds ``embedding:name`` as a file in the embeddings folder or a
+    sub-folder, the name as written, else + .safetensors, .pt, .bin in that order; it reads no A1111 image."""
+    te = condfakes.encoder("sd1", (WIDTH,))
+    (tmp_path / "sub").mkdir()
+    torch.save(a1111_data(vectors(2, WIDTH, 7)), tmp_path / "same.pt")
+    save_file({"emb_params": vectors(3, WIDTH, 8)}, tmp_path / "same.safetensors")
+    save_file({"emb_params": vectors(1, WIDTH, 9)}, tmp_path / "sub" / "deep.safetensors")
+    (tmp_path / "sub" / "image.png").write_bytes(files["image.png"].read_bytes())
+
+    def encode(prompt: str, embeddings: object) -> torch.Tensor:
+        return encode_prompts(te, prompt, dialect="comfy", embeddings=embeddings).hidden
+
+    def alone(seed: int, n: int) -> torch.Tensor:  # the same vectors given in memory
+        return encode("a embedding:x cat", [sdclip.Embedding("x", "x", {"*": vectors(n, WIDTH, seed)})])
+
+    assert torch.equal(encode("a embedding:same cat", tmp_path), alone(8, 3))  # .safetensors before .pt
+    assert torch.equal(encode("a embedding:same.pt cat", tmp_path), alone(7, 2))
+    assert torch.equal(encode("a embedding:sub/deep cat", tmp_path), alone(9, 1))
+    assert torch.equal(encode("a embedding:deep cat", tmp_path), alone(9, 1))
+    assert torch.equal(encode("a embedding:deep cat", tmp_path / "sub" / "deep.safetensors"), alone(9, 1))
+    for prompt in ("a embedding:from-png cat", "a embedding:sub/image.png cat", "a embedding:same.bin cat"):
+        with pytest.warns(UserWarning, match="does not exist"):
+            assert torch.equal(encode(prompt, tmp_path), encode("a cat", None)), prompt
+    with pytest.warns(UserWarning, match="does not exist"):  # a file read alone: as if alone in its folder
+        encode("a embedding:same.pt cat", tmp_path / "same.safetensors")
 
 
 def test_sdxl_pairs_go_to_their_encoders(files):

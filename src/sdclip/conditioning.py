@@ -403,7 +403,7 @@ class Conditioner:
         widths = [self.te.tower(n).config.width for n in numbers]
         tables: list[dict[str, object]] = [{} for _ in numbers]
         unfit = self.front_end.unfit_embedding
-        for name, e in by_name(embeddings, token=self.front_end.embeddings_by_token).items():
+        for name, e in by_name(embeddings, self.front_end.embedding_key).items():
             vectors = [e.for_encoder(w) for w in widths]
             vectors = [None if v is None else v.to(self.te.device, self.te.dtype) for v in vectors]
             if unfit == "drop" or all(v is not None for v in vectors):

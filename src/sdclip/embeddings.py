@@ -7,10 +7,11 @@
 * diffusers ``learned_embeds.bin`` / ``.safetensors``: ``{placeholder_token: [n, C]}``;
 * A1111 embedding images (PNG, WebP): the ``sd-ti-embedding`` text chunk, base64 JSON.
 
-A1111 and ComfyUI call an embedding by its file name without extension (A1111's images: the name stored
-inside); diffusers and compel by its token (the learned_embeds key, or the ``name`` an A1111 file
-stores).  Vectors are kept per text encoder: ``"clip_l"`` / ``"clip_g"`` for SDXL pairs, ``"*"`` for a
-file with one tensor, which fits any encoder of its width.
+A1111 calls an embedding by its file name without extension (its images: the name stored inside), ComfyUI
+by its path in the embeddings folder, extension optional (``location``; see ``prompts.comfy``); diffusers
+and compel by its token (the learned_embeds key, or the ``name`` an A1111 file stores).  Vectors are kept
+per text encoder: ``"clip_l"`` / ``"clip_g"`` for SDXL pairs, ``"*"`` for a file with one tensor, which fits
+any encoder of its width.
 
 ``save_embedding`` writes the first three formats (what ``sdclip ti train`` and ``ti convert`` produce);
 ``inject`` builds a text tower's input with an embedding's vectors in place, differentiably (textual
@@ -23,10 +24,11 @@ import base64
 import binascii
 import io
 import json
+import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence, Union
 
 import torch
 
@@ -57,6 +59,7 @@ class Embedding:
     token: str  # how diffusers and compel prompts call it
     vectors: Mapping[str, torch.Tensor]  # role ("clip_l", "clip_g", or "*") -> [n, C]
     path: Path | None = None
+    location: str | None = None  # its path in the folder it was loaded from, "/"-separated (how ComfyUI calls it)
 
     @property
     def count(self) -> int:
@@ -98,7 +101,7 @@ def _from_tensors(tensors: dict[str, torch.Tensor], texts: Mapping[str, str], pa
             raise BadInput(f"{path}: the embedding file has {len(params)} terms in it; A1111 reads files with one")
         vectors = {ANY: _checked(next(iter(params.values())), f"{path}")}
         token = texts.get("name") or stem
-    elif set(tensors) == {"clip_l", "clip_g"}:  # SDXL
+    elif set(SDXL_ROLES) <= set(tensors):  # SDXL; A1111 and ComfyUI read these two whatever else is there
         vectors = {k: _checked(tensors[k], f"{path} [{k}]") for k in SDXL_ROLES}
         if vectors["clip_l"].shape[0] != vectors["clip_g"].shape[0]:
             raise BadInput(
@@ -177,18 +180,39 @@ def read_embedding(path: str | Path) -> Embedding:
         return _from_tensors(tensors, f.metadata, path, stem)
 
 
+def _files_under(folder: Path) -> list[Path]:
+    """Every file under a folder, sorted, linked sub-folders followed as A1111 and ComfyUI follow them
+    (``os.walk(followlinks=True)``), each folder once: a link back up would loop."""
+    seen: set[tuple[int, int]] = set()
+    out = []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        try:
+            st = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        out += [Path(root, name) for name in names]
+    return sorted(out)
+
+
 def _scan(folder: Path, strict: bool = False) -> list[Embedding]:
     """Every embedding under a folder (sub-folders too), as A1111 and ComfyUI scan theirs: empty files and
     pictures without an embedding are passed over; a broken file is skipped with a warning (``strict``: an
     error)."""
     out = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES):
+    for path in _files_under(folder):
+        if not path.is_file() or path.suffix.lower() not in SUFFIXES:
+            continue
         if path.stat().st_size == 0 or path.name.lower().endswith(tuple(f".preview{s}" for s in IMAGE_SUFFIXES)):
             continue
         try:
             if path.suffix.lower() in IMAGE_SUFFIXES and _image_tensors(path) is None:
                 continue
-            out.append(read_embedding(path))
+            out.append(replace(read_embedding(path), location=path.relative_to(folder).as_posix()))
         except BadInput as e:
             if strict:
                 raise
@@ -210,7 +234,7 @@ def load_embeddings(source: EmbeddingSource, strict: bool = False) -> list[Embed
         path = Path(source)
         if path.is_dir():
             return _scan(path, strict)
-        return [read_embedding(path)]
+        return [replace(read_embedding(path), location=path.name)]
     if isinstance(source, Mapping):
         out = []
         for name, e in source.items():
@@ -221,11 +245,16 @@ def load_embeddings(source: EmbeddingSource, strict: bool = False) -> list[Embed
     return [e for item in source for e in load_embeddings(item, strict)]
 
 
-def by_name(embeddings: Iterable[Embedding], token: bool = False) -> dict[str, Embedding]:
-    """Name (or, with ``token``, diffusers token) -> embedding; a name met twice keeps the first, with a warning."""
+def by_name(
+    embeddings: Iterable[Embedding], key_of: Callable[[Embedding], str | None] = lambda e: e.name
+) -> dict[str, Embedding]:
+    """Name (or what ``key_of`` gives: the diffusers token, a path; None leaves it out) -> embedding; a name met
+    twice keeps the first, with a warning."""
     out: dict[str, Embedding] = {}
     for e in embeddings:
-        key = e.token if token else e.name
+        key = key_of(e)
+        if key is None:
+            continue
         if key in out:
             warnings.warn(
                 f"embedding {key!r}: {e.path} has the same name as {out[key].path}; using the first", stacklevel=2
@@ -242,7 +271,7 @@ def token_table(source: EmbeddingSource, width: int) -> dict[str, torch.Tensor]:
     """Token -> vectors [n, C] for a text encoder of ``width``, called by token as diffusers and compel call
     them; an embedding without vectors of that width is refused, as diffusers refuses it."""
     table = {}
-    for token, e in by_name(load_embeddings(source), token=True).items():
+    for token, e in by_name(load_embeddings(source), lambda e: e.token).items():
         v = e.for_encoder(width)
         if v is None:
             raise BadInput(

@@ -169,6 +169,59 @@ def test_embedding_without_a_name():
         comfy.chunk("a embedding:", TOK, embeddings=EMB)
 
 
+# an embeddings folder as sdclip hands it to the comfy dialect: each file by its path there, extension included
+FOLDER = {
+    "emb.safetensors": torch.zeros(3, 768),
+    "emb.pt": torch.zeros(2, 768),
+    "two.pt": torch.zeros(2, 768),
+    "sub/deep.bin": torch.zeros(1, 768),
+    "sub/two.pt": torch.zeros(4, 768),
+}
+
+
+@pytest.mark.parametrize(
+    "name, file",
+    [
+        ("emb", "emb.safetensors"),  # the exact name is no file: .safetensors is tried before .pt and .bin
+        ("emb.pt", "emb.pt"),  # the exact file
+        ("emb.safetensors", "emb.safetensors"),
+        ("two", "two.pt"),  # the top folder before the sub-folder (ComfyUI's order between folders is a set's)
+        ("two.safetensors", None),  # no such file: only .safetensors, .pt, .bin are appended, nothing taken off
+        ("two.bin", None),
+        ("TWO", None),  # case-sensitive, as on Linux
+        ("deep", "sub/deep.bin"),  # every sub-folder is searched
+        ("sub/deep", "sub/deep.bin"),  # and the name is a path
+        ("sub/two", "sub/two.pt"),
+        ("./two", "two.pt"),  # the joined path is normalised (os.path.abspath)
+        ("two/", "two.pt"),
+        ("sub/../two", "two.pt"),
+        ("sub//deep.bin", "sub/deep.bin"),
+        ("../two", None),  # ComfyUI's guard: a path leaving the folder it is joined to is not looked at
+        ("sub/../../two", None),
+        ("../sub/deep", "sub/deep.bin"),  # joined to sub/, this stays in sub/
+        ("/two", None),
+        ("sub", None),  # a folder is no file, and no sub.pt exists
+    ],
+)
+def test_embedding_file_lookup(name, file):
+    """``embedding:name`` finds the file ComfyUI's comfy/sd1_clip.py ``load_embed`` finds: for the embeddings
+    folder and each sub-folder (``expand_directory_list``), ``os.path.abspath(os.path.join(folder, name))``,
+    skipped unless ``os.path.commonpath`` keeps it in that folder; that file if it exists, else the first of
+    name + ".safetensors", ".pt", ".bin" that does."""
+    c = comfy.chunk(f"a embedding:{name}", TOK, embeddings=FOLDER)
+    if file is None:
+        assert not c.slots and body(c) == [[A]] and c.warnings == (f"embedding:{name} does not exist, ignoring",)
+    else:
+        assert slots(c) == [(0, 2 + v, file, v) for v in range(len(FOLDER[file]))] and not c.warnings
+
+
+def test_embedding_in_memory_takes_any_extension():
+    """An embedding given in memory (no file) stands for a file with one of ComfyUI's three extensions."""
+    for name in ("one", "one.pt", "one.safetensors", "one.bin", "./one"):
+        assert slots(comfy.chunk(f"embedding:{name}", TOK, embeddings=EMB)) == [(0, 1, "one", 0)], name
+    assert not comfy.chunk("embedding:one.png", TOK, embeddings=EMB).slots
+
+
 def test_long_embedding_may_be_cut():
     c = comfy.chunk("(" + "a " * 70 + ":1.1) embedding:big", TOK, embeddings=EMB)  # 10 vectors: a large word
     assert [(s.chunk, s.vector) for s in c.slots] == [(0, v) for v in range(5)] + [(1, v) for v in range(5, 10)]

@@ -17,8 +17,9 @@ it ends with ``)``: then its first and last characters are dropped as if they ma
 from __future__ import annotations
 
 import math
+import posixpath
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import BadInput
 from ..families import Family
@@ -26,6 +27,9 @@ from ..tokenizer import Tokenizer
 from .dialect import Dialect, last_layer_number
 from .plain import expand
 from .types import CHUNK_LENGTH, MAX_NESTING, ChunkBuilder, Chunked, Embeddings, Entry, Segment
+
+if TYPE_CHECKING:
+    from ..embeddings import Embedding
 
 _CLOSE, _OPEN = "\0\1", "\0\2"  # ComfyUI's stand-ins for \) and \( while brackets are read
 EMBEDDING = "embedding:"
@@ -124,17 +128,52 @@ def parse(text: str) -> list[Segment]:
     return out
 
 
-def _lookup(embeddings: Embeddings, name: str) -> str | None:
-    """The embedding a ComfyUI name refers to: the name itself or the name without its file extension."""
-    if name in embeddings:
-        return name
-    for ext in _EXTENSIONS:
-        if name.endswith(ext) and name[: -len(ext)] in embeddings:
-            return name[: -len(ext)]
+def _folders(embeddings: Embeddings) -> list[str]:
+    """The embeddings folder ("") and every sub-folder holding an embedding, top first: ComfyUI looks in each."""
+    found = {posixpath.dirname(k) for k in embeddings if "/" in k}
+    for folder in list(found):
+        while folder:
+            found.add(folder)
+            folder = posixpath.dirname(folder)
+    return ["", *sorted(found - {""}, key=lambda f: (f.count("/"), f))]
+
+
+def _inside(folder: str, name: str) -> str | None:
+    """``name`` joined to ``folder`` and normalised, or None where it leaves the folder (ComfyUI's ``..`` guard)."""
+    if name.startswith("/"):
+        return None
+    path = posixpath.normpath(posixpath.join(folder, name))
+    if not folder:
+        return None if path in (".", "..") or path.startswith("../") else path
+    return path if path == folder or path.startswith(folder + "/") else None
+
+
+def _lookup(embeddings: Embeddings, folders: list[str], name: str) -> str | None:
+    """The embedding ``embedding:name`` loads, as ComfyUI's ``load_embed`` finds its file: in each of ``folders``
+    (``_folders``), the path joined and normalised (never leaving that folder), the file of exactly that name,
+    else that name + .safetensors, .pt, .bin; case-sensitive.  A key with one of these extensions is a file
+    path in the folder ('/'-separated); a key without (an embedding given in memory) stands for a file with one
+    of them, so ``embedding:x.pt`` finds it too.  ComfyUI's order between sub-folders is arbitrary (a set); here
+    the top folder comes first, then sub-folders by depth and name."""
+    for folder in folders:
+        path = _inside(folder, name)
+        if path is None:
+            continue
+        for candidate in (path, *(path + ext for ext in _EXTENSIONS)):
+            if candidate in embeddings:
+                return candidate
+        ext = next((e for e in _EXTENSIONS if path.endswith(e)), None)
+        if ext is not None and path[: -len(ext)] in embeddings and not _is_file(path[: -len(ext)]):
+            return path[: -len(ext)]
     return None
 
 
-def _find_embedding(embeddings: Embeddings, text: str) -> tuple[str | None, str, str]:
+def _is_file(key: str) -> bool:
+    """Whether a lookup key names a file (with the extension ComfyUI reads it by), not an in-memory embedding."""
+    return key.endswith(_EXTENSIONS)
+
+
+def _find_embedding(embeddings: Embeddings, folders: list[str], text: str) -> tuple[str | None, str, str]:
     """ComfyUI's reading of the text after ``embedding:``: (found name or None, name as written, text left).  The
     name is the first whitespace-separated word, whatever it holds (``embedding:x<lora:y:1>`` names
     ``x<lora:y:1>``); one ending in commas is retried without them."""
@@ -142,11 +181,11 @@ def _find_embedding(embeddings: Embeddings, text: str) -> tuple[str | None, str,
     if not words:
         raise BadInput("'embedding:' without a name (ComfyUI fails on this)")
     name, rest = words[0], " ".join(words[1:])
-    found = _lookup(embeddings, name)
+    found = _lookup(embeddings, folders, name)
     if found is None:
         stripped = name.strip(",")
         if len(stripped) < len(name):
-            return _lookup(embeddings, stripped), name, f"{name[len(stripped) :]} {rest}"
+            return _lookup(embeddings, folders, stripped), name, f"{name[len(stripped) :]} {rest}"
     return found, name, rest
 
 
@@ -158,19 +197,21 @@ def chunk(
     Each weighted piece is tokenized on its own (split before every ``embedding:`` that follows a
     space or a newline, not other whitespace, as ComfyUI splits); a group of tokens shorter than 8 that does
     not fit in the current chunk moves whole to the next one, longer groups are cut.  Chunks are BOS + up to
-    75 tokens + EOS, padded with
-    ``pad_id`` (EOS by default as for CLIP-L; SD2 and SDXL bigG pad with 0).  With ``embeddings``,
-    ``embedding:name`` (extension optional) takes the embedding's vectors; an unknown name is dropped
-    with a warning, as ComfyUI does; without ``embeddings`` the text stays text.
+    75 tokens + EOS, padded with ``pad_id`` (EOS by default as for CLIP-L; SD2 and SDXL bigG pad with 0).
+    With ``embeddings``, ``embedding:name`` (a path in the embeddings folder, extension optional: ``_lookup``)
+    takes the embedding's vectors; an unknown name is dropped with a warning, as ComfyUI does; without
+    ``embeddings`` the text stays text.
     """
     segments = parse(text)
+    folders: list[str] | None = None  # where _lookup looks, found at the first embedding: word
     groups: list[list[Entry]] = []
     warnings: list[str] = []
     for si, seg in enumerate(segments):
         pieces = _EMBEDDING_SPLIT.split(seg.text)
         for word in [w for w in [pieces[0], *(EMBEDDING + p for p in pieces[1:])] if w]:
             if word.startswith(EMBEDDING) and embeddings is not None:
-                found, name, rest = _find_embedding(embeddings, word[len(EMBEDDING) :].strip("\n"))
+                folders = _folders(embeddings) if folders is None else folders
+                found, name, rest = _find_embedding(embeddings, folders, word[len(EMBEDDING) :].strip("\n"))
                 if found is None:
                     warnings.append(f"embedding:{name} does not exist, ignoring")
                 else:
@@ -202,9 +243,9 @@ def chunk(
 
 class Comfy(Dialect):
     """ComfyUI (CLIPTextEncode): weights lerp from the empty prompt; ``CLIPSetLastLayer -N`` counts from the last
-    layer; ``embedding:name`` by file name, the vectors an encoder has no width for left out; encoders that chunk
-    a prompt to different lengths are cut to the shorter; prompts and negatives tiled to a common length by the
-    sampler."""
+    layer; ``embedding:name`` by its path in the embeddings folder, the vectors an encoder has no width for left
+    out; encoders that chunk a prompt to different lengths are cut to the shorter; prompts and negatives tiled to
+    a common length by the sampler."""
 
     name = "comfy"
     title = "ComfyUI"
@@ -213,6 +254,13 @@ class Comfy(Dialect):
     negative_fill = "lcm"
     unfit_embedding = "drop"
     cut_to_shorter_encoder = True
+
+    def embedding_key(self, embedding: Embedding) -> str | None:
+        """Its path in the embeddings folder (``_lookup`` finds it as ComfyUI finds the file); ComfyUI reads no
+        A1111 image; an embedding given in memory goes by its name."""
+        if embedding.location is None:
+            return embedding.name
+        return embedding.location if embedding.location.lower().endswith(_EXTENSIONS) else None
 
     def parse(self, text: str, **options: Any) -> list[Segment]:
         return parse(text)

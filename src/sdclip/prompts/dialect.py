@@ -14,12 +14,15 @@ comes from.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import BadInput
 from ..families import Family
 from ..tokenizer import Tokenizer
 from .types import Chunked, Embeddings, Node, Schedule, Segment
+
+if TYPE_CHECKING:
+    from ..embeddings import Embedding
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,11 @@ class Dialect:
     clip_skip_on_negative: bool = True  # the negative prompt is encoded at the clip-skip layer too
     cut_to_shorter_encoder: bool = False  # encoders chunking a prompt to different lengths: cut (else refuse)
     warn_truncation: bool = False  # say when a prompt was cut to 77 tokens
+
+    def embedding_key(self, embedding: Embedding) -> str | None:
+        """The key prompts find an embedding by in ``chunk``'s ``embeddings`` (None: this front end cannot use it):
+        its diffusers token, or its file name without extension."""
+        return embedding.token if self.embeddings_by_token else embedding.name
 
     # --- parsing and chunking ------------------------------------------------------------------------------
     def parse(self, text: str, **options: Any) -> Node[list[Segment]]:
