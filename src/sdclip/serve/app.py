@@ -416,9 +416,8 @@ class Server:
                 truncate=body.truncate,
                 embedding_names=None if body.embeddings is None else sorted(body.embeddings),
             )
-            key = (tuple((k, v if not isinstance(v, list) else tuple(v)) for k, v in options.items()), body.step)
             payload = dict(options=options, step=body.step, negatives=negatives, one_negative=one_negative)
-            cond = await self.run(worker, Job("conditioning", key, prompts, payload, prepare=check_lengths), request)
+            cond = await self.run(worker, Job("conditioning", None, prompts, payload, prepare=check_lengths), request)
             tensors = {
                 "hidden": cond.hidden,
                 "pooled": cond.pooled,

@@ -48,7 +48,7 @@ class Job:
     parse prompts: they would block the event loop); an error it raises is the request's answer."""
 
     kind: str  # "conditioning", "hidden", "embeddings" or "call"
-    key: Hashable
+    key: Hashable  # raw jobs with equal keys share a call; conditioning jobs all run together (key None)
     prompts: list[str]
     payload: dict[str, Any] = field(default_factory=dict)
     prepare: Callable[[], dict[str, Any]] | None = None
@@ -185,8 +185,8 @@ class ModelWorker:
         if self.on_batch is not None and live:
             self.on_batch(self.name, sum(len(j.prompts) for j in live))
         groups: OrderedDict[tuple, list[Job]] = OrderedDict()
-        for job in live:  # conditioning jobs all run together; raw ones share a call when their options agree
-            groups.setdefault((job.kind, None if job.kind == "conditioning" else job.key), []).append(job)
+        for job in live:
+            groups.setdefault((job.kind, job.key), []).append(job)
         for (kind, _), jobs in groups.items():
             try:
                 if kind == "conditioning":
