@@ -1,6 +1,7 @@
 """`sdclip serve` under load, loopback only, bounded in count and time (issue 13, item 4).
 
     python bench/bench_serve.py [--requests 10000] [--clients 200] [--queue-size 256] [--out bench/out] [--quick]
+    python bench/bench_serve.py --vit-l --requests 200 --clients 50     # SD1's tower shape, random weights
 
 1. load: ``--clients`` concurrent clients send ``--requests`` requests mixing /v1/encode (A1111, ComfyUI,
    diffusers; with and without negatives), /v1/embeddings and /v1/tokenize; every answer is checked against
@@ -31,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -42,7 +44,7 @@ from safetensors.torch import load as load_safetensors
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
-from common import machine, write_results  # noqa: E402
+from common import machine, random_vit_l, write_results  # noqa: E402
 
 import sdclip  # noqa: E402
 from sdclip.cache import ConditioningCache  # noqa: E402
@@ -105,7 +107,8 @@ def reference(te: sdclip.TextEncoder, path: str, body: dict) -> object:
         cond = sdclip.encode_prompts(te, body["prompts"], body["negative"], dialect=body["dialect"], cache=None)
         return {"hidden": cond.hidden, "negative_hidden": cond.negative_hidden}
     if path == "/v1/embeddings":
-        return te.encode(body["input"], hidden=False).pooled_projected
+        out = te.encode(body["input"], hidden=False)
+        return out.pooled if out.pooled_projected is None else out.pooled_projected  # a tower without projection
     tok = te.tokenizers[0]
     tree = chunk(body["prompt"], body["dialect"], tok, pad_id=te.towers[0].config.pad_id)
     return tok.encode(body["prompt"]), [list(r) for r in tree.ids], [list(r) for r in tree.weights]
@@ -400,15 +403,27 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "out"))
     ap.add_argument("--quick", action="store_true", help="1,000 requests, 50 clients")
     ap.add_argument("--load-only", action="store_true", help="skip the overload and disconnect phases")
+    ap.add_argument("--model", help="the checkpoint to serve (default: the bundled sdclip-mini)")
+    ap.add_argument(
+        "--vit-l",
+        action="store_true",
+        help="serve a random CLIP ViT-L/14 text tower, SD1's shape, where encoding outweighs HTTP (load phase only; "
+        "results as serve_vitl; use a few hundred requests: a prompt costs ~0.1 s of one core)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.requests, args.clients = 1000, 50
+    folder = None
+    if args.vit_l:
+        folder = tempfile.TemporaryDirectory()
+        random_vit_l(folder.name)
+        args.model, args.load_only = folder.name, True
     warnings.simplefilter("ignore", UserWarning)  # truncation notes of the long prompts
     # the server's torch threads (its default: the cores less one); GEMMs round with the thread count, and the
     # references must be computed as the server computes
     threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
     torch.set_num_threads(threads)
-    te = sdclip.load()
+    te = sdclip.load(args.model) if args.model else sdclip.load()
     requests = workload(args.requests)
     t0 = time.perf_counter()
     wants = {}
@@ -440,6 +455,7 @@ def main() -> None:
             str(args.max_wait_ms),
             "--threads",
             str(threads),
+            *(["--model", args.model] if args.model else []),
         ],
         env={**os.environ, "PYTHONPATH": str(HERE.parent / "src")},
     )
@@ -548,7 +564,7 @@ def main() -> None:
         {"what": "SIGTERM exit status", "value": str(exit_code)},
     ]
     text = write_results(
-        "serve",
+        "serve_vitl" if args.vit_l else "serve",
         rows,
         ["what", "value"],
         args.out,
