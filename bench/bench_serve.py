@@ -360,17 +360,33 @@ async def disconnect_round(base: str, n: int, after_s: float) -> int:
     return cut
 
 
+def descendants(pid: int) -> list[int]:
+    """The server's own processes below ``pid``: its model processes."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += [int(child), *descendants(int(child))]
+    return found
+
+
 def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    """Resident memory of the server: its HTTP process and its model processes (shared weights counted in each)."""
+    total = 0
+    for p in [pid, *descendants(pid)]:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
 
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (on a shared machine, a steadier measure than wall time)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def model_cpu_seconds(pid: int) -> float:
+    return sum(cpu_seconds(p) for p in descendants(pid))
 
 
 def metric(base: str, name: str) -> float:
@@ -471,12 +487,13 @@ def main() -> None:
                 raise SystemExit("the server did not start")
             time.sleep(0.2)
         baseline_rss = rss_kb(server.pid)
-        server_cpu, client_cpu = cpu_seconds(server.pid), time.process_time()
+        server_cpu, model_cpu, client_cpu = cpu_seconds(server.pid), model_cpu_seconds(server.pid), time.process_time()
         batches = metric(base, "sdclip_batch_prompts_count"), metric(base, "sdclip_batch_prompts_sum")
         load = asyncio.run(load_phase(base, requests, wants, args.clients))
         load["batches"] = metric(base, "sdclip_batch_prompts_count") - batches[0]
         load["mean_batch_prompts"] = (metric(base, "sdclip_batch_prompts_sum") - batches[1]) / max(1, load["batches"])
-        load["server_cpu_s"] = cpu_seconds(server.pid) - server_cpu
+        load["server_cpu_s"] = cpu_seconds(server.pid) - server_cpu  # the HTTP process
+        load["model_cpu_s"] = model_cpu_seconds(server.pid) - model_cpu  # the model's process
         load["client_cpu_s"] = time.process_time() - client_cpu  # the driver and its exactness checks
         prompts = sum(prompts_in(b) for _, b in requests)
         load["requests_per_s"] = args.requests / load["wall_s"]
@@ -538,6 +555,11 @@ def main() -> None:
             "value": f"{load['engine_prompts_per_s']:.0f} prompts/s",
         },
         {"what": "server / engine", "value": f"{load['ratio_to_engine']:.2f}x (target >= 0.8x)"},
+        {
+            "what": "CPU seconds under the load: HTTP process / model process / load driver (engine: same work)",
+            "value": f"{load['server_cpu_s']:.1f} / {load['model_cpu_s']:.1f} / {load['client_cpu_s']:.1f} "
+            f"({load['engine_cpu_s']:.1f})",
+        },
     ]
     if overload is not None and disconnect is not None:
         rows += [

@@ -28,7 +28,7 @@ import sdclip
 from sdclip.prompts import chunk
 from sdclip.prompts.render import to_json
 from sdclip.serve import Limits, ServeConfig, create_app
-from sdclip.serve import app as app_module
+from sdclip.serve import work as work_module
 
 PROMPTS = [
     "a (red:1.2) star above a [blue] square",
@@ -325,8 +325,8 @@ def test_limits_name_the_limit(client):
 
 def test_queue_full_is_503_with_retry_after(te, monkeypatch):
     gate = threading.Event()
-    monkeypatch.setattr(app_module, "compare_layers", lambda *a: gate.wait(30) and {"held": True})
-    app = create_app(ServeConfig(models={"mini": te}, queue_size=2, max_batch=1, max_wait_ms=0))
+    monkeypatch.setattr(work_module, "compare_layers", lambda *a: gate.wait(30) and {"held": True})
+    app = create_app(ServeConfig(models={"mini": te}, queue_size=2, max_batch=1, max_wait_ms=0, model_process=False))
     with TestClient(app) as c, ThreadPoolExecutor(4) as pool:
         _ready(c)
         held = pool.submit(c.post, "/v1/compare", json={"a": "a", "b": "b"})
@@ -355,8 +355,8 @@ def test_a_disconnected_clients_job_is_dropped_before_it_runs(te, monkeypatch):
     import uvicorn
 
     gate = threading.Event()
-    monkeypatch.setattr(app_module, "compare_layers", lambda *a: gate.wait(30) and {"held": True})
-    app = create_app(ServeConfig(models={"mini": te}, max_batch=1, max_wait_ms=0))
+    monkeypatch.setattr(work_module, "compare_layers", lambda *a: gate.wait(30) and {"held": True})
+    app = create_app(ServeConfig(models={"mini": te}, max_batch=1, max_wait_ms=0, model_process=False))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

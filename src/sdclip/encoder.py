@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
@@ -94,6 +95,15 @@ class TextEncoder:
         self.backend, self.quantize = backend, quantize
         self._engines: list | None = None  # per tower: what runs its plain passes (sdclip.backends)
         self.fast_source: dict | None = None  # the file's identity when sdclip.faststart may index its graphs
+
+    def __getstate__(self) -> dict:
+        """Picklable (``sdclip serve`` hands an encoder to its model process): without the open checkpoint files
+        and the backends' sessions, which are built again where they are used."""
+        state = dict(vars(self))
+        state["_engines"] = None
+        if self.info is not None:
+            state["info"] = replace(self.info, towers=[replace(t, file=None) for t in self.info.towers])
+        return state
 
     def __repr__(self) -> str:
         names = ", ".join(t.config.architecture for t in self.towers)

@@ -59,6 +59,9 @@ class PrefixCache:
     nbytes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
+    def __reduce__(self):  # pickled empty: the entries belong to this process's towers
+        return type(self), (self.max_bytes,)
+
     def lookup(self, tower: TextTransformer, row: tuple[int, ...], max_length: int) -> Prefix | None:
         """The longest cached prefix of ``row`` for ``tower`` no longer than ``max_length``."""
         with self._lock:
@@ -141,6 +144,13 @@ class ReusingRunner:
         self.min_saving = min_saving
         self.cache = PrefixCache(cache_bytes)
         self.stats = ReuseStats()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state)
         self._lock = threading.Lock()
 
     @property

@@ -14,7 +14,8 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
-from .app import Limits, ServeConfig, create_app
+from .app import ServeConfig, create_app
+from .limits import Limits
 
 
 def serve(

@@ -26,26 +26,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import sdclip
 from sdclip.errors import BadInput, SdclipError
-from sdclip.prompts import Blend, Conjunction, Schedule
-from sdclip.prompts import chunk as chunk_prompt
 
-from .batcher import Job, ModelWorker, QueueFull
-from .inspect import compare_layers, describe_chunks
+from .batcher import ModelWorker, QueueFull
+from .inspect import describe_chunks
+from .limits import LimitExceeded, Limits, chunk_checked
 from .metrics import Metrics
+from .work import Work
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+INLINE_CHECK_CHARS = 4000  # prompts of a request parsed on the event loop; more go to a thread
 OPEN_PATHS = ("/healthz",)  # answered without the token
 STATIC_PATHS = ("/", "/docs", "/openapi.json", "/favicon.ico")  # no data: the page itself asks for the token
-
-
-@dataclass
-class Limits:
-    """What one request may ask for; each refusal names the limit and its value."""
-
-    max_prompts: int = 64  # prompts (and inputs) per request
-    max_chars: int = 4000  # characters per prompt
-    max_tokens: int = 600  # tokens per prompt, as its dialect counts them (A1111: 75 per full chunk)
-    max_body_bytes: int = 1 << 20
 
 
 @dataclass
@@ -63,6 +54,7 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     token: str | None = None
     cors: list[str] = field(default_factory=list)
+    model_process: bool = True  # each model in a process of its own (False: on a thread of the HTTP process)
 
 
 async def _disconnect(request: Request) -> None:
@@ -86,8 +78,8 @@ def error_response(
     return JSONResponse({"error": {"type": kind, "message": message, **extra}}, status, headers=headers)
 
 
-def limit_error(name: str, value: int, what: str) -> ApiError:
-    return ApiError(413, "limit_exceeded", f"{what} exceeds the limit {name} = {value}", limit=name, value=value)
+def limit_response(e: LimitExceeded) -> JSONResponse:
+    return error_response(413, "limit_exceeded", str(e), limit=e.name, value=e.value)
 
 
 # --- request bodies -----------------------------------------------------------------------------------------
@@ -162,7 +154,7 @@ class _BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        too_big = limit_error("max_body_bytes", self.limit, "the request body").response()
+        too_big = limit_response(LimitExceeded("max_body_bytes", self.limit, "the request body"))
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             return await too_big(scope, receive, send)
@@ -244,6 +236,7 @@ class Server:
                 queue_size=config.queue_size,
                 embeddings=embeddings,
                 on_batch=self.metrics.batch,
+                process=config.model_process,
             )
             for name, source in config.models.items()
         }
@@ -270,7 +263,7 @@ class Server:
                 "counter",
                 f"Conditioning cache {what} by model.",
                 ("model",),
-                lambda what=what: [((n,), getattr(w.cache, what)) for n, w in self.workers.items()],
+                lambda what=what: [((n,), getattr(w.backend, what)) for n, w in self.workers.items()],
             )
         self.metrics.gauge(
             "sdclip_ready",
@@ -303,11 +296,11 @@ class Server:
             raise ApiError(503, "model_failed", f"model {name!r} failed to load: {worker.failed}")
         return worker
 
-    async def run(self, worker: ModelWorker, job: Job, request: Request) -> Any:
-        """Queue ``job`` and wait for it; a client that disconnects meanwhile cancels it (the worker skips a
-        cancelled job it has not started: no encoding for nobody), answered 499 in the metrics."""
+    async def run(self, worker: ModelWorker, work: Work, request: Request) -> Any:
+        """Queue ``work`` and wait for it; a client that disconnects meanwhile cancels it (the batcher drops a
+        cancelled request it has not sent: no encoding for nobody), answered 499 in the metrics."""
         try:
-            future = worker.submit(job)
+            future = worker.submit(work)
         except QueueFull as e:
             raise ApiError(
                 503,
@@ -330,10 +323,10 @@ class Server:
     def check_prompts(self, prompts: list[str], what: str = "prompts") -> None:
         limits = self.config.limits
         if len(prompts) > limits.max_prompts:
-            raise limit_error("max_prompts", limits.max_prompts, f"{len(prompts)} {what}")
+            raise LimitExceeded("max_prompts", limits.max_prompts, f"{len(prompts)} {what}")
         for i, p in enumerate(prompts):
             if p is not None and len(p) > limits.max_chars:
-                raise limit_error("max_chars", limits.max_chars, f"{what}[{i}] ({len(p)} characters)")
+                raise LimitExceeded("max_chars", limits.max_chars, f"{what}[{i}] ({len(p)} characters)")
             if p is not None and not _encodable(p):
                 raise ApiError(
                     422, "bad_input", f"{what}[{i}] holds a lone surrogate (\\ud800-\\udfff), which no text can contain"
@@ -341,24 +334,21 @@ class Server:
 
     def check_tokens(self, count: int, what: str) -> None:
         if count > self.config.limits.max_tokens:
-            raise limit_error("max_tokens", self.config.limits.max_tokens, f"{what} ({count} tokens)")
+            raise LimitExceeded("max_tokens", self.config.limits.max_tokens, f"{what} ({count} tokens)")
 
-    def chunks(
-        self, te: sdclip.TextEncoder, text: str, body: _Dialect, what: str, strict: bool = False
-    ) -> tuple[Any, int]:
-        """The prompt's chunk tree in its dialect, and its longest leaf's chunk count; refuses long prompts.
-        An option the dialect does not take is refused when ``strict``, else left out (the conditioner ignores
-        it, as ``encode_prompts`` does)."""
-        pad = te.towers[0].config.pad_id
-        try:
-            tree = chunk_prompt(text, body.dialect, te.tokenizers[0], pad_id=pad, **body.chunk_options())
-        except TypeError as e:
-            if strict:
-                raise ApiError(422, "bad_input", f"dialect {body.dialect!r} does not take that option ({e})") from None
-            tree = chunk_prompt(text, body.dialect, te.tokenizers[0], pad_id=pad)
-        leaves = list(_leaves(tree))
-        self.check_tokens(sum(leaf.token_count for leaf in leaves), what)
-        return tree, max(len(leaf.ids) for leaf in leaves)
+    async def check_chunked(self, te: sdclip.TextEncoder, texts: list[tuple[str, str]], body: _Dialect) -> None:
+        """The token limit, as each prompt's dialect counts tokens.  Here rather than in the model's process, which
+        is the busier one; on the event loop for requests of ordinary size, on a thread for big ones (a megabyte of
+        prompt text takes seconds to parse)."""
+
+        def check() -> None:
+            for what, text in texts:
+                chunk_checked(te, text, body.dialect, body.chunk_options(), self.config.limits.max_tokens, what, False)
+
+        if sum(len(text) for _, text in texts) <= INLINE_CHECK_CHARS:
+            check()
+        else:
+            await asyncio.to_thread(check)
 
     # --- routes -----------------------------------------------------------------------------------------------
     async def encode(self, body: EncodeRequest, request: Request) -> Response:
@@ -382,7 +372,7 @@ class Server:
                 te.usages[body.encoder - 1].layer if body.layer is None else body.layer
             )
             options = dict(encoder=body.encoder, layer=body.layer, final_norm=body.final_norm)
-            out = await self.run(worker, Job("hidden", tuple(options.items()), prompts, {"options": options}), request)
+            out = await self.run(worker, Work("hidden", tuple(options.items()), prompts, {"options": options}), request)
             tensors = {"hidden": out.hidden, "pooled": out.pooled, "pooled_projected": out.pooled_projected}
         else:
             if body.layer is not None or body.final_norm is not None or body.encoder != 1:
@@ -400,13 +390,6 @@ class Server:
                 )
             self._known_embeddings(body.embeddings)
 
-            def check_lengths() -> dict:  # on the model's thread: parsing prompts would block the event loop
-                for what, texts in (("prompts", prompts), ("negatives", negatives)):
-                    for i, text in enumerate(texts):
-                        if text is not None:
-                            self.chunks(te, text, body, f"{what}[{i}]")
-                return {}
-
             options = dict(
                 dialect=body.dialect,
                 clip_skip=body.clip_skip,
@@ -416,8 +399,14 @@ class Server:
                 truncate=body.truncate,
                 embedding_names=None if body.embeddings is None else sorted(body.embeddings),
             )
+            await self.check_chunked(
+                te,
+                [(f"prompts[{i}]", t) for i, t in enumerate(prompts)]
+                + [(f"negatives[{i}]", t) for i, t in enumerate(negatives) if t is not None],
+                body,
+            )
             payload = dict(options=options, step=body.step, negatives=negatives, one_negative=one_negative)
-            cond = await self.run(worker, Job("conditioning", None, prompts, payload, prepare=check_lengths), request)
+            cond = await self.run(worker, Work("conditioning", None, prompts, payload), request)
             tensors = {
                 "hidden": cond.hidden,
                 "pooled": cond.pooled,
@@ -473,7 +462,7 @@ class Server:
             counts.append(len(tokenizer.tokenize(p)))
             self.check_tokens(counts[-1], f"input[{i}]")
         options = dict(encoder=body.encoder, hidden=False)
-        out = await self.run(worker, Job("embeddings", tuple(options.items()), inputs, {"options": options}), request)
+        out = await self.run(worker, Work("embeddings", tuple(options.items()), inputs, {"options": options}), request)
         vectors = out.pooled_projected if out.pooled_projected is not None else out.pooled
         vectors = vectors.float()
         if body.normalize:
@@ -501,7 +490,9 @@ class Server:
         te = worker.te
         self.check_prompts([body.prompt], "prompt")
         tokenizer = te.tokenizers[0]
-        tree, _ = self.chunks(te, body.prompt, body, "prompt", strict=True)
+        tree = chunk_checked(
+            te, body.prompt, body.dialect, body.chunk_options(), self.config.limits.max_tokens, "prompt", strict=True
+        )
         return _json(
             {
                 "model": body.model or self.default,
@@ -520,11 +511,7 @@ class Server:
         for which, text in (("a", body.a), ("b", body.b)):
             self.check_tokens(len(worker.te.tokenizers[0].tokenize(text)), which)
         worker.te.tower(body.encoder)
-        return await self.run(
-            worker,
-            Job("call", None, [body.a, body.b], {"fn": lambda te: compare_layers(te, body.a, body.b, body.encoder)}),
-            request,
-        )
+        return await self.run(worker, Work("compare", None, [body.a, body.b], {"encoder": body.encoder}), request)
 
     def readyz(self) -> JSONResponse:
         states = {
@@ -545,7 +532,7 @@ class Server:
             yield
             self.draining = True
             for w in self.workers.values():  # uvicorn has waited for in-flight requests; finish the queues
-                await asyncio.to_thread(w.stop, 30)
+                await w.stop()
 
         app = FastAPI(
             title="sdclip serve",
@@ -572,6 +559,10 @@ class Server:
                 "malformed_json" if any(err.get("type") == "json_invalid" for err in e.errors()) else "invalid_request"
             )
             return error_response(422, kind, f"{'.'.join(first['loc'])}: {first['message']}", errors=errors)
+
+        @app.exception_handler(LimitExceeded)
+        async def limit_exceeded(request: Request, e: LimitExceeded):
+            return limit_response(e)
 
         @app.exception_handler(BadInput)
         async def bad_input(request: Request, e: BadInput):
@@ -640,18 +631,6 @@ class Server:
         route = scope.get("route")
         path = getattr(route, "path", None) or ("/static" if scope["path"].startswith("/static/") else "other")
         self.metrics.request(path, status, time.perf_counter() - start)
-
-
-def _leaves(node: Any):
-    """Every chunked prompt of a tree (blends, ANDs, schedule entries)."""
-    if isinstance(node, Schedule):
-        for _, conj in node.entries:
-            yield from _leaves(conj)
-    elif isinstance(node, (Conjunction, Blend)):
-        for part in node.parts:
-            yield from _leaves(part)
-    else:
-        yield node
 
 
 def _encodable(text: str) -> bool:

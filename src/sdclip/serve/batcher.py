@@ -1,89 +1,74 @@
-"""One worker thread per served model: requests wait in a bounded queue and are encoded in micro-batches.
+"""One batcher per served model, on the event loop: requests wait in a bounded queue and go to the model in
+micro-batches.
 
-Every encoding of a model runs on its worker thread, so the engine's caches (conditioning cache, prefix
-cache, tokenizer cache) are only ever touched by one thread.  The worker takes the first waiting job, then
-keeps collecting until ``max_batch`` prompts or ``max_wait_ms`` have passed, and encodes jobs that share
-their options together:
-
-* conditioning (each request's dialect and options have their ``Conditioner``): every conditioning request of
-  the batch, whatever its dialect, in one ``sdclip.encode_many``: the rows of all of them share each encoder's
-  fixed-shape passes (identical rows computed once), and each request is assembled on its own.  The answer is
-  the request's own ``encode_prompts`` result.
-* raw hidden states and pooled embeddings: one ``TextEncoder.encode`` for every distinct prompt of the batch,
-  each request answered with its own rows.
-
-A job whose client has gone away is dropped before it is encoded; a job that fails (bad input) fails alone.
+The batcher takes the first waiting request, then keeps collecting until ``max_batch`` prompts or ``max_wait_ms``
+have passed, and hands the batch to the model's backend (``work.Runner`` in a process of its own, or on one thread
+of this one).  A model process has the next batch waiting while it encodes one, so it never idles for the event
+loop; the requests that arrive meanwhile form the batch after.  A request whose client has gone
+away is dropped before it is sent.  Batching runs on the event loop itself: no thread of the HTTP process
+competes with it for the GIL.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
-import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
-
-import torch
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import sdclip
-from sdclip.cache import ConditioningCache
 
-_CONDITIONERS = 32  # conditioners kept per model (one per distinct option set)
+from .process import ProcessBackend
+from .work import Runner, Work
 
 
 class QueueFull(Exception):
-    """The model's queue holds ``limit`` jobs: the client should retry later (HTTP 503)."""
+    """The model's queue holds ``limit`` requests: the client should retry later (HTTP 503)."""
 
     def __init__(self, limit: int):
         super().__init__(f"queue full ({limit} requests waiting)")
         self.limit = limit
 
 
-@dataclass
-class Job:
-    """One request's work.  Jobs of one kind with equal keys are encoded together.  ``prepare``, when given, runs on
-    the worker thread before the job is batched and returns what it adds to ``payload`` (the request checks that
-    parse prompts: they would block the event loop); an error it raises is the request's answer."""
+class ThreadBackend:
+    """Runs batches on one thread of this process: for an encoder that cannot leave it, and for tests that
+    patch the model's side."""
 
-    kind: str  # "conditioning", "hidden", "embeddings" or "call"
-    key: Hashable  # raw jobs with equal keys share a call; conditioning jobs all run together (key None)
-    prompts: list[str]
-    payload: dict[str, Any] = field(default_factory=dict)
-    prepare: Callable[[], dict[str, Any]] | None = None
-    future: asyncio.Future | None = None
-    loop: asyncio.AbstractEventLoop | None = None
+    in_flight = 1  # its thread is this process's: a second batch would only wait, smaller
 
-    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
-        """Hand the result to the waiting request (nothing if the client has gone away)."""
-        if self.future is None or self.loop is None:
-            return
-
-        def settle(future: asyncio.Future = self.future) -> None:
-            if future.done():  # cancelled: the client disconnected
-                return
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
-
-        try:
-            self.loop.call_soon_threadsafe(settle)
-        except RuntimeError:  # the event loop has closed (shutdown)
-            pass
+    def __init__(self, name: str, embeddings: list):
+        self.embeddings = embeddings
+        self.failed: str | None = None
+        self.runner: Runner | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"sdclip-model-{name}")
 
     @property
-    def abandoned(self) -> bool:
-        return self.future is not None and self.future.done()
+    def hits(self) -> int:
+        return 0 if self.runner is None else self.runner.cache.hits
+
+    @property
+    def misses(self) -> int:
+        return 0 if self.runner is None else self.runner.cache.misses
+
+    async def start(self, te: sdclip.TextEncoder) -> None:
+        self.runner = Runner(te, self.embeddings)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.warm)
+
+    async def run(self, works: list[Work]) -> list[Any]:
+        assert self.runner is not None
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.run, works)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._executor.shutdown)
 
 
 class ModelWorker:
-    """The queue and worker thread of one model.  ``submit`` from the event loop, results come back as futures.
+    """The queue and batcher of one model.  ``submit`` from the event loop; answers come back as futures.
 
-    ``load`` builds the ``TextEncoder`` on the worker thread (the server answers ``/healthz`` meanwhile);
-    ``ready`` is set once it is loaded and one warm-up encoding has run.
-    """
+    ``start`` (on the event loop) loads the ``TextEncoder`` on a thread (the server answers ``/healthz``
+    meanwhile) and starts the backend; ``ready`` is set once the model is loaded and warmed up."""
 
     def __init__(
         self,
@@ -95,6 +80,7 @@ class ModelWorker:
         queue_size: int = 256,
         embeddings: list | None = None,
         on_batch: Callable[[str, int], None] | None = None,
+        process: bool = True,
     ):
         self.name = name
         self._load = load
@@ -103,173 +89,112 @@ class ModelWorker:
         self.embeddings = embeddings or []
         self.on_batch = on_batch
         self.te: sdclip.TextEncoder | None = None
-        self.cache = ConditioningCache()  # this model's own: only this thread touches it
+        self.backend = ProcessBackend(name, self.embeddings) if process else ThreadBackend(name, self.embeddings)
         self.ready = threading.Event()
-        self.failed: str | None = None
-        self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._pending = 0  # jobs submitted and not yet taken (the bounded part)
-        self._lock = threading.Lock()
-        self._conditioners: OrderedDict[Hashable, sdclip.Conditioner] = OrderedDict()
-        self._thread = threading.Thread(target=self._main, name=f"sdclip-model-{name}", daemon=True)
+        self._failed: str | None = None
+        self._jobs: deque[tuple[Work, asyncio.Future]] = deque()
+        self._arrived: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._stopping = False
 
-    # --- event-loop side ------------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float | None = None) -> None:
-        """Finish the jobs already queued, then end the thread."""
-        self._queue.put(None)
-        self._thread.join(timeout)
+    @property
+    def failed(self) -> str | None:
+        return self._failed or self.backend.failed
 
     @property
     def depth(self) -> int:
-        """Jobs waiting to be taken by the worker."""
-        return self._pending
+        """Requests waiting for a batch."""
+        return len(self._jobs)
 
-    def submit(self, job: Job) -> asyncio.Future:
-        """Queue ``job``; raises ``QueueFull`` when ``queue_size`` jobs are already waiting."""
-        with self._lock:
-            if self._pending >= self.queue_size:
-                raise QueueFull(self.queue_size)
-            self._pending += 1
-        job.loop = asyncio.get_running_loop()
-        job.future = job.loop.create_future()
-        self._queue.put(job)
-        return job.future
+    def start(self) -> None:
+        self._arrived = asyncio.Event()
+        self._task = asyncio.ensure_future(self._main())
 
-    # --- worker side --------------------------------------------------------------------------------------
-    def _take(self, block: bool, timeout: float | None = None) -> Job | None:
-        item = self._queue.get(block, timeout)
-        if item is not None:
-            with self._lock:
-                self._pending -= 1
-        return item
+    async def stop(self) -> None:
+        """Answer the requests already queued, then end the backend."""
+        self._stopping = True
+        if self._arrived is not None:
+            self._arrived.set()
+        if self._task is not None:
+            await self._task
+        await self.backend.close()
 
-    def _main(self) -> None:
+    def submit(self, work: Work) -> asyncio.Future:
+        """Queue ``work``; raises ``QueueFull`` when ``queue_size`` requests are already waiting."""
+        if len(self._jobs) >= self.queue_size:
+            raise QueueFull(self.queue_size)
+        assert self._arrived is not None
+        future = asyncio.get_running_loop().create_future()
+        self._jobs.append((work, future))
+        self._arrived.set()
+        return future
+
+    async def _main(self) -> None:
         try:
-            self.te = self._load()
-            self._warm()
+            self.te = await asyncio.to_thread(self._load)
+            await self.backend.start(self.te)
         except Exception as e:
-            self.failed = f"{type(e).__name__}: {e}"
+            self._failed = f"{type(e).__name__}: {e}"
             return
         finally:
             self.ready.set()
+        slots = asyncio.Semaphore(self.backend.in_flight)
+        sent: set[asyncio.Task] = set()
         while True:
-            first = self._take(True)
-            if first is None:
-                return
-            batch, count, deadline, stop = [first], len(first.prompts), time.monotonic() + self.max_wait, False
+            await slots.acquire()
+            batch = await self._collect()
+            if not batch:
+                break
+            task = asyncio.ensure_future(self._send(batch, slots))
+            sent.add(task)
+            task.add_done_callback(sent.discard)
+        await asyncio.gather(*sent)
+
+    async def _wait_for_jobs(self, timeout: float | None) -> bool:
+        """Whether a request is waiting (after up to ``timeout`` seconds; ``None``: until one comes or ``stop``)."""
+        assert self._arrived is not None
+        while not self._jobs and not self._stopping:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+            except TimeoutError:
+                break
+        return bool(self._jobs)
+
+    async def _collect(self) -> list[tuple[Work, asyncio.Future]]:
+        """The next batch; empty once stopping with nothing left to answer."""
+        loop = asyncio.get_running_loop()
+        batch: list[tuple[Work, asyncio.Future]] = []
+        while not batch:
+            if not await self._wait_for_jobs(None):
+                return batch
+            count, deadline = 0, loop.time() + self.max_wait
             while count < self.max_batch:
-                try:
-                    job = self._take(True, max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if job is None:
-                    stop = True
-                    break
-                batch.append(job)
-                count += len(job.prompts)
-            self._run(batch)
-            if stop:
-                return
+                if not self._jobs:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0 or self._stopping or not await self._wait_for_jobs(remaining):
+                        break
+                work, future = self._jobs.popleft()
+                if future.done():  # cancelled: the client disconnected, nobody waits for this encoding
+                    continue
+                batch.append((work, future))
+                count += len(work.prompts)
+        return batch
 
-    def _warm(self) -> None:
-        """One encoding of each kind, so the first request does not pay for lazy initialisation."""
-        assert self.te is not None
-        self.te.encode(["a warm-up prompt"])
-        # through the cache, whose key holds the weights' fingerprint (~0.25 s on sdclip-mini, computed once)
-        sdclip.encode_prompts(self.te, ["a (warm:1.1) up"], dialect="a1111", cache=self.cache)
-
-    def _run(self, batch: list[Job]) -> None:
-        live = [j for j in batch if not j.abandoned and self._prepared(j)]
-        if self.on_batch is not None and live:
-            self.on_batch(self.name, sum(len(j.prompts) for j in live))
-        groups: OrderedDict[tuple, list[Job]] = OrderedDict()
-        for job in live:
-            groups.setdefault((job.kind, job.key), []).append(job)
-        for (kind, _), jobs in groups.items():
-            try:
-                if kind == "conditioning":
-                    self._conditioning(jobs)
-                elif kind in ("hidden", "embeddings"):
-                    self._raw(jobs)
-                else:
-                    for job in jobs:
-                        self._call(job)
-            except Exception as e:
-                if len(jobs) == 1:
-                    jobs[0].finish(error=e)
-                else:
-                    for job in jobs:
-                        self._run_alone(job)
-
-    @staticmethod
-    def _prepared(job: Job) -> bool:
-        """Run the job's ``prepare``; False (and the job answered with the error) when it fails."""
-        if job.prepare is not None:
-            try:
-                job.payload.update(job.prepare())
-            except Exception as e:
-                job.finish(error=e)
-                return False
-        return True
-
-    def _run_alone(self, job: Job) -> None:
+    async def _send(self, batch: list[tuple[Work, asyncio.Future]], slots: asyncio.Semaphore) -> None:
         try:
-            if job.kind == "conditioning":
-                self._conditioning([job])
-            elif job.kind in ("hidden", "embeddings"):
-                self._raw([job])
-            else:
-                self._call(job)
-        except Exception as e:
-            job.finish(error=e)
-
-    # --- kinds -----------------------------------------------------------------------------------------
-    def conditioner(self, options: dict[str, Any]) -> sdclip.Conditioner:
-        """The conditioner for one option set (kept: building one loads embeddings, maps clip skip)."""
-        key = tuple(sorted((k, v if not isinstance(v, list) else tuple(v)) for k, v in options.items()))
-        found = self._conditioners.get(key)
-        if found is None:
-            opts = dict(options)
-            names = opts.pop("embedding_names", None)
-            chosen = [e for e in self.embeddings if names is None or e.name in names or e.token in names]
-            found = sdclip.Conditioner(self.te, embeddings=chosen or None, cache=self.cache, **opts)
-            self._conditioners[key] = found
-            while len(self._conditioners) > _CONDITIONERS:
-                self._conditioners.popitem(last=False)
-        self._conditioners.move_to_end(key)
-        return found
-
-    def _conditioning(self, jobs: list[Job]) -> None:
-        """Every conditioning job of the batch, whatever its dialect and options, in one ``encode_many``: the rows of
-        all of them share the encoders' fixed-shape passes; each request gets its own ``encode`` result."""
-        requests = []
-        for job in jobs:
-            negatives = job.payload["negatives"]
-            negative = negatives[0] if job.payload["one_negative"] else negatives
-            requests.append((self.conditioner(job.payload["options"]), job.prompts, negative, job.payload["step"]))
-        for job, result in zip(jobs, sdclip.encode_many(requests)):
-            if isinstance(result, Exception):
-                job.finish(error=result)
-            else:
-                job.finish(result)
-
-    def _raw(self, jobs: list[Job]) -> None:
-        """One ``TextEncoder.encode`` for every distinct prompt of the batch; each request gets its own rows.  A
-        row's output depends on the row alone (fixed-shape micro-batches, ``sdclip.reuse``), so these are the
-        bits of the request's own call."""
-        assert self.te is not None
-        rows: dict[str, int] = {}
-        for job in jobs:
-            for text in job.prompts:
-                rows.setdefault(text, len(rows))
-        out = self.te.encode(list(rows), **jobs[0].payload["options"])
-        for job in jobs:
-            index = torch.tensor([rows[text] for text in job.prompts])
-            pick = lambda t: None if t is None else t[index]
-            job.finish(sdclip.TextOutput(pick(out.hidden), pick(out.pooled), pick(out.pooled_projected)))
-
-    def _call(self, job: Job) -> None:
-        """Work that is not batched (the inspector's layer comparison): ``payload["fn"](te)``."""
-        job.finish(job.payload["fn"](self.te))
+            if self.on_batch is not None:
+                self.on_batch(self.name, sum(len(work.prompts) for work, _ in batch))
+            try:
+                answers = await self.backend.run([work for work, _ in batch])
+            except Exception as e:  # the backend itself failed (its process exited): every request of the batch
+                answers = [e] * len(batch)
+            for (_, future), answer in zip(batch, answers):
+                if future.done():
+                    continue
+                if isinstance(answer, BaseException):
+                    future.set_exception(answer)
+                else:
+                    future.set_result(answer)
+        finally:
+            slots.release()
