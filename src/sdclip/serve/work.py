@@ -114,17 +114,26 @@ class Runner:
         return sdclip.encode_many(requests)
 
     def _raw(self, works: list[Work]) -> list[Any]:
-        """One ``TextEncoder.encode`` for every distinct prompt of the batch; each request gets its own rows.  A
-        row's output depends on the row alone (fixed-shape micro-batches, ``sdclip.reuse``), so these are the
-        bits of the request's own call."""
-        rows: dict[str, int] = {}
+        """One ``TextEncoder.encode`` for every distinct prompt of the batch not in the cache; each request gets its
+        own rows.  A row's output depends on the row alone (fixed-shape micro-batches, ``sdclip.reuse``), so these
+        are the bits of the request's own call, whichever requests' rows they were computed with."""
+        options = works[0].payload["options"]
+        key = lambda text: (self.te.fingerprint, "raw", tuple(sorted(options.items())), text)
+        rows: dict[str, tuple | None] = {}
         for work in works:
             for text in work.prompts:
-                rows.setdefault(text, len(rows))
-        out = self.te.encode(list(rows), **works[0].payload["options"])
+                if text not in rows:
+                    rows[text] = self.cache.get(key(text))
+        todo = [text for text, row in rows.items() if row is None]
+        if todo:
+            out = self.te.encode(todo, **options)
+            for i, text in enumerate(todo):  # cloned: a row must not hold its whole batch's memory in the cache
+                rows[text] = tuple(
+                    None if t is None else t[i].clone() for t in (out.hidden, out.pooled, out.pooled_projected)
+                )
+                self.cache.put(key(text), rows[text])
         answers = []
         for work in works:
-            index = torch.tensor([rows[text] for text in work.prompts])
-            pick = lambda t: None if t is None else t[index]
-            answers.append(sdclip.TextOutput(pick(out.hidden), pick(out.pooled), pick(out.pooled_projected)))
+            columns = zip(*(rows[text] for text in work.prompts))
+            answers.append(sdclip.TextOutput(*(None if c[0] is None else torch.stack(c) for c in columns)))
         return answers
