@@ -29,7 +29,7 @@ from sdclip.errors import BadInput, SdclipError
 
 from .batcher import ModelWorker, QueueFull
 from .inspect import describe_chunks
-from .limits import LimitExceeded, Limits, chunk_checked
+from .limits import LimitExceeded, Limits, TokenCounts, chunk_counted
 from .metrics import Metrics
 from .work import Work
 
@@ -242,6 +242,7 @@ class Server:
         }
         self.default = next(iter(self.workers))
         self.draining = False
+        self.token_counts = TokenCounts()
         self.in_flight = 0  # requests between arrival and answer (the event loop's thread alone counts them)
         self.metrics.gauge(
             "sdclip_requests_in_flight",
@@ -336,14 +337,15 @@ class Server:
         if count > self.config.limits.max_tokens:
             raise LimitExceeded("max_tokens", self.config.limits.max_tokens, f"{what} ({count} tokens)")
 
-    async def check_chunked(self, te: sdclip.TextEncoder, texts: list[tuple[str, str]], body: _Dialect) -> None:
+    async def check_chunked(self, worker: ModelWorker, texts: list[tuple[str, str]], body: _Dialect) -> None:
         """The token limit, as each prompt's dialect counts tokens.  Here rather than in the model's process, which
         is the busier one; on the event loop for requests of ordinary size, on a thread for big ones (a megabyte of
         prompt text takes seconds to parse)."""
 
         def check() -> None:
             for what, text in texts:
-                chunk_checked(te, text, body.dialect, body.chunk_options(), self.config.limits.max_tokens, what, False)
+                count = self.token_counts.count(worker.name, worker.te, text, body.dialect, body.chunk_options())
+                self.check_tokens(count, what)
 
         if sum(len(text) for _, text in texts) <= INLINE_CHECK_CHARS:
             check()
@@ -400,7 +402,7 @@ class Server:
                 embedding_names=None if body.embeddings is None else sorted(body.embeddings),
             )
             await self.check_chunked(
-                te,
+                worker,
                 [(f"prompts[{i}]", t) for i, t in enumerate(prompts)]
                 + [(f"negatives[{i}]", t) for i, t in enumerate(negatives) if t is not None],
                 body,
@@ -490,9 +492,8 @@ class Server:
         te = worker.te
         self.check_prompts([body.prompt], "prompt")
         tokenizer = te.tokenizers[0]
-        tree = chunk_checked(
-            te, body.prompt, body.dialect, body.chunk_options(), self.config.limits.max_tokens, "prompt", strict=True
-        )
+        tree, count = chunk_counted(te, body.prompt, body.dialect, body.chunk_options(), strict=True)
+        self.check_tokens(count, "prompt")
         return _json(
             {
                 "model": body.model or self.default,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,12 +43,12 @@ def leaves(node: Node) -> Any:
         yield node
 
 
-def chunk_checked(
-    te: sdclip.TextEncoder, text: str, dialect: str, options: dict[str, Any], max_tokens: int, what: str, strict: bool
-) -> Node:
-    """The prompt's chunk tree in its dialect; refuses a prompt of more than ``max_tokens`` tokens as the dialect
-    counts them.  An option the dialect does not take is refused when ``strict``, else left out (the conditioner
-    ignores it, as ``encode_prompts`` does)."""
+def chunk_counted(
+    te: sdclip.TextEncoder, text: str, dialect: str, options: dict[str, Any], strict: bool
+) -> tuple[Node, int]:
+    """The prompt's chunk tree in its dialect and its token count as the dialect counts them.  An option the dialect
+    does not take is refused when ``strict``, else left out (the conditioner ignores it, as ``encode_prompts``
+    does)."""
     pad = te.towers[0].config.pad_id
     try:
         tree = chunk_prompt(text, dialect, te.tokenizers[0], pad_id=pad, **options)
@@ -54,7 +56,32 @@ def chunk_checked(
         if strict:
             raise BadInput(f"dialect {dialect!r} does not take that option ({e})") from None
         tree = chunk_prompt(text, dialect, te.tokenizers[0], pad_id=pad)
-    count = sum(leaf.token_count for leaf in leaves(tree))
-    if count > max_tokens:
-        raise LimitExceeded("max_tokens", max_tokens, f"{what} ({count} tokens)")
-    return tree
+    return tree, sum(leaf.token_count for leaf in leaves(tree))
+
+
+class TokenCounts:
+    """Prompts' token counts by model, dialect and options, remembered: most requests repeat a negative or quality
+    tags already checked.  Least recently used first out, at most ``max_chars`` characters of prompts held;
+    thread-safe."""
+
+    def __init__(self, max_chars: int = 1 << 22):
+        self.max_chars, self.chars = max_chars, 0
+        self._counts: OrderedDict[tuple, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def count(self, model: str, te: sdclip.TextEncoder, text: str, dialect: str, options: dict[str, Any]) -> int:
+        key = (model, dialect, tuple(sorted(options.items())), text)
+        with self._lock:
+            found = self._counts.get(key)
+            if found is not None:
+                self._counts.move_to_end(key)
+                return found
+        _, count = chunk_counted(te, text, dialect, options, False)
+        with self._lock:
+            if key not in self._counts:
+                self._counts[key] = count
+                self.chars += len(text)
+            while self.chars > self.max_chars:
+                (_, _, _, old), _ = self._counts.popitem(last=False)
+                self.chars -= len(old)
+        return count
