@@ -48,7 +48,7 @@ class ServeConfig:
     embeddings: str | None = None
     dtype: str = "float32"
     device: str = "cpu"
-    max_batch: int = 32
+    max_batch: int = 128
     max_wait_ms: float = 5.0
     queue_size: int = 256
     limits: Limits = field(default_factory=Limits)
