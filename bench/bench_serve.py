@@ -413,7 +413,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=10_000)
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--queue-size", type=int, default=256)
-    ap.add_argument("--max-batch", type=int, default=128)
+    ap.add_argument("--max-batch", type=int, default=256)
     ap.add_argument("--max-wait-ms", type=float, default=2.0)
     ap.add_argument("--threads", type=int, help="the server's torch threads (default: the cores less one)")
     ap.add_argument("--out", default=str(HERE / "out"))

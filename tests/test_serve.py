@@ -527,3 +527,85 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# --- the model's process ----------------------------------------------------------------------------------------
+
+
+def test_frames_carry_tensors_of_every_dtype_and_errors():
+    """What crosses between the HTTP process and a model's: tensors (any dtype and shape, views included) come back
+    with their bits, beside the pickle; an error comes back as itself."""
+    from sdclip.errors import BadInput
+    from sdclip.serve.process import frame, unframe
+
+    base = torch.randn(3, 5, 7)
+    tensors = {
+        "float32": base,
+        "view": base[:, 1:4].transpose(0, 1),  # not contiguous
+        "float16": base.half(),
+        "bfloat16": base.bfloat16(),
+        "int64": torch.arange(6).reshape(2, 3),
+        "bool": base > 0,
+        "scalar": torch.tensor(1.5),
+        "empty": torch.zeros(0, 4),
+    }
+    answer = [sdclip.TextOutput(base, base[:, 0], None), tensors, BadInput("prompts[1]: no such embedding")]
+    parts = frame(answer)
+    out = unframe([bytearray(p) for p in parts[1:]])  # parts[0]: the header, read before the parts
+    assert len(parts) > 3  # the tensors' bytes travel beside the pickle, not in it
+    for name, t in tensors.items():
+        assert out[1][name].dtype == t.dtype and out[1][name].shape == t.shape, name
+        assert torch.equal(out[1][name], t), name
+    assert (
+        torch.equal(out[0].hidden, base) and torch.equal(out[0].pooled, base[:, 0]) and out[0].pooled_projected is None
+    )
+    assert isinstance(out[2], BadInput) and str(out[2]) == "prompts[1]: no such embedding"
+
+
+def test_a_text_encoder_pickles_without_its_files(te):
+    """The model process gets the encoder by pickling (its weights through shared memory): the copy encodes the
+    same bits, and leaves the checkpoint's open files and the prefix cache's entries behind."""
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(te))
+    assert all(t.file is None for t in copy.info.towers) and copy.info.files == te.info.files
+    assert len(copy.reuse.cache.entries) == 0 and copy.reuse.micro_batch == te.reuse.micro_batch
+    for a, b in zip(te.encode(PROMPTS[:3]).__dict__.values(), copy.encode(PROMPTS[:3]).__dict__.values()):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert copy.fingerprint == te.fingerprint
+
+
+def _model_processes(name: str) -> list:
+    import multiprocessing
+
+    return [p for p in multiprocessing.active_children() if p.name == f"sdclip-model-{name}"]
+
+
+def test_a_killed_model_process_is_started_again(te):
+    """A model's process that dies (killed, out of memory) fails the requests it held with 503 + Retry-After and is
+    started again; the server keeps answering, with the same bits, and /metrics keeps counting its cache."""
+    app = create_app(ServeConfig(models={"restarts": te}))
+    body = {"prompts": PROMPTS[:2], "dialect": "a1111"}
+    want = sdclip.encode_prompts(te, PROMPTS[:2], dialect="a1111").hidden
+    with TestClient(app) as c:
+        _ready(c)
+        (first,) = _model_processes("restarts")
+        assert first.pid != os.getpid()
+        assert torch.equal(_tensor(c.post("/v1/encode", json=body).json()["tensors"]["hidden"]), want)
+        os.kill(first.pid, signal.SIGKILL)
+        first.join(10)
+        deadline, answers = time.monotonic() + 60, []
+        while True:
+            r = c.post("/v1/encode", json=body)
+            answers.append(r.status_code)
+            if r.status_code == 200:
+                break
+            assert _error(r, 503, "model_restarting") and r.headers["Retry-After"] == "1"
+            assert time.monotonic() < deadline, answers
+            time.sleep(0.05)
+        assert answers[0] == 503 and torch.equal(_tensor(r.json()["tensors"]["hidden"]), want)
+        (second,) = _model_processes("restarts")
+        assert second.pid != first.pid and second.is_alive()
+        assert c.post("/v1/encode", json=body).status_code == 200
+        assert re.search(r'sdclip_cache_hits_total\{model="restarts"\} [1-9]', c.get("/metrics").text)
+    assert _model_processes("restarts") == []  # shutdown ends it

@@ -1070,7 +1070,7 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--embeddings", help="textual-inversion file or folder; requests use them by name")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model weights")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--max-batch", type=int, default=128, help="prompts per micro-batch (default 128)")
+    p.add_argument("--max-batch", type=int, default=256, help="prompts per micro-batch (default 256)")
     p.add_argument(
         "--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests (default 5 ms)"
     )

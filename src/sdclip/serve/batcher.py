@@ -75,7 +75,7 @@ class ModelWorker:
         name: str,
         load: Callable[[], sdclip.TextEncoder],
         *,
-        max_batch: int = 128,
+        max_batch: int = 256,
         max_wait_ms: float = 5.0,
         queue_size: int = 256,
         embeddings: list | None = None,
