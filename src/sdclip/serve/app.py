@@ -222,7 +222,8 @@ class _Observe:
 
 
 class Server:
-    """The served models, their workers and the metrics; ``app`` is the FastAPI application."""
+    """The served models (a ``ModelWorker`` each: queue, batcher, process) and the metrics; ``app`` is the FastAPI
+    application."""
 
     def __init__(self, config: ServeConfig):
         if not config.models:
@@ -669,7 +670,7 @@ def _tensors_json(head: dict, tensors: dict[str, torch.Tensor]) -> Response:
 
 
 def create_app(config: ServeConfig | None = None) -> FastAPI:
-    """The FastAPI application for ``config`` (the models load on their worker threads at startup)."""
+    """The FastAPI application for ``config`` (at startup each model loads, then starts its process)."""
     return Server(config or ServeConfig()).app
 
 

@@ -1,6 +1,7 @@
 """Prometheus metrics in the text exposition format (no client library needed for five metric families).
 
-Counters and histograms are updated from the event loop and the model threads; one lock guards them.
+Counters and histograms are updated on the event loop; one lock guards them, so a caller on another thread is
+safe too.
 """
 
 from __future__ import annotations
