@@ -15,7 +15,6 @@ import io
 import itertools
 import multiprocessing
 import pickle
-import resource
 import signal
 import socket
 import struct
@@ -123,7 +122,7 @@ def _child(sock: socket.socket, te: sdclip.TextEncoder, embeddings: list, thread
     except Exception as e:
         _send_frame(sock, ("failed", f"{type(e).__name__}: {e}"))
         return
-    _send_frame(sock, ("ready", (0, 0)))
+    _send_frame(sock, ("ready", None))
     while True:
         try:
             number, works = _recv_frame(sock)
@@ -143,6 +142,10 @@ class ModelProcessExited(SdclipError):
 def _open_files_for(te: sdclip.TextEncoder) -> None:
     """Each shared tensor holds a file descriptor in both processes: raise the soft limit (to the hard one) when a
     big model would not fit under it."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return
     needed = 64 + 2 * sum(len(tower.state_dict()) for tower in te.towers)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:
