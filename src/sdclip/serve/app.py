@@ -316,14 +316,15 @@ class Server:
                 value=e.limit,
             ) from None
         gone = asyncio.ensure_future(_disconnect(request))
+        gone.add_done_callback(lambda _: future.cancel())  # a no-op once answered
         try:
-            await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)
+            return await future
+        except asyncio.CancelledError:
+            if gone.done() and not gone.cancelled():  # the client went away (not: the server is stopping)
+                raise ApiError(499, "client_closed_request", "the client disconnected before the answer") from None
+            raise
         finally:
             gone.cancel()
-        if not future.done():
-            future.cancel()
-            raise ApiError(499, "client_closed_request", "the client disconnected before the answer")
-        return future.result()
 
     def check_prompts(self, prompts: list[str], what: str = "prompts") -> None:
         limits = self.config.limits
