@@ -157,10 +157,10 @@ class _BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return await self.app(scope, receive, send)
-        too_big = limit_response(LimitExceeded("max_body_bytes", self.limit, "the request body"))
+        too_big = lambda: limit_response(LimitExceeded("max_body_bytes", self.limit, "the request body"))
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await too_big(scope, receive, send)
+            return await too_big()(scope, receive, send)
         messages: list[Message] = []
         seen, more = 0, True
         while more:
@@ -170,7 +170,7 @@ class _BodyLimit:
                 break
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                return await too_big(scope, receive, send)
+                return await too_big()(scope, receive, send)
             more = message.get("more_body", False)
         replay = iter(messages)
 
