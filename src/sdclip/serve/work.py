@@ -118,7 +118,8 @@ class Runner:
         own rows.  A row's output depends on the row alone (fixed-shape micro-batches, ``sdclip.reuse``), so these
         are the bits of the request's own call, whichever requests' rows they were computed with."""
         options = works[0].payload["options"]
-        key = lambda text: (self.te.fingerprint, "raw", tuple(sorted(options.items())), text)
+        fingerprint, settings = self.te.fingerprint, tuple(sorted(options.items()))
+        key = lambda text: (fingerprint, "raw", settings, text)
         rows: dict[str, tuple | None] = {}
         for work in works:
             for text in work.prompts:
