@@ -94,7 +94,9 @@ def test_encode_equals_encode_prompts(client, te, dialect):
         assert ("pooled" in got) == (ref.pooled is not None)
 
 
-def test_encode_safetensors_options_and_dtype(client, te):
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_encode_safetensors_options_and_dtype(client, te, dtype):
+    """The safetensors body in each dtype (numpy's writer, or torch's for bfloat16) with its metadata."""
     body = {
         "prompts": ["a [red:blue:5] star", "a cat"],
         "negative": "blurry",
@@ -103,7 +105,7 @@ def test_encode_safetensors_options_and_dtype(client, te):
         "step": 7,
         "steps": 10,
         "emphasis": "no-norm",
-        "dtype": "float16",
+        "dtype": dtype,
     }
     r = client.post("/v1/encode", json=body, headers={"Accept": "application/octet-stream"})
     assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
@@ -111,9 +113,17 @@ def test_encode_safetensors_options_and_dtype(client, te):
     ref = sdclip.encode_prompts(
         te, body["prompts"], "blurry", dialect="a1111", clip_skip=2, step=7, steps=10, emphasis="no-norm", cache=None
     )
-    assert got["hidden"].dtype == torch.float16
-    assert torch.equal(got["hidden"], ref.hidden.half())
-    assert torch.equal(got["negative_hidden"], ref.negative_hidden.half())
+    want = getattr(torch, dtype)
+    fields = {"hidden": ref.hidden, "pooled": ref.pooled, "negative_hidden": ref.negative_hidden}
+    assert set(got) == {k for k, v in {**fields, "negative_pooled": ref.negative_pooled}.items() if v is not None}
+    assert all(t.dtype == want for t in got.values())
+    assert all(torch.equal(got[k], v.to(want)) for k, v in fields.items() if v is not None)
+    n = int.from_bytes(r.content[:8], "little")
+    assert json.loads(r.content[8 : 8 + n])["__metadata__"] == {
+        "model": "mini",
+        "family": te.family,
+        "dialect": "a1111",
+    }
 
 
 def test_raw_encode_equals_text_encoder(client, te):
@@ -471,6 +481,14 @@ def _post(url: str, body: dict) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+def _children(pid: int) -> list[int]:
+    return [
+        int(c)
+        for t in os.listdir(f"/proc/{pid}/task")
+        for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()
+    ]
+
+
 def _in_flight(base: str) -> float:
     with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
         text = r.read().decode()
@@ -510,6 +528,14 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
             assert proc.poll() is None, proc.stdout.read().decode()
 
         wait_ready(base, 60, alive)
+        from sdclip.serve.process import split_cores
+
+        cores = split_cores()  # the HTTP process on the last allowed core, the model's on the others
+        (model,) = [
+            p for p in _children(proc.pid) if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
+        assert _thread_cores(proc.pid) == {frozenset(cores.http if cores else os.sched_getaffinity(0))}
+        assert _thread_cores(model) == _model_cores()
         heavy = {"prompts": [f"{i} " + "a (red:1.1) star, " * 40 for i in range(40)], "dialect": "a1111"}
         with ThreadPoolExecutor(12) as pool:
             futures = [pool.submit(_post, base + "/v1/encode", heavy) for _ in range(12)]
@@ -581,9 +607,40 @@ def _model_processes(name: str) -> list:
     return [p for p in multiprocessing.active_children() if p.name == f"sdclip-model-{name}"]
 
 
+def _thread_cores(pid: int) -> set[frozenset[int]]:
+    """The CPU affinity of each thread of a process."""
+    found = set()
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found.add(frozenset(os.sched_getaffinity(int(thread))))
+        except OSError:  # it ended meanwhile
+            pass
+    return found
+
+
+def _model_cores() -> set[frozenset[int]]:
+    """What every thread of a model process is pinned to on this machine."""
+    from sdclip.serve.process import split_cores
+
+    cores = split_cores()
+    return {frozenset(cores.models if cores else os.sched_getaffinity(0))}
+
+
+def test_split_cores_leaves_the_last_allowed_core_to_http(monkeypatch):
+    from sdclip.serve.process import Cores, split_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {7, 3, 5})
+    assert split_cores() == Cores(http=(7,), models=(3, 5))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2})
+    assert split_cores() is None  # one core: nothing to split
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert split_cores() is None  # no CPU affinity on this system
+
+
 def test_a_killed_model_process_is_started_again(te):
     """A model's process that dies (killed, out of memory) fails the requests it held with 503 + Retry-After and is
     started again; the server keeps answering, with the same bits, and /metrics keeps counting its cache."""
+    allowed = os.sched_getaffinity(0)
     app = create_app(ServeConfig(models={"restarts": te}))
     body = {"prompts": PROMPTS[:2], "dialect": "a1111"}
     want = sdclip.encode_prompts(te, PROMPTS[:2], dialect="a1111").hidden
@@ -591,6 +648,7 @@ def test_a_killed_model_process_is_started_again(te):
         _ready(c)
         (first,) = _model_processes("restarts")
         assert first.pid != os.getpid()
+        assert _thread_cores(first.pid) == _model_cores()  # every thread, torch's included, off the HTTP core
         assert torch.equal(_tensor(c.post("/v1/encode", json=body).json()["tensors"]["hidden"]), want)
         os.kill(first.pid, signal.SIGKILL)
         first.join(10)
@@ -606,6 +664,16 @@ def test_a_killed_model_process_is_started_again(te):
         assert answers[0] == 503 and torch.equal(_tensor(r.json()["tensors"]["hidden"]), want)
         (second,) = _model_processes("restarts")
         assert second.pid != first.pid and second.is_alive()
+        assert _thread_cores(second.pid) == _model_cores()
         assert c.post("/v1/encode", json=body).status_code == 200
         assert re.search(r'sdclip_cache_hits_total\{model="restarts"\} [1-9]', c.get("/metrics").text)
     assert _model_processes("restarts") == []  # shutdown ends it
+    assert os.sched_getaffinity(0) == allowed  # create_app pins its models only, never the process it runs in
+
+
+def test_pin_cores_off_leaves_the_model_process_on_every_core(te):
+    with TestClient(create_app(ServeConfig(models={"unpinned": te}, pin_cores=False))) as c:
+        _ready(c)
+        (process,) = _model_processes("unpinned")
+        assert _thread_cores(process.pid) == {frozenset(os.sched_getaffinity(0))}
+        assert c.post("/v1/encode", json={"prompts": "a cat"}).status_code == 200

@@ -1040,11 +1040,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
             limits=limits,
             token=token,
             cors=args.cors or [],
+            threads=args.threads,
+            pin_cores=args.pin_cores,
         ),
         host=args.host,
         port=args.port,
         log_level=args.log_level,
-        threads=args.threads,
     )
 
 
@@ -1094,6 +1095,13 @@ def _add_serve_command(sub) -> None:
     )
     p.add_argument(
         "--threads", type=int, help="torch threads for the models (default: the cores less one, left to the HTTP side)"
+    )
+    p.add_argument(
+        "--pin-cores",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the HTTP process on the last allowed core and the model processes on the others, so that neither "
+        "waits for the other's core (default; Linux with two cores or more)",
     )
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=cmd_serve)

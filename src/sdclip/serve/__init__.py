@@ -14,26 +14,33 @@ import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
-from .app import ServeConfig, create_app
+from .app import ServeConfig, Server, create_app
 from .limits import Limits
+from .process import pin_process
 
 
-def serve(
-    config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", threads: int | None = None
-) -> None:
+def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Run the server until SIGINT / SIGTERM; on either it stops accepting connections, lets the requests in
     flight finish (up to 30 s), finishes the models' queues and returns.
 
-    ``threads``: torch's intra-op threads for the models (default: the cores less one, which the HTTP side
-    needs; torch's spinning worker threads would otherwise fight the event loop for it)."""
+    ``config.threads`` defaults to the allowed cores less one, the one left to the HTTP process; with
+    ``config.pin_cores`` (Linux, two cores or more) this process runs on that core and the models on the others.
+    Its own tensor work (dtype conversions, checks) is small: one torch thread."""
+    import dataclasses
+    import logging
     import os
 
     import torch
     import uvicorn
 
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    config = dataclasses.replace(config, threads=config.threads or max(1, allowed - 1))
+    server = Server(config)
+    torch.set_num_threads(1 if config.model_process else config.threads)
+    if server.cores:
+        pin_process(server.cores.http)
 
-    class Server(uvicorn.Server):
+    class Uvicorn(uvicorn.Server):
         @contextmanager
         def capture_signals(self) -> Iterator[None]:
             """uvicorn's handlers (graceful shutdown), without its re-raising the signal afterwards: a drained
@@ -51,17 +58,22 @@ def serve(
     # the prompt warnings the CLI prints (truncation and the like) would only fill the server log; the
     # tokenize endpoint returns them with the prompt that caused them
     warnings.simplefilter("ignore", UserWarning)
-    Server(
-        uvicorn.Config(
-            create_app(config),
-            host=host,
-            port=port,
-            log_level=log_level,
-            timeout_graceful_shutdown=30,
-            proxy_headers=True,
-            server_header=False,
+    settings = uvicorn.Config(
+        server.app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=30,
+        proxy_headers=True,
+        server_header=False,
+    )
+    if server.cores:  # uvicorn's Config has set up its logging
+        logging.getLogger("uvicorn.error").info(
+            "model processes on cores %s, the HTTP process on core %s",
+            ",".join(map(str, server.cores.models)),
+            ",".join(map(str, server.cores.http)),
         )
-    ).run()
+    Uvicorn(settings).run()
 
 
 __all__ = ["ServeConfig", "Limits", "create_app", "serve"]

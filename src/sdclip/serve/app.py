@@ -29,11 +29,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import sdclip
 from sdclip.errors import BadInput, SdclipError
 
-from .batcher import ModelWorker, QueueFull
+from .batcher import ModelWorker, QueueFull, ThreadBackend
 from .inspect import describe_chunks
 from .limits import LimitExceeded, Limits, TokenCounts, chunk_counted
 from .metrics import Metrics
-from .process import ModelProcessExited
+from .process import ModelProcessExited, ProcessBackend, split_cores
 from .work import Work
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -58,6 +58,8 @@ class ServeConfig:
     token: str | None = None
     cors: list[str] = field(default_factory=list)
     model_process: bool = True  # each model in a process of its own (False: on a thread of the HTTP process)
+    threads: int | None = None  # torch threads per model (default: this process's count)
+    pin_cores: bool = True  # model processes on the allowed cores but the last, which ``serve`` keeps for HTTP
 
 
 async def _disconnect(request: Request) -> None:
@@ -231,16 +233,23 @@ class Server:
         self.config = config
         self.metrics = Metrics()
         embeddings = sdclip.load_embeddings(config.embeddings) if config.embeddings else []
+        self.cores = split_cores() if config.model_process and config.pin_cores else None
+        threads = config.threads or torch.get_num_threads()
+
+        def backend(name: str) -> ProcessBackend | ThreadBackend:
+            if not config.model_process:
+                return ThreadBackend(name, embeddings)
+            return ProcessBackend(name, embeddings, threads, self.cores.models if self.cores else None)
+
         self.workers = {
             name: ModelWorker(
                 name,
                 self._loader(source),
+                backend(name),
                 max_batch=config.max_batch,
                 max_wait_ms=config.max_wait_ms,
                 queue_size=config.queue_size,
-                embeddings=embeddings,
                 on_batch=self.metrics.batch,
-                process=config.model_process,
             )
             for name, source in config.models.items()
         }
@@ -434,12 +443,8 @@ class Server:
                     )
         name = body.model or self.default
         if "application/octet-stream" in request.headers.get("accept", ""):
-            from safetensors.torch import save
-
             metadata = {"model": name, "family": te.family, "dialect": str(body.dialect)}
-            return Response(
-                save({k: v.cpu() for k, v in tensors.items()}, metadata), media_type="application/octet-stream"
-            )
+            return Response(_safetensors(tensors, metadata), media_type="application/octet-stream")
         return _tensors_json({"model": name, "family": te.family, "dialect": body.dialect}, tensors)
 
     def _known_embeddings(self, names: list[str] | None) -> None:
@@ -658,6 +663,19 @@ def _json(content: Any) -> Response:
     return Response(orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
 
+def _safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors body: through safetensors' numpy writer (per tensor, its torch writer's detours cost about
+    100 us more than the whole numpy path), or its torch writer for bfloat16, which numpy lacks."""
+    tensors = {k: v.cpu() for k, v in tensors.items()}
+    if any(t.dtype == torch.bfloat16 for t in tensors.values()):
+        from safetensors.torch import save
+
+        return save(tensors, metadata)
+    from safetensors.numpy import save as save_numpy
+
+    return save_numpy({k: t.numpy() for k, t in tensors.items()}, metadata)
+
+
 def _tensors_json(head: dict, tensors: dict[str, torch.Tensor]) -> Response:
     """``head`` plus ``"tensors": {name: {"shape", "dtype", "data": base64}}``, the base64 bytes put in as they are
     (a JSON encoder would scan megabytes of them for characters to escape)."""
@@ -671,7 +689,8 @@ def _tensors_json(head: dict, tensors: dict[str, torch.Tensor]) -> Response:
 
 
 def create_app(config: ServeConfig | None = None) -> FastAPI:
-    """The FastAPI application for ``config`` (at startup each model loads, then starts its process)."""
+    """The FastAPI application for ``config`` (at startup each model loads, then starts its process).  The model
+    processes keep off the last allowed core, but this process is not pinned to it: ``serve`` does that."""
     return Server(config or ServeConfig()).app
 
 

@@ -65,7 +65,8 @@ class ThreadBackend:
 
 
 class ModelWorker:
-    """The queue and batcher of one model.  ``submit`` from the event loop; answers come back as futures.
+    """The queue and batcher of one model, whose batches ``backend`` runs.  ``submit`` from the event loop; answers
+    come back as futures.
 
     ``start`` (on the event loop) loads the ``TextEncoder`` on a thread (the server answers ``/healthz``
     meanwhile) and starts the backend; ``ready`` is set once the model is loaded and warmed up."""
@@ -74,22 +75,21 @@ class ModelWorker:
         self,
         name: str,
         load: Callable[[], sdclip.TextEncoder],
+        backend: ProcessBackend | ThreadBackend,
         *,
         max_batch: int = 256,
         max_wait_ms: float = 5.0,
         queue_size: int = 256,
-        embeddings: list | None = None,
         on_batch: Callable[[str, int], None] | None = None,
-        process: bool = True,
     ):
         self.name = name
         self._load = load
         self.max_batch, self.max_wait = max(1, max_batch), max(0.0, max_wait_ms) / 1000
         self.queue_size = queue_size
-        self.embeddings = embeddings or []
+        self.embeddings = backend.embeddings
         self.on_batch = on_batch
         self.te: sdclip.TextEncoder | None = None
-        self.backend = ProcessBackend(name, self.embeddings) if process else ThreadBackend(name, self.embeddings)
+        self.backend = backend
         self.ready = threading.Event()
         self._failed: str | None = None
         self._jobs: deque[tuple[Work, asyncio.Future]] = deque()

@@ -1,6 +1,10 @@
 """A model in its own process: the HTTP side's Python and the encoder's then run on separate cores, each under its
 own GIL (in one process they take turns, and every short torch call waits to get the GIL back).
 
+Where the machine allows (Linux, two cores or more), the model processes run on the allowed cores but one and
+``serve`` keeps the HTTP process on that one (``split_cores``): the event loop never takes the encoder's core, and
+torch's threads (one per model core) never spin on the event loop's.
+
 The child is started with ``spawn`` (never ``fork``: a forked child of a process whose OpenMP pool has run can
 hang in its first parallel region).  The ``TextEncoder`` travels as a ``Process`` argument, so torch moves its
 weights to shared memory once and both processes map the same pages.  Then they talk over a socket pair in
@@ -14,11 +18,13 @@ import asyncio
 import io
 import itertools
 import multiprocessing
+import os
 import pickle
 import signal
 import socket
 import struct
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Collection
 
 import torch
 
@@ -30,6 +36,38 @@ from .work import Runner, Work
 _COUNT = struct.Struct("!I")
 _SIZE = struct.Struct("!Q")
 _IOV_MAX = 512
+
+
+# --- cores: the event loop on one, the models on the others ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cores:
+    http: tuple[int, ...]
+    models: tuple[int, ...]
+
+
+def split_cores() -> Cores | None:
+    """The last of this process's allowed cores for the HTTP process, the others for the models; None without
+    CPU affinity (not Linux) or with fewer than two cores.  On two cores shared by the HTTP process, a model and
+    local clients, the model was runnable but waiting for a core about a quarter of the time (bench_serve)."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    return Cores(http=tuple(allowed[-1:]), models=tuple(allowed[:-1])) if len(allowed) > 1 else None
+
+
+def pin_process(cores: Collection[int]) -> None:
+    """Every thread of this process onto ``cores`` (a thread started later inherits its starter's)."""
+    try:
+        threads = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]
+    for thread in threads:
+        try:
+            os.sched_setaffinity(thread, cores)
+        except OSError:  # it ended meanwhile
+            pass
 
 
 # --- frames: a pickle and the tensors' bytes beside it ---------------------------------------------------------
@@ -110,9 +148,13 @@ def _sendable(answer: Any) -> Any:
     return answer
 
 
-def _child(sock: socket.socket, te: sdclip.TextEncoder, embeddings: list, threads: int) -> None:
+def _child(
+    sock: socket.socket, te: sdclip.TextEncoder, embeddings: list, threads: int, cores: tuple[int, ...] | None
+) -> None:
     """The model process: answer batches until the socket closes.  SIGINT and SIGTERM are the parent's to act on
     (a terminal's Ctrl-C reaches the whole process group): it drains, then closes the socket."""
+    if cores:
+        pin_process(cores)  # before torch starts its threads, which then start on these cores
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(threads)
@@ -154,12 +196,13 @@ def _open_files_for(te: sdclip.TextEncoder) -> None:
 
 class ProcessBackend:
     """Runs batches in a child process; ``run`` is awaited on the event loop.  The child answers batches in the
-    order they were sent, so a second batch can wait in the socket while the first is encoded."""
+    order they were sent, so a second batch can wait in the socket while the first is encoded.  The child runs
+    ``threads`` torch threads, on ``cores`` when given."""
 
     in_flight = 2  # one batch being encoded, the next one waiting
 
-    def __init__(self, name: str, embeddings: list):
-        self.name, self.embeddings = name, embeddings
+    def __init__(self, name: str, embeddings: list, threads: int, cores: tuple[int, ...] | None = None):
+        self.name, self.embeddings, self.threads, self.cores = name, embeddings, threads, cores
         self.hits = self.misses = 0
         self._process: multiprocessing.process.BaseProcess | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -178,7 +221,7 @@ class ProcessBackend:
         context = multiprocessing.get_context("spawn")
         self._process = context.Process(
             target=_child,
-            args=(theirs, te, self.embeddings, torch.get_num_threads()),
+            args=(theirs, te, self.embeddings, self.threads, self.cores),
             name=f"sdclip-model-{self.name}",
             daemon=True,
         )
