@@ -58,7 +58,7 @@ class ServeConfig:
     token: str | None = None
     cors: list[str] = field(default_factory=list)
     model_process: bool = True  # each model in a process of its own (False: on a thread of the HTTP process)
-    threads: int | None = None  # torch threads per model (default: this process's count)
+    threads: int | None = None  # torch threads per model (default: this process's count; ``serve``: cores less one)
     pin_cores: bool = True  # model processes on the allowed cores but the last, which ``serve`` keeps for HTTP
 
 

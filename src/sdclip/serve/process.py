@@ -43,6 +43,8 @@ _IOV_MAX = 512
 
 @dataclass(frozen=True)
 class Cores:
+    """The cores the HTTP process and the model processes run on."""
+
     http: tuple[int, ...]
     models: tuple[int, ...]
 
