@@ -39,6 +39,9 @@ PROMPTS = [
 ]
 
 
+AFFINITY = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="CPU affinity and /proc: Linux")
+
+
 @pytest.fixture(scope="module")
 def te():
     return sdclip.load()
@@ -482,11 +485,13 @@ def _post(url: str, body: dict) -> tuple[int, bytes]:
 
 
 def _children(pid: int) -> list[int]:
-    return [
-        int(c)
-        for t in os.listdir(f"/proc/{pid}/task")
-        for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()
-    ]
+    found = []
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{thread}/children").read_text().split()]
+        except OSError:  # the thread ended meanwhile
+            pass
+    return found
 
 
 def _in_flight(base: str) -> float:
@@ -495,6 +500,7 @@ def _in_flight(base: str) -> float:
     return float(re.search(r"^sdclip_requests_in_flight (\S+)$", text, re.M).group(1))
 
 
+@AFFINITY
 def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     port = free_port()
     token = tmp_path / "token"
@@ -627,16 +633,21 @@ def _model_cores() -> set[frozenset[int]]:
 
 
 def test_split_cores_leaves_the_last_allowed_core_to_http(monkeypatch):
-    from sdclip.serve.process import Cores, split_cores
+    from sdclip.serve.process import Cores, model_threads, split_cores
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {7, 3, 5})
     assert split_cores() == Cores(http=(7,), models=(3, 5))
+    assert model_threads(split_cores(), 1) == 2 and model_threads(split_cores(), 2) == 1
+    assert model_threads(Cores(http=(6,), models=(0, 1, 2, 3, 4, 5)), 4) == 1  # the models share the cores
+    assert model_threads(None, 1) == 2  # unpinned: the cores less one
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {2})
     assert split_cores() is None  # one core: nothing to split
+    assert model_threads(None, 3) == 1
     monkeypatch.delattr(os, "sched_getaffinity")
     assert split_cores() is None  # no CPU affinity on this system
 
 
+@AFFINITY
 def test_a_killed_model_process_is_started_again(te):
     """A model's process that dies (killed, out of memory) fails the requests it held with 503 + Retry-After and is
     started again; the server keeps answering, with the same bits, and /metrics keeps counting its cache."""
@@ -671,6 +682,7 @@ def test_a_killed_model_process_is_started_again(te):
     assert os.sched_getaffinity(0) == allowed  # create_app pins its models only, never the process it runs in
 
 
+@AFFINITY
 def test_pin_cores_off_leaves_the_model_process_on_every_core(te):
     with TestClient(create_app(ServeConfig(models={"unpinned": te}, pin_cores=False))) as c:
         _ready(c)

@@ -1094,7 +1094,9 @@ def _add_serve_command(sub) -> None:
         help="allow browser requests from ORIGIN (repeatable; default: no CORS headers)",
     )
     p.add_argument(
-        "--threads", type=int, help="torch threads for the models (default: the cores less one, left to the HTTP side)"
+        "--threads",
+        type=int,
+        help="torch threads per model (default: the cores less one, left to the HTTP side, shared among the models)",
     )
     p.add_argument(
         "--pin-cores",

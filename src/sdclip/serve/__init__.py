@@ -23,20 +23,17 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_le
     """Run the server until SIGINT / SIGTERM; on either it stops accepting connections, lets the requests in
     flight finish (up to 30 s), finishes the models' queues and returns.
 
-    ``config.threads`` defaults to the allowed cores less one, the one left to the HTTP process; with
-    ``config.pin_cores`` (Linux, two cores or more) this process runs on that core and the models on the others.
-    Its own tensor work (dtype conversions, checks) is small: one torch thread."""
-    import dataclasses
+    With ``config.pin_cores`` (Linux, two cores or more) this process runs on the last allowed core and the
+    models on the others.  Its own tensor work (dtype conversions, checks) is small: one torch thread; so is
+    loading the models, which it does before handing them to their processes (a big checkpoint in another dtype
+    converts on that one thread)."""
     import logging
-    import os
 
     import torch
     import uvicorn
 
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-    config = dataclasses.replace(config, threads=config.threads or max(1, allowed - 1))
     server = Server(config)
-    torch.set_num_threads(1 if config.model_process else config.threads)
+    torch.set_num_threads(1 if config.model_process else server.threads)
     if server.cores:
         pin_process(server.cores.http)
 

@@ -33,7 +33,7 @@ from .batcher import ModelWorker, QueueFull, ThreadBackend
 from .inspect import describe_chunks
 from .limits import LimitExceeded, Limits, TokenCounts, chunk_counted
 from .metrics import Metrics
-from .process import ModelProcessExited, ProcessBackend, split_cores
+from .process import ModelProcessExited, ProcessBackend, model_threads, split_cores
 from .work import Work
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -58,7 +58,9 @@ class ServeConfig:
     token: str | None = None
     cors: list[str] = field(default_factory=list)
     model_process: bool = True  # each model in a process of its own (False: on a thread of the HTTP process)
-    threads: int | None = None  # torch threads per model (default: this process's count; ``serve``: cores less one)
+    # torch threads per model process (default ``model_threads``: the model cores shared among the models);
+    # with model_process=False, the count ``serve`` gives this process
+    threads: int | None = None
     pin_cores: bool = True  # model processes on the allowed cores but the last, which ``serve`` keeps for HTTP
 
 
@@ -234,12 +236,12 @@ class Server:
         self.metrics = Metrics()
         embeddings = sdclip.load_embeddings(config.embeddings) if config.embeddings else []
         self.cores = split_cores() if config.model_process and config.pin_cores else None
-        threads = config.threads or torch.get_num_threads()
+        self.threads = config.threads or model_threads(self.cores, len(config.models))
 
         def backend(name: str) -> ProcessBackend | ThreadBackend:
             if not config.model_process:
                 return ThreadBackend(name, embeddings)
-            return ProcessBackend(name, embeddings, threads, self.cores.models if self.cores else None)
+            return ProcessBackend(name, embeddings, self.threads, self.cores.models if self.cores else None)
 
         self.workers = {
             name: ModelWorker(
@@ -666,7 +668,7 @@ def _json(content: Any) -> Response:
 def _safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """A safetensors body: through safetensors' numpy writer (per tensor, its torch writer's detours cost about
     100 us more than the whole numpy path), or its torch writer for bfloat16, which numpy lacks."""
-    tensors = {k: v.cpu() for k, v in tensors.items()}
+    tensors = {k: v.cpu().contiguous() for k, v in tensors.items()}  # the numpy writer reads the raw buffer
     if any(t.dtype == torch.bfloat16 for t in tensors.values()):
         from safetensors.torch import save
 

@@ -59,6 +59,31 @@ def split_cores() -> Cores | None:
     return Cores(http=tuple(allowed[-1:]), models=tuple(allowed[:-1])) if len(allowed) > 1 else None
 
 
+def model_threads(cores: Cores | None, models: int) -> int:
+    """torch threads per model: the model cores (else every core this process may use but one, left to the HTTP
+    side) shared among the models, so that their OpenMP threads do not outnumber the cores and spin."""
+    if cores is not None:
+        available = len(cores.models)
+    else:
+        allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        available = max(1, allowed - 1)
+    return max(1, available // max(1, models))
+
+
+def _start_on(process: multiprocessing.process.BaseProcess, cores: Collection[int] | None) -> None:
+    """Start ``process`` from this thread put on ``cores`` for the while: the child inherits them, so it starts
+    Python, imports torch (whose OpenMP runtime counts the cores it may use then) and unpickles the encoder on the
+    model's cores, not on the HTTP process's."""
+    if not cores:
+        return process.start()
+    own = os.sched_getaffinity(0)  # this thread's
+    os.sched_setaffinity(0, cores)
+    try:
+        process.start()
+    finally:
+        os.sched_setaffinity(0, own)
+
+
 def pin_process(cores: Collection[int]) -> None:
     """Every thread of this process onto ``cores`` (a thread started later inherits its starter's)."""
     try:
@@ -156,7 +181,7 @@ def _child(
     """The model process: answer batches until the socket closes.  SIGINT and SIGTERM are the parent's to act on
     (a terminal's Ctrl-C reaches the whole process group): it drains, then closes the socket."""
     if cores:
-        pin_process(cores)  # before torch starts its threads, which then start on these cores
+        pin_process(cores)  # started on them already (``_start_on``); any thread begun since follows
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(threads)
@@ -227,7 +252,8 @@ class ProcessBackend:
             name=f"sdclip-model-{self.name}",
             daemon=True,
         )
-        await asyncio.to_thread(self._process.start)  # pickles the encoder: its weights move to shared memory
+        # pickles the encoder: its weights move to shared memory
+        await asyncio.to_thread(_start_on, self._process, self.cores)
         theirs.close()
         reader, self._writer = await asyncio.open_connection(sock=ours)
         try:
