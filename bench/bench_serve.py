@@ -437,7 +437,8 @@ def start_server(args: argparse.Namespace, threads: int) -> tuple[subprocess.Pop
     server = subprocess.Popen(
         [sys.executable, "-m", "sdclip.cli", "serve", "--port", str(port), "--log-level", "warning"]
         + [str(x) for kv in options.items() for x in kv]
-        + ["--threads", str(threads), *(["--model", args.model] if args.model else [])],
+        + ["--threads", str(threads), *(["--model", args.model] if args.model else [])]
+        + (["--no-pin-cores"] if args.no_pin_cores else []),
         env={**os.environ, "PYTHONPATH": str(HERE.parent / "src")},
     )
     deadline = time.monotonic() + 120
@@ -511,6 +512,11 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "out"))
     ap.add_argument("--quick", action="store_true", help="1,000 requests, 50 clients")
     ap.add_argument("--load-only", action="store_true", help="skip the overload and disconnect phases")
+    ap.add_argument(
+        "--no-pin-cores",
+        action="store_true",
+        help="run the server with --no-pin-cores (its processes, and so the load clients, on any core)",
+    )
     ap.add_argument(
         "--driver-anywhere",
         action="store_true",
