@@ -56,6 +56,7 @@ from common import machine, random_vit_l, write_results  # noqa: E402
 import sdclip  # noqa: E402
 from sdclip.cache import ConditioningCache  # noqa: E402
 from sdclip.prompts import chunk  # noqa: E402
+from sdclip.serve.process import model_threads, split_cores  # noqa: E402
 
 COLOURS = ["red", "blue", "green", "orange", "purple", "yellow", "white", "black"]
 SHAPES = ["star", "square", "circle", "cross", "triangle", "hexagon"]
@@ -540,7 +541,7 @@ def main() -> None:
     warnings.simplefilter("ignore", UserWarning)  # truncation notes of the long prompts
     # the server's torch threads (its default: the cores less one); GEMMs round with the thread count, and the
     # references must be computed as the server computes
-    threads = args.threads or max(1, len(os.sched_getaffinity(0)) - 1)
+    threads = args.threads or model_threads(split_cores(), 1)
     torch.set_num_threads(threads)
     te = sdclip.load(args.model) if args.model else sdclip.load()
     requests = workload(args.requests)

@@ -49,14 +49,17 @@ class Cores:
     models: tuple[int, ...]
 
 
+def _allowed_cores() -> list[int] | None:
+    """The cores this process may run on (``taskset``, a cpuset), None where the system has no CPU affinity."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
 def split_cores() -> Cores | None:
     """The last of this process's allowed cores for the HTTP process, the others for the models; None without
     CPU affinity (not Linux) or with fewer than two cores.  On two cores shared by the HTTP process, a model and
     local clients, the model was runnable but waiting for a core about a quarter of the time (bench_serve)."""
-    if not hasattr(os, "sched_getaffinity"):
-        return None
-    allowed = sorted(os.sched_getaffinity(0))
-    return Cores(http=tuple(allowed[-1:]), models=tuple(allowed[:-1])) if len(allowed) > 1 else None
+    allowed = _allowed_cores()
+    return Cores(http=tuple(allowed[-1:]), models=tuple(allowed[:-1])) if allowed and len(allowed) > 1 else None
 
 
 def model_threads(cores: Cores | None, models: int) -> int:
@@ -65,8 +68,8 @@ def model_threads(cores: Cores | None, models: int) -> int:
     if cores is not None:
         available = len(cores.models)
     else:
-        allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        available = max(1, allowed - 1)
+        allowed = _allowed_cores()
+        available = max(1, (len(allowed) if allowed else os.cpu_count() or 1) - 1)
     return max(1, available // max(1, models))
 
 
@@ -175,13 +178,10 @@ def _sendable(answer: Any) -> Any:
     return answer
 
 
-def _child(
-    sock: socket.socket, te: sdclip.TextEncoder, embeddings: list, threads: int, cores: tuple[int, ...] | None
-) -> None:
-    """The model process: answer batches until the socket closes.  SIGINT and SIGTERM are the parent's to act on
-    (a terminal's Ctrl-C reaches the whole process group): it drains, then closes the socket."""
-    if cores:
-        pin_process(cores)  # started on them already (``_start_on``); any thread begun since follows
+def _child(sock: socket.socket, te: sdclip.TextEncoder, embeddings: list, threads: int) -> None:
+    """The model process (on the model cores from its start, ``_start_on``, as every thread it starts): answer
+    batches until the socket closes.  SIGINT and SIGTERM are the parent's to act on (a terminal's Ctrl-C reaches
+    the whole process group): it drains, then closes the socket."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(threads)
@@ -248,7 +248,7 @@ class ProcessBackend:
         context = multiprocessing.get_context("spawn")
         self._process = context.Process(
             target=_child,
-            args=(theirs, te, self.embeddings, self.threads, self.cores),
+            args=(theirs, te, self.embeddings, self.threads),
             name=f"sdclip-model-{self.name}",
             daemon=True,
         )
